@@ -1,0 +1,3 @@
+from privlora.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,218 @@
+"""Training configuration: TOML presets, every key also a command-line flag, validated before any work.
+
+Presets may group keys in tables (``[model]``, ``[data]``, ``[training]``, …); the tables are only for the
+reader — keys are flat and unique. Kohya's names are used where kohya has one.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from privlora.errors import PrivloraError
+
+METHODS = ("lora", "mp_lora", "smp_lora")
+
+
+@dataclass
+class TrainConfig:
+    # model
+    pretrained_model_name_or_path: str = "tiny-sd"
+    config_dir: str | None = None  # local diffusers folder giving configs/tokenizer to a single-file checkpoint
+    prediction_type: str | None = None  # override the scheduler's (epsilon | v_prediction)
+    allow_pickle: bool = False
+    # data: one of train_data_dir (auto split), splits_dir (five folders), splits (a manifest), synthetic_images
+    train_data_dir: str | None = None
+    splits_dir: str | None = None
+    splits: str | None = None
+    synthetic_images: int = 0  # >0: generate this many private synthetic sprites into <output_dir>/data
+    synthetic_seed: int = 1
+    caption_extension: str = ".txt"
+    n_member_aux: int = 200
+    n_member_test: int | None = None
+    n_nonmember_aux: int = 200
+    n_nonmember_test: int = 200
+    split_seed: int = 0
+    resolution: int = 512
+    center_crop: bool = True
+    random_flip: bool = False
+    skip_bad_images: bool = False
+    cache_latents: bool = True
+    cache_text_encoder_outputs: bool | None = None  # default: on when the text encoder is not trained
+    # network
+    method: str = "lora"
+    network_dim: int = 4
+    network_alpha: float = 1.0
+    conv_dim: int = 0
+    conv_alpha: float = 1.0
+    network_dropout: float = 0.0
+    train_text_encoder: bool = False
+    # optimisation
+    unet_lr: float = 1e-4
+    text_encoder_lr: float = 1e-5
+    optimizer_type: str = "AdamW"  # AdamW | AdamW8bit
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    lr_scheduler: str = "constant"  # any of diffusers.optimization's schedules
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_train_epochs: int | None = None
+    max_train_steps: int | None = None
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    clip_skip: int | None = None
+    noise_offset: float = 0.0
+    min_snr_gamma: float | None = None
+    seed: int = 1337
+    # privacy objective (MP-LoRA / SMP-LoRA)
+    privacy_alpha: float = 1.0
+    privacy_beta: float = 1.0
+    k_steps: int = 1
+    adv_step: str = "fused"  # fused | reference
+    attacker_lr: float = 1e-5
+    attacker_weight_decay: float = 1e-4
+    attacker_hidden: list[int] = field(default_factory=lambda: [512, 256])
+    attacker_dropout: float = 0.5
+    attacker_pool: int = 64  # loss maps are pooled to pool×pool (64 = the reference at 512²)
+    attacker_batch_size: int | None = None  # default: train_batch_size
+    collapse_patience: int = 3  # epochs of member_test loss above the base model's before warning
+    # evaluation during training
+    eval_samples: int = 64  # per test role, for the per-epoch held-out losses and attacker accuracy
+    # output
+    output_dir: str = "runs/lora"
+    output_name: str = "lora"
+    save_format: str = "kohya"  # kohya | diffusers
+    save_every_n_epochs: int | None = None
+    save_every_n_steps: int | None = None
+    save_state: bool = False
+    resume: str | None = None
+    log_every_n_steps: int = 1
+    overwrite: bool = False
+
+    def validate(self, source: str = "config") -> "TrainConfig":
+        def bad(msg: str) -> PrivloraError:
+            return PrivloraError(f"{source}: {msg}")
+
+        if self.resolution <= 0 or self.resolution % 8:
+            raise bad(f"resolution {self.resolution} is not a positive multiple of 8")
+        if self.method not in METHODS:
+            raise bad(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.save_format not in ("kohya", "diffusers"):
+            raise bad(f"save_format {self.save_format!r} is not kohya or diffusers")
+        if self.adv_step not in ("fused", "reference"):
+            raise bad(f"adv_step {self.adv_step!r} is not fused or reference")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise bad(f"mixed_precision {self.mixed_precision!r} is not no, fp16 or bf16")
+        if self.optimizer_type not in ("AdamW", "AdamW8bit"):
+            raise bad(f"optimizer_type {self.optimizer_type!r} is not AdamW or AdamW8bit")
+        if self.prediction_type not in (None, "epsilon", "v_prediction"):
+            raise bad(f"prediction_type {self.prediction_type!r} is not epsilon or v_prediction")
+        if not (self.max_train_epochs or self.max_train_steps):
+            raise bad("set max_train_epochs or max_train_steps")
+        for key in ("network_dim", "train_batch_size", "gradient_accumulation_steps", "k_steps", "attacker_pool"):
+            if getattr(self, key) < 1:
+                raise bad(f"{key} must be ≥ 1")
+        if sum(bool(x) for x in (self.train_data_dir, self.splits_dir, self.splits, self.synthetic_images)) != 1:
+            raise bad("give exactly one data source: train_data_dir, splits_dir, splits or synthetic_images")
+        return self
+
+    @property
+    def caches_text(self) -> bool:
+        if self.cache_text_encoder_outputs is None:
+            return not self.train_text_encoder
+        return self.cache_text_encoder_outputs and not self.train_text_encoder
+
+
+_HINTS = get_type_hints(TrainConfig)
+KEYS = {f.name for f in fields(TrainConfig)}
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    hint = str(_HINTS[key])
+    if value is None:
+        return None
+    try:
+        if "bool" in hint:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if "list[int]" in hint:
+            if isinstance(value, str):
+                value = [v for v in value.replace(",", " ").split() if v]
+            return [int(v) for v in value]
+        if "int" in hint and "float" not in hint:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if "float" in hint:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise PrivloraError(f"{source}: {key} = {value!r} is not a valid {hint.replace('typing.', '')}") from None
+
+
+def _flatten(table: dict, path: Path, out: dict | None = None) -> dict:
+    out = {} if out is None else out
+    for key, value in table.items():
+        if isinstance(value, dict):
+            _flatten(value, path, out)
+        elif key in out:
+            raise PrivloraError(f"{path}: key {key!r} is set twice")
+        else:
+            out[key] = value
+    return out
+
+
+def read_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise PrivloraError(f"{path}: config file not found")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PrivloraError(f"{path}: not valid TOML ({e})") from None
+    flat = _flatten(data, path)
+    for key in flat:
+        if key not in KEYS:
+            raise PrivloraError(f"{path}: unknown config key {key!r}")
+    return flat
+
+
+def build_config(config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Preset values, then flag overrides (flags win); the result is validated."""
+    values: dict[str, Any] = {}
+    if config_file:
+        base = Path(config_file).parent
+        for key, value in read_toml(config_file).items():
+            values[key] = _coerce(key, value, str(config_file))
+        for key in ("train_data_dir", "splits_dir", "splits"):  # relative paths in a preset are relative to it
+            if isinstance(values.get(key), str) and not Path(values[key]).is_absolute() and (base / values[key]).exists():
+                values[key] = str(base / values[key])
+    for key, value in overrides.items():
+        if key not in KEYS:
+            raise PrivloraError(f"command line: unknown option --{key}")
+        values[key] = _coerce(key, value, f"--{key}")
+    return TrainConfig(**values).validate(str(config_file or "command line"))
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Every config key becomes ``--key VALUE`` (booleans also accept a bare ``--key``)."""
+    for f in fields(TrainConfig):
+        kw: dict[str, Any] = dict(default=argparse.SUPPRESS, dest=f.name)
+        if "bool" in str(_HINTS[f.name]):
+            kw.update(nargs="?", const="true", metavar="BOOL")
+        parser.add_argument(f"--{f.name}", **kw)
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,67 @@
+"""The model under training seen as one function: a batch in, its per-element denoising loss map out."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from privlora.diffusion import loss_map, min_snr_weights, sample_noise, sample_timesteps
+
+
+class Denoiser:
+    def __init__(self, base, *, device, generator: torch.Generator, clip_skip: int | None = None,
+                 noise_offset: float = 0.0, min_snr_gamma: float | None = None, autocast=None):
+        self.base, self.device, self.generator = base, device, generator
+        self.clip_skip, self.noise_offset, self.min_snr_gamma = clip_skip, noise_offset, min_snr_gamma
+        self.autocast = autocast or contextlib.nullcontext
+        self.unet = base.unet  # may be replaced by the accelerate-wrapped module
+
+    def latents(self, batch: dict) -> torch.Tensor:
+        if "latents" in batch:
+            return batch["latents"].to(self.device, torch.float32)
+        from privlora.models.loading import encode_images
+
+        with torch.no_grad():
+            return encode_images(self.base, batch["pixel_values"].to(self.device, self.base.vae.dtype),
+                                 generator=self.generator).float()
+
+    def text(self, batch: dict) -> torch.Tensor:
+        if "text_emb" in batch:
+            return batch["text_emb"].to(self.device)
+        from privlora.models.loading import encode_prompt
+
+        return encode_prompt(self.base, list(batch["caption"]), clip_skip=self.clip_skip)
+
+    def loss_map(self, batch: dict, *, generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                 timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, H, W) squared error and the timesteps used; noise/timesteps drawn on the CPU from the
+        run's generator unless given, so a seed gives the same run on any device."""
+        gen = generator or self.generator
+        z = self.latents(batch)
+        if noise is None:
+            noise = sample_noise(torch.empty(z.shape), gen, self.noise_offset)
+        if timesteps is None:
+            timesteps = sample_timesteps(z.shape[0], self.base.noise_scheduler.config.num_train_timesteps, gen, "cpu")
+        noise, timesteps = noise.to(self.device, z.dtype), timesteps.to(self.device)
+        with self.autocast():
+            c = self.text(batch)
+            maps = loss_map(self.unet, self.base.noise_scheduler, z, c, timesteps, noise)
+        return maps, timesteps
+
+    def adaptation_loss(self, maps: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """L_ada: the mean of the loss map, per-sample weighted by Min-SNR-γ when set."""
+        w = min_snr_weights(self.base.noise_scheduler, timesteps, self.min_snr_gamma)
+        return (maps.mean(dim=(1, 2, 3)) * w).mean()
+
+
+@contextlib.contextmanager
+def adapters_disabled(base):
+    """Run the base model as published, without the LoRA (for base-model reference losses)."""
+    models = [m for m in (base.unet, base.text_encoder) if getattr(m, "_hf_peft_config_loaded", False)]
+    for m in models:
+        m.disable_adapters()
+    try:
+        yield
+    finally:
+        for m in models:
+            m.enable_adapters()

@@ -1,0 +1,5 @@
+"""The one exception type users see: a one-line message naming the file and the problem."""
+
+
+class PrivloraError(Exception):
+    """A user-facing error. The CLI prints ``privlora: error: <message>`` and exits with status 2."""

@@ -1,0 +1,68 @@
+"""What MP-LoRA and SMP-LoRA share: a proxy attacker trained against the LoRA, step by step.
+
+Per LoRA step (``adv_step``):
+- ``reference``: L_ada from the batch's loss map; L_adv from a second UNet forward on the same batch with
+  fresh noise; the attacker then trains on no-grad maps of a member_aux and a nonmember_aux batch.
+- ``fused`` (default): the batch's own loss map gives both L_ada and L_adv; the attacker trains on that
+  (detached) member map plus one no-grad map of a nonmember_aux batch. One UNet fwd+bwd and one no-grad
+  forward per step instead of two fwd+bwd and two no-grad forwards.
+Subclasses only say how L_ada and L_adv combine into the LoRA's loss.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from privlora.objectives.attacker import (LossMapAttacker, adversarial_loss, attacker_accuracy,
+                                          attacker_update)
+from privlora.objectives.base import DenoiserLike, Objective, StepOutput
+
+
+class AdversarialObjective(Objective):
+    def __init__(self, attacker: LossMapAttacker, *, alpha: float, beta: float, k_steps: int, adv_step: str,
+                 lr: float, weight_decay: float, member_aux: Iterator[dict], nonmember_aux: Iterator[dict]):
+        self.attacker = attacker
+        self.alpha, self.beta, self.k_steps, self.adv_step = alpha, beta, k_steps, adv_step
+        self.optimizer = torch.optim.Adam(attacker.parameters(), lr=lr, weight_decay=weight_decay)
+        self.member_aux, self.nonmember_aux = member_aux, nonmember_aux
+        self._last_member_maps: torch.Tensor | None = None
+
+    def combine(self, l_ada: torch.Tensor, l_adv: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def lora_loss(self, batch: dict, denoiser: DenoiserLike) -> StepOutput:
+        maps, t = denoiser.loss_map(batch)
+        l_ada = denoiser.adaptation_loss(maps, t)
+        adv_maps = maps if self.adv_step == "fused" else denoiser.loss_map(batch)[0]
+        l_adv = adversarial_loss(self.attacker, adv_maps)
+        self._last_member_maps = maps.detach()
+        loss = self.combine(l_ada, l_adv)
+        return StepOutput(loss, {"L_ada": l_ada.item(), "L_adv": l_adv.item(), "loss": loss.item()})
+
+    def after_lora_step(self, denoiser: DenoiserLike) -> dict[str, float]:
+        with torch.no_grad():
+            if self.adv_step == "fused" and self._last_member_maps is not None:
+                members = self._last_member_maps
+            else:
+                members = denoiser.loss_map(next(self.member_aux))[0]
+            nonmembers = denoiser.loss_map(next(self.nonmember_aux))[0]
+        return attacker_update(self.attacker, self.optimizer, members, nonmembers, self.k_steps)
+
+    def evaluate(self, maps: dict[str, torch.Tensor]) -> dict[str, float]:
+        out = {}
+        if "member_aux" in maps and "nonmember_aux" in maps:
+            out["attacker_train_acc"] = attacker_accuracy(self.attacker, maps["member_aux"], maps["nonmember_aux"])
+        if "member_test" in maps and "nonmember_test" in maps:
+            out["attacker_test_acc"] = attacker_accuracy(self.attacker, maps["member_test"], maps["nonmember_test"])
+        return out
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"attacker": self.attacker}
+
+    def state_dict(self) -> dict:
+        return {"attacker": self.attacker.state_dict(), "attacker_optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.attacker.load_state_dict(state["attacker"])
+        self.optimizer.load_state_dict(state["attacker_optimizer"])

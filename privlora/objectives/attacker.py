@@ -1,0 +1,80 @@
+"""The proxy membership attacker h_ω of MP-/SMP-LoRA: an MLP on a (pooled) per-element loss map.
+
+Reference form (Luo et al. 2025): Linear(4·64·64 → 512) → ReLU → Dropout(0.5) → Linear(512 → 256) → ReLU
+→ Dropout(0.5) → Linear(256 → 2), cross-entropy, Adam(lr 1e-5, weight decay 1e-4). Pooling the loss map to
+a fixed pool×pool grid makes the input size independent of the resolution; at 512² (64×64 latents) with
+pool = 64 it is exactly the reference layout.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MEMBER, NONMEMBER = 1, 0
+
+
+class LossMapAttacker(nn.Module):
+    def __init__(self, channels: int = 4, pool: int = 64, hidden: list[int] = (512, 256), dropout: float = 0.5):
+        super().__init__()
+        self.pool = pool
+        layers: list[nn.Module] = []
+        width = channels * pool * pool
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
+            width = h
+        layers.append(nn.Linear(width, 2))
+        self.mlp = nn.Sequential(*layers)
+
+    def features(self, maps: torch.Tensor) -> torch.Tensor:
+        if maps.shape[-2:] != (self.pool, self.pool):
+            maps = F.adaptive_avg_pool2d(maps, self.pool)
+        return maps.flatten(1)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.features(maps.float()))
+
+    def member_probability(self, maps: torch.Tensor) -> torch.Tensor:
+        return self(maps).softmax(-1)[:, MEMBER]
+
+
+def adversarial_loss(attacker: LossMapAttacker, member_maps: torch.Tensor) -> torch.Tensor:
+    """L_adv: the attacker's cross-entropy against the label *member* on the training batch.
+
+    Its gradient flows into the loss maps (hence the LoRA) only: the attacker's weights are used as
+    constants and it runs without dropout, so the LoRA sees the attacker it will actually face.
+    """
+    was_training = attacker.training
+    attacker.eval()
+    params = {n: p.detach() for n, p in attacker.named_parameters()}
+    logits = torch.func.functional_call(attacker, params, (member_maps,))
+    attacker.train(was_training)
+    labels = torch.full((member_maps.shape[0],), MEMBER, dtype=torch.long, device=member_maps.device)
+    return F.cross_entropy(logits, labels)
+
+
+def attacker_update(attacker: LossMapAttacker, optimizer: torch.optim.Optimizer,
+                    member_maps: torch.Tensor, nonmember_maps: torch.Tensor, k_steps: int) -> dict[str, float]:
+    """k Adam steps of the attacker on detached member (label 1) / non-member (label 0) loss maps."""
+    maps = torch.cat([member_maps, nonmember_maps]).detach()
+    labels = torch.cat([
+        torch.full((member_maps.shape[0],), MEMBER, dtype=torch.long),
+        torch.full((nonmember_maps.shape[0],), NONMEMBER, dtype=torch.long),
+    ]).to(maps.device)
+    attacker.train()
+    for _ in range(k_steps):
+        optimizer.zero_grad(set_to_none=True)
+        logits = attacker(maps)
+        loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        optimizer.step()
+    acc = (logits.argmax(-1) == labels).float().mean()
+    return {"attacker_loss": loss.item(), "attacker_batch_acc": acc.item()}
+
+
+@torch.no_grad()
+def attacker_accuracy(attacker: LossMapAttacker, member_maps: torch.Tensor, nonmember_maps: torch.Tensor) -> float:
+    attacker.eval()
+    pred_m = attacker(member_maps).argmax(-1) == MEMBER
+    pred_n = attacker(nonmember_maps).argmax(-1) == NONMEMBER
+    return torch.cat([pred_m, pred_n]).float().mean().item()

@@ -1,0 +1,278 @@
+"""Test helpers: random-init tiny diffusers folders and their original-LDM single-file checkpoints.
+
+``make_single_file`` writes the inverse of diffusers' ``loaders/single_file_utils.py`` key mapping
+(``convert_ldm_unet_checkpoint``, ``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``), so a
+round trip through diffusers' own single-file loader must reproduce every weight exactly.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from privlora.models import tiny
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+# ---------------------------------------------------------------- tiny diffusers folder
+
+
+def _bytes_to_unicode() -> list[str]:
+    # GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to U+0100 onwards.
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def tiny_vocab() -> dict[str, int]:
+    """Byte-level characters, their end-of-word variants, then BOS and EOS (the last two ids, as tiny.py expects)."""
+    chars = _bytes_to_unicode()
+    tokens = chars + [c + "</w>" for c in chars] + [BOS, EOS]
+    return {t: i for i, t in enumerate(tokens)}
+
+
+def write_tiny_tokenizer(folder: str | Path, model_max_length: int = tiny.MAX_TOKENS) -> int:
+    """Write a CLIP tokenizer folder (vocab.json, merges.txt, tokenizer_config.json); returns the vocab size."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = tiny_vocab()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    cfg = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": model_max_length,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": EOS,
+        "unk_token": EOS,
+        "do_lower_case": True,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    return len(vocab)
+
+
+def _model_index() -> dict:
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def _scheduler_json(prediction_type: str) -> dict:
+    # Written as SD1.5 ships it (a PNDM config); privlora builds a DDPMScheduler from it for training.
+    cfg = {**tiny.scheduler_config(), "prediction_type": prediction_type, "skip_prk_steps": True}
+    return {"_class_name": "PNDMScheduler", "_diffusers_version": "0.42.1", **cfg}
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2), encoding="utf-8")
+
+
+# SD1.5's block topology (4 levels, 2 layers per block, attention in the first three) at toy width, so the
+# LDM numbering (input_blocks.1-11, output_blocks.0-11, VAE up.0-3 with 3 resnets) is exercised cheaply.
+SD15_TOPOLOGY_UNET = dict(
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    block_out_channels=(16, 32, 32, 32),
+    layers_per_block=2,
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
+SD15_TOPOLOGY_VAE = dict(
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(16, 16, 32, 32),
+    layers_per_block=2,
+    norm_num_groups=8,
+)
+
+
+def _sd2_unet_overrides() -> dict:
+    # SD2.x shape: linear proj_in/proj_out and a per-block head count (diffusers' attention_head_dim naming quirk).
+    return dict(use_linear_projection=True, attention_head_dim=[4, 8, 8])
+
+
+def make_tiny_folder(
+    path: str | Path,
+    *,
+    prediction_type: str | None = None,
+    sd2_style: bool = False,
+    seed: int = 0,
+    unet_overrides: dict | None = None,
+    vae_overrides: dict | None = None,
+) -> Path:
+    """A random-init diffusers Stable Diffusion folder with the tiny configs.
+
+    ``sd2_style`` mimics SD2.x (linear projections, per-block head counts, gelu text encoder) and
+    defaults ``prediction_type`` to ``v_prediction``; otherwise it defaults to ``epsilon``.
+    ``unet_overrides`` / ``vae_overrides`` change the tiny configs (e.g. ``SD15_TOPOLOGY_UNET``).
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    prediction_type = prediction_type or ("v_prediction" if sd2_style else "epsilon")
+    vocab_size = write_tiny_tokenizer(path / "tokenizer")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet_cfg = {**tiny.unet_config(), **(_sd2_unet_overrides() if sd2_style else {}), **(unet_overrides or {})}
+        UNet2DConditionModel(**unet_cfg).save_pretrained(path / "unet")
+        AutoencoderKL(**{**tiny.vae_config(), **(vae_overrides or {})}).save_pretrained(path / "vae")
+        te_cfg = tiny.text_encoder_config(vocab_size)
+        if sd2_style:
+            te_cfg["hidden_act"] = "gelu"
+        CLIPTextModel(CLIPTextConfig(**te_cfg)).save_pretrained(path / "text_encoder")
+    _write_json(path / "scheduler" / "scheduler_config.json", _scheduler_json(prediction_type))
+    _write_json(path / "model_index.json", _model_index())
+    return path
+
+
+# ---------------------------------------------------------------- diffusers -> original LDM single file
+
+_UNET_FIXED = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+_UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+_VAE_FIXED = {"conv_norm_out": "norm_out"}
+_VAE_ATTN = {
+    "group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
+    # diffusers folders saved before the attention refactor
+    "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out",
+}
+
+
+def _resnet_rest(rest: str) -> str:
+    name, _, tail = rest.partition(".")
+    return f"{_UNET_RESNET[name]}.{tail}"
+
+
+def _unet_key(key: str, lpb: int, up_has_attn: set[int]) -> str:
+    head, _, tail = key.rpartition(".")
+    if head in _UNET_FIXED:
+        return f"{_UNET_FIXED[head]}.{tail}"
+    step = lpb + 1
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        b, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+        idx = 1 + b * step + layer
+        return f"input_blocks.{idx}.0.{_resnet_rest(rest)}" if kind == "resnets" else f"input_blocks.{idx}.1.{rest}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"input_blocks.{1 + int(m[1]) * step + lpb}.0.op.{m[2]}"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"middle_block.{2 * int(m[1])}.{_resnet_rest(m[2])}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
+        return f"middle_block.1.{m[1]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        b, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+        idx = b * step + layer
+        return f"output_blocks.{idx}.0.{_resnet_rest(rest)}" if kind == "resnets" else f"output_blocks.{idx}.1.{rest}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        b = int(m[1])
+        # LDM puts the upsampler after the attention module when the block has one.
+        return f"output_blocks.{b * step + lpb}.{2 if b in up_has_attn else 1}.conv.{m[2]}"
+    raise ValueError(f"no original-LDM name for UNet key {key!r}")
+
+
+def unet_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    lpb = config["layers_per_block"]
+    if not isinstance(lpb, int):
+        raise ValueError("per-block layers_per_block has no original-LDM layout")
+    up_has_attn = {int(k.split(".")[1]) for k in state if re.match(r"up_blocks\.\d+\.attentions\.", k)}
+    return {"model.diffusion_model." + _unet_key(k, lpb, up_has_attn): v for k, v in state.items()}
+
+
+def _vae_attn(prefix: str, rest: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
+    name, _, tail = rest.rpartition(".")
+    ldm = _VAE_ATTN[name]
+    if ldm != "norm" and tail == "weight" and value.ndim == 2:
+        value = value[:, :, None, None]  # LDM stores these projections as 1×1 convolutions
+    return f"{prefix}.mid.attn_1.{ldm}.{tail}", value
+
+
+def _vae_item(key: str, value: torch.Tensor, n_up: int) -> tuple[str, torch.Tensor]:
+    head, _, tail = key.rpartition(".")
+    part, _, sub = head.partition(".")
+    if sub in _VAE_FIXED:
+        return f"{part}.{_VAE_FIXED[sub]}.{tail}", value
+    if key.startswith(("quant_conv.", "post_quant_conv.")) or sub in ("conv_in", "conv_out"):
+        return key, value
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        return f"encoder.down.{m[1]}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}", value
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"encoder.down.{m[1]}.downsample.conv.{m[2]}", value
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        block = n_up - 1 - int(m[1])  # LDM numbers decoder levels from the lowest resolution up
+        return f"decoder.up.{block}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}", value
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        return f"decoder.up.{n_up - 1 - int(m[1])}.upsample.conv.{m[2]}", value
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3].replace('conv_shortcut', 'nin_shortcut')}", value
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)", key):
+        return _vae_attn(m[1], m[2], value)
+    raise ValueError(f"no original-LDM name for VAE key {key!r}")
+
+
+def vae_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    n_up = len(config["up_block_types"])
+    out = {}
+    for k, v in state.items():
+        key, value = _vae_item(k, v, n_up)
+        out["first_stage_model." + key] = value
+    return out
+
+
+def clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    prefix = "cond_stage_model.transformer.text_model."
+    return {prefix + k.removeprefix("text_model."): v for k, v in state.items() if "position_ids" not in k}
+
+
+def _weights(folder: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    for name in names:
+        if (folder / name).is_file():
+            return load_file(folder / name)
+    raise FileNotFoundError(f"{folder}: none of {', '.join(names)}")
+
+
+def make_single_file(diffusers_folder: str | Path, out_path: str | Path) -> Path:
+    """Convert a diffusers SD folder (UNet, VAE, CLIP text encoder) into one original-LDM ``.safetensors``."""
+    src, out_path = Path(diffusers_folder), Path(out_path)
+    unet_cfg = json.loads((src / "unet" / "config.json").read_text())
+    vae_cfg = json.loads((src / "vae" / "config.json").read_text())
+    unet = _weights(src / "unet", ("diffusion_pytorch_model.safetensors",))
+    vae = _weights(src / "vae", ("diffusion_pytorch_model.safetensors",))
+    text = _weights(src / "text_encoder", ("model.safetensors",))
+    state = {**unet_to_ldm(unet, unet_cfg), **vae_to_ldm(vae, vae_cfg), **clip_to_ldm(text)}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out_path))
+    return out_path

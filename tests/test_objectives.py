@@ -1,0 +1,134 @@
+"""MP-LoRA / SMP-LoRA objectives against their formulas, and who gets which gradient."""
+import itertools
+
+import pytest
+import torch
+
+from privlora.config import TrainConfig
+from privlora.objectives import build_objective
+from privlora.objectives.attacker import LossMapAttacker, adversarial_loss
+from privlora.objectives.mp_lora import MPLoraObjective
+from privlora.objectives.smp_lora import EPS, SMPLoraObjective
+
+
+class FakeDenoiser:
+    """Loss maps = (θ · x)² for a learnable θ, so 'UNet' gradients are visible; fixed noise per call count."""
+
+    def __init__(self, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.theta = torch.nn.Parameter(torch.randn(4, 8, 8, generator=g))
+        self.calls = 0
+
+    def loss_map(self, batch, **_):
+        self.calls += 1
+        return (self.theta * batch["x"]) ** 2, torch.zeros(batch["x"].shape[0], dtype=torch.long)
+
+    def adaptation_loss(self, maps, t):
+        return maps.mean()
+
+
+def batches(seed, n=4):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield {"x": torch.randn(n, 4, 8, 8, generator=g)}
+
+
+def make(cls, adv_step="fused", alpha=1.0, beta=1.0, k_steps=1):
+    torch.manual_seed(0)
+    attacker = LossMapAttacker(4, pool=8, hidden=[16, 8], dropout=0.5)
+    return cls(attacker, alpha=alpha, beta=beta, k_steps=k_steps, adv_step=adv_step, lr=1e-2, weight_decay=0.0,
+               member_aux=batches(1), nonmember_aux=batches(2))
+
+
+@pytest.mark.parametrize("alpha,beta", [(1.0, 1.0), (2.5, 0.3)])
+def test_smp_value_and_gradients_follow_the_ratio_formula(alpha, beta):
+    obj = make(SMPLoraObjective, alpha=alpha, beta=beta)
+    l_ada = torch.tensor(0.7, requires_grad=True)
+    l_adv = torch.tensor(0.4, requires_grad=True)
+    loss = obj.combine(l_ada, l_adv)
+    loss.backward()
+    denom = beta + alpha * 0.4 + EPS
+    assert loss.item() == pytest.approx(0.7 / denom, rel=1e-6)
+    assert l_ada.grad.item() == pytest.approx(1.0 / denom, rel=1e-6)
+    assert l_adv.grad.item() == pytest.approx(-alpha * 0.7 / denom**2, rel=1e-5)
+
+
+def test_mp_value_and_gradients_follow_the_min_max_formula():
+    obj = make(MPLoraObjective, alpha=3.0)
+    l_ada = torch.tensor(0.7, requires_grad=True)
+    l_adv = torch.tensor(0.4, requires_grad=True)
+    loss = obj.combine(l_ada, l_adv)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.7 - 3.0 * 0.4)
+    assert l_ada.grad.item() == pytest.approx(1.0)
+    assert l_adv.grad.item() == pytest.approx(-3.0)
+
+
+@pytest.mark.parametrize("cls", [MPLoraObjective, SMPLoraObjective])
+def test_step_loss_is_the_formula_of_the_batch_losses(cls):
+    obj, den = make(cls), FakeDenoiser()
+    batch = next(batches(5))
+    out = obj.lora_loss(batch, den)
+    maps, _ = den.loss_map(batch)
+    l_ada = maps.mean()
+    l_adv = adversarial_loss(obj.attacker, maps)
+    assert out.loss.item() == pytest.approx(obj.combine(l_ada, l_adv).item(), rel=1e-6)
+    assert out.logs["L_adv"] == pytest.approx(l_adv.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("cls", [MPLoraObjective, SMPLoraObjective])
+@pytest.mark.parametrize("adv_step", ["fused", "reference"])
+def test_lora_step_gives_no_gradient_to_the_attacker(cls, adv_step):
+    obj, den = make(cls, adv_step), FakeDenoiser()
+    out = obj.lora_loss(next(batches(3)), den)
+    out.loss.backward()
+    assert den.theta.grad is not None and den.theta.grad.abs().sum() > 0
+    assert all(p.grad is None for p in obj.attacker.parameters())
+
+
+@pytest.mark.parametrize("adv_step", ["fused", "reference"])
+def test_attacker_step_gives_no_gradient_to_the_unet_and_trains_the_attacker(adv_step):
+    obj, den = make(SMPLoraObjective, adv_step, k_steps=3), FakeDenoiser()
+    obj.lora_loss(next(batches(3)), den)
+    before = [p.detach().clone() for p in obj.attacker.parameters()]
+    logs = obj.after_lora_step(den)
+    assert den.theta.grad is None
+    assert any(not torch.equal(b, p) for b, p in zip(before, obj.attacker.parameters()))
+    assert 0.0 <= logs["attacker_batch_acc"] <= 1.0 and logs["attacker_loss"] > 0
+
+
+def test_fused_and_reference_steps_agree_on_fixed_noise():
+    # With the denoiser deterministic (fixed noise/timestep), the reference step's second forward
+    # returns the same map, so both structures must give the same objective value.
+    fused, ref = make(SMPLoraObjective, "fused"), make(SMPLoraObjective, "reference")
+    ref.attacker.load_state_dict(fused.attacker.state_dict())
+    den_f, den_r = FakeDenoiser(), FakeDenoiser()
+    batch = next(batches(7))
+    lf, lr = fused.lora_loss(batch, den_f).loss, ref.lora_loss(batch, den_r).loss
+    assert lf.item() == pytest.approx(lr.item(), rel=1e-6)
+    assert (den_f.calls, den_r.calls) == (1, 2)  # the reference pays a second UNet forward
+
+
+def test_fused_attacker_update_uses_one_extra_forward_reference_two():
+    for adv_step, extra in (("fused", 1), ("reference", 2)):
+        obj, den = make(SMPLoraObjective, adv_step), FakeDenoiser()
+        obj.lora_loss(next(batches(3)), den)
+        calls = den.calls
+        obj.after_lora_step(den)
+        assert den.calls - calls == extra
+
+
+def test_attacker_input_is_resolution_independent_and_reference_shaped_at_512():
+    ref = LossMapAttacker(4, pool=64)
+    assert ref.mlp[0].in_features == 4 * 64 * 64 and ref.mlp[3].in_features == 512 and ref.mlp[-1].out_features == 2
+    small = LossMapAttacker(4, pool=8, hidden=[16])
+    for hw in (8, 16, 40):
+        assert small(torch.rand(3, 4, hw, hw)).shape == (3, 2)
+
+
+def test_build_objective_picks_by_method():
+    kinds = {}
+    for method in ("lora", "mp_lora", "smp_lora"):
+        cfg = TrainConfig(method=method, attacker_pool=8, attacker_hidden=[8])
+        kinds[method] = type(build_objective(cfg, latent_channels=4, member_aux=batches(0), nonmember_aux=batches(1))).__name__
+    assert kinds == {"lora": "LoraObjective", "mp_lora": "MPLoraObjective", "smp_lora": "SMPLoraObjective"}
