@@ -173,19 +173,25 @@ def _flatten(table: dict, path: Path, out: dict | None = None) -> dict:
     return out
 
 
-def read_toml(path: str | Path) -> dict:
+def read_toml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Flat key → value of a preset; ``inherit = "other.toml"`` (relative to this file) is read first."""
     path = Path(path)
     if not path.is_file():
         raise PrivloraError(f"{path}: config file not found")
+    if path.resolve() in _seen:
+        raise PrivloraError(f"{path}: inherit loop")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise PrivloraError(f"{path}: not valid TOML ({e})") from None
+    parent = data.pop("inherit", None)
     flat = _flatten(data, path)
     for key in flat:
         if key not in KEYS:
             raise PrivloraError(f"{path}: unknown config key {key!r}")
-    return flat
+    if parent is None:
+        return flat
+    return {**read_toml(path.parent / parent, (*_seen, path.resolve())), **flat}
 
 
 def build_config(config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:

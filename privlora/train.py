@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from privlora.config import TrainConfig, to_dict
 from privlora.data.cache import Cache, RoleData
-from privlora.data.prepare import prepare_splits
+from privlora.data.prepare import prepare_splits, write_run_files
 from privlora.denoiser import Denoiser, adapters_disabled
 from privlora.errors import PrivloraError
 from privlora.io import save_safetensors, write_json
@@ -35,9 +35,10 @@ def train(cfg: TrainConfig) -> Path:
 
     out = Path(cfg.output_dir)
     check_output_dir(cfg, out)
+    splits, skipped = prepare_splits(cfg, out)  # reads and checks every image; writes nothing yet
     base = load_base(cfg.pretrained_model_name_or_path, config_dir=cfg.config_dir, allow_pickle=cfg.allow_pickle,
                      prediction_type=cfg.prediction_type)
-    splits = prepare_splits(cfg, out)  # reads and validates every image before anything is trained
+    write_run_files(out, splits, skipped)
 
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard",
                               project_config=ProjectConfiguration(str(out), logging_dir=str(out / "logs")),
@@ -46,7 +47,9 @@ def train(cfg: TrainConfig) -> Path:
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
     for m in (base.unet, base.vae, base.text_encoder):
-        m.to(device, weight_dtype).requires_grad_(False)
+        m.to(device).requires_grad_(False)
+        if weight_dtype != torch.float32:
+            m.to(dtype=weight_dtype)
 
     spec = LoraSpec(cfg.network_dim, cfg.network_alpha, cfg.conv_dim, cfg.conv_alpha, cfg.network_dropout)
     params = [{"params": add_lora(base.unet, unet_lora_config(spec, base.unet)), "lr": cfg.unet_lr}]
@@ -119,6 +122,7 @@ def train(cfg: TrainConfig) -> Path:
             if step >= max_steps:
                 break
 
+        unet.eval()
         record = evaluate_epoch(epoch, step, probe, denoiser, objective, base_losses, logs)
         history.append(record)
         accelerator.log({f"epoch/{k}": v for k, v in record.items() if k not in ("epoch", "step")}, step=step)

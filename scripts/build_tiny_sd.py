@@ -94,7 +94,7 @@ def vae_loss(vae, x: torch.Tensor, kl_weight: float, gen: torch.Generator) -> tu
     recon = vae.decode(post.sample(generator=gen)).sample
     l1 = (recon - x).abs().mean()
     kl = post.kl().mean() / post.mean[0].numel()  # per latent element, so kl_weight is resolution-free
-    return l1 + kl_weight * kl, float(l1)
+    return l1 + kl_weight * kl, l1.item()
 
 
 def train_vae(pixels: torch.Tensor, s: dict, gen: torch.Generator, log: Log):
@@ -115,7 +115,7 @@ def train_vae(pixels: torch.Tensor, s: dict, gen: torch.Generator, log: Log):
         loss.backward()
         opt.step()
         if step % 50 == 0 or step == steps - 1:
-            log(f"vae step {step:4d}/{steps}  loss {float(loss):.4f}  l1 {l1:.4f}")
+            log(f"vae step {step:4d}/{steps}  loss {loss.item():.4f}  l1 {l1:.4f}")
     return vae.eval().requires_grad_(False)
 
 
@@ -193,7 +193,7 @@ def train_unet(unet, te, scheduler, latents: tuple, ids: torch.Tensor, empty: to
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema.update(step)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
             log(f"unet step {step:4d}/{steps}  loss {np.mean(losses[-50:]):.4f}")
     ema.copy_to_model()

@@ -9,14 +9,17 @@ from privlora.data.splits import ROLES, Splits, auto_split, read_manifest, split
 from privlora.io import write_text
 
 MANIFEST_NAME = "splits.json"
+SKIPPED_NAME = "skipped_images.txt"
 
 
-def prepare_splits(cfg, out: Path, write: bool = True) -> Splits:
-    """Read the data source, check every image, split into the five roles, and write ``splits.json``.
+def prepare_splits(cfg, out: Path) -> tuple[Splits, list[tuple[Path, str]]]:
+    """Read the data source, check every image and split it into the five roles.
 
-    Everything that can be wrong with the data is found here, before any training step and before the
-    output folder gets anything but (for synthetic runs) the generated images.
+    Everything that can be wrong with the data is found here, before any training step; nothing is written
+    (but for synthetic runs, the generated images) — ``write_run_files`` does that once the model loaded too.
+    Returns the splits and the images skipped as unreadable (``skip_bad_images``).
     """
+    skipped: list[tuple[Path, str]] = []
     if cfg.splits:
         splits = read_manifest(cfg.splits)
     elif cfg.splits_dir:
@@ -25,17 +28,22 @@ def prepare_splits(cfg, out: Path, write: bool = True) -> Splits:
         source = cfg.train_data_dir or synthetic_source(cfg, out)
         examples = read_examples(source, caption_extension=cfg.caption_extension)
         examples, skipped = validate_images(examples, skip_bad=cfg.skip_bad_images)
-        if skipped and write:
-            write_text(out / "skipped_images.txt", "".join(f"{p}\t{why}\n" for p, why in skipped))
+        if skipped:
+            print(f"skipping {len(skipped)} unreadable images (listed in {out / SKIPPED_NAME})")
         splits = auto_split(examples, n_nonmember_aux=cfg.n_nonmember_aux, n_nonmember_test=cfg.n_nonmember_test,
                             n_member_aux=cfg.n_member_aux, n_member_test=cfg.n_member_test, seed=cfg.split_seed)
     if cfg.splits or cfg.splits_dir:
         everything = [e for _, role in splits.items() for e in role]
         validate_images(everything)
         validate(splits)
-    if write:
-        write_manifest(out / MANIFEST_NAME, splits)
-    return splits
+    return splits, skipped
+
+
+def write_run_files(out: Path, splits: Splits, skipped: list[tuple[Path, str]]) -> None:
+    """The private split manifest (and the list of skipped images) into the run folder."""
+    write_manifest(out / MANIFEST_NAME, splits)
+    if skipped:
+        write_text(out / SKIPPED_NAME, "".join(f"{p}\t{why}\n" for p, why in skipped))
 
 
 def synthetic_source(cfg, out: Path) -> Path:

@@ -72,7 +72,7 @@ def load_base(
         base = _load_single_file(path, config_dir, dtype, allow_pickle, prediction_type)
     else:
         raise PrivloraError(f"{path}: no such file or folder (expected tiny-sd, a diffusers folder or a .safetensors file)")
-    base.name = name_or_path
+    base.name = str(name_or_path)
     for module in (base.unet, base.vae, base.text_encoder):
         module.requires_grad_(False).eval()
     return base
@@ -133,7 +133,8 @@ def _weight_files(folder: Path, component: str, allow_pickle: bool) -> tuple[lis
         exact = [p for p in plain if p.name == stem + suffix or p.name.startswith(stem + "-")]
         if exact:
             return exact, None
-        return plain, plain[0].name[len(stem) + 1 :].split(".")[0]
+        variant = plain[0].name[len(stem) + 1 :].split(".")[0].split("-")[0]  # "fp16" of *.fp16[-0000x-of-n].*
+        return [p for p in plain if p.name.startswith(f"{stem}.{variant}")], variant
     raise PrivloraError(f"{folder}: no weights file ({stem}.safetensors) — the folder is missing the {component} weights")
 
 

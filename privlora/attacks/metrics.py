@@ -1,0 +1,103 @@
+"""Membership-inference metrics from member / non-member scores (higher score = "member").
+
+AUC is scikit-learn's ``roc_auc_score``; the ROC is ``roc_curve`` with every threshold kept. ASR is the accuracy
+of the best single threshold (SecMI/PIA's definition). TPR at a fixed FPR is read off the ROC by linear
+interpolation between its points; where the ROC is vertical at exactly that FPR, the highest TPR reached there.
+Confidence intervals: percentile bootstrap, members and non-members resampled separately, seeded.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import auc as area_under, roc_auc_score, roc_curve
+
+FPR_TARGETS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0.1pct_fpr": 0.001}
+METRICS = ("auc", "asr", *FPR_TARGETS)
+
+
+def _labelled(member: np.ndarray, nonmember: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.concatenate([np.ones(len(member)), np.zeros(len(nonmember))])
+    return labels, np.concatenate([member, nonmember]).astype(np.float64)
+
+
+def roc(member: np.ndarray, nonmember: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds) with every distinct threshold (a sample is called a member when score ≥ threshold)."""
+    labels, scores = _labelled(member, nonmember)
+    return roc_curve(labels, scores, drop_intermediate=False)
+
+
+def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
+    """TPR at FPR = target on the piecewise-linear ROC through (fpr, tpr), both non-decreasing."""
+    at_or_below = np.flatnonzero(fpr <= target)
+    i = at_or_below[-1]  # roc_curve starts at (0, 0), so there is always one
+    if fpr[i] == target or i + 1 == len(fpr):
+        return float(tpr[i])
+    j = i + 1
+    weight = (target - fpr[i]) / (fpr[j] - fpr[i])
+    return float(tpr[i] + weight * (tpr[j] - tpr[i]))
+
+
+def best_accuracy(fpr: np.ndarray, tpr: np.ndarray, n_member: int, n_nonmember: int) -> float:
+    correct = tpr * n_member + (1.0 - fpr) * n_nonmember
+    return float(correct.max() / (n_member + n_nonmember))
+
+
+def point_metrics(member: np.ndarray, nonmember: np.ndarray, *, fast_auc: bool = False) -> dict[str, float]:
+    fpr, tpr, _ = roc(member, nonmember)
+    if fast_auc:  # the trapezoid of the same ROC: equal to roc_auc_score, without recomputing the curve
+        auc_value = float(area_under(fpr, tpr))
+    else:
+        auc_value = float(roc_auc_score(*_labelled(member, nonmember)))
+    out = {"auc": auc_value, "asr": best_accuracy(fpr, tpr, len(member), len(nonmember))}
+    out.update({name: tpr_at_fpr(fpr, tpr, target) for name, target in FPR_TARGETS.items()})
+    return out
+
+
+def bootstrap(member: np.ndarray, nonmember: np.ndarray, n: int, seed: int, level: float = 0.95) -> dict[str, list[float]]:
+    """Percentile intervals of every metric over n stratified resamples."""
+    rng = np.random.default_rng(seed)
+    draws = {m: [] for m in METRICS}
+    for _ in range(n):
+        m = member[rng.integers(0, len(member), len(member))]
+        nm = nonmember[rng.integers(0, len(nonmember), len(nonmember))]
+        for name, value in point_metrics(m, nm, fast_auc=True).items():
+            draws[name].append(value)
+    tail = (1.0 - level) / 2 * 100
+    return {name: [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))] for name, v in draws.items()}
+
+
+def small_set_notes(n_nonmember: int) -> list[str]:
+    notes = []
+    for name, target in FPR_TARGETS.items():
+        if n_nonmember * target < 1:
+            notes.append(f"{name}: only {n_nonmember} non-members (< {round(1 / target)}), so FPR {target:g} is below one "
+                         "false positive; the value is interpolated towards the (0, 0) corner and is not a reliable estimate")
+    return notes
+
+
+def sanitize(scores: np.ndarray) -> tuple[np.ndarray, int]:
+    """Non-finite scores (a model producing NaN) become the least member-like finite value; returns the count."""
+    scores = np.asarray(scores, dtype=np.float64)
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        finite = scores[~bad]
+        low = finite.min() - 1.0 if finite.size else 0.0
+        scores = np.where(bad, low, scores)
+    return scores, int(bad.sum())
+
+
+def evaluate(member, nonmember, *, seed: int, n_bootstrap: int = 1000) -> dict[str, Any]:
+    """Every metric, its bootstrap interval, and notes on anything that limits it."""
+    member, bad_m = sanitize(member)
+    nonmember, bad_n = sanitize(nonmember)
+    result: dict[str, Any] = {"n_member": len(member), "n_nonmember": len(nonmember)}
+    result.update(point_metrics(member, nonmember))
+    if n_bootstrap:
+        result["ci95"] = bootstrap(member, nonmember, n_bootstrap, seed)
+    notes = small_set_notes(len(nonmember))
+    if bad_m or bad_n:
+        notes.append(f"{bad_m + bad_n} non-finite scores were counted as least member-like")
+    result["reliable"] = {name: len(nonmember) * target >= 1 for name, target in FPR_TARGETS.items()}
+    result["notes"] = notes
+    return result

@@ -1,0 +1,154 @@
+"""Rendering an audit report: Markdown tables and the two figures, all in memory (the caller writes them)."""
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+from privlora.attacks.metrics import roc
+
+COLUMNS = (("auc", "AUC"), ("asr", "ASR"), ("tpr_at_1pct_fpr", "TPR@1%FPR"), ("tpr_at_0.1pct_fpr", "TPR@0.1%FPR"))
+
+
+def _cell(result: dict[str, Any], metric: str) -> str:
+    text = f"{result[metric]:.3f}"
+    if "ci95" in result:
+        lo, hi = result["ci95"][metric]
+        text += f" [{lo:.3f}, {hi:.3f}]"
+    if metric in result.get("reliable", {}) and not result["reliable"][metric]:
+        text += " †"
+    return text
+
+
+def _short(sha: str) -> str:
+    return sha[:12] + "…"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = ["# privlora membership-inference audit", ""]
+    lines += _header(report)
+    lines += _comparison(report)
+    for model in report["models"]:
+        lines += _model_table(report, model)
+    lines += _attack_notes(report)
+    return "\n".join(lines) + "\n"
+
+
+def _header(report: dict[str, Any]) -> list[str]:
+    base, data, s = report["base_model"], report["data"], report["settings"]
+    used = data["used"]
+    return [
+        f"- base model: `{base['name']}` (UNet sha256 `{_short(base['sha256'])}`, {base['prediction_type']} prediction)",
+        f"- splits: `{data['manifest']}` — test: {used['member_test']} members vs {used['nonmember_test']} non-members; "
+        f"aux (fitting only): {used.get('member_aux', 0)} vs {used.get('nonmember_aux', 0)}",
+        f"- seed {report['seed']}, resolution {s['resolution']}, UNet batch {s['batch_size']}, device {s['device']}, "
+        f"{s['n_bootstrap']} bootstrap resamples (95% intervals in brackets)",
+        f"- wall time {report['wall_seconds']:.1f} s, {report['unet_queries']['total_run']} UNet sample-evaluations run",
+        "",
+    ]
+
+
+def _comparison(report: dict[str, Any]) -> list[str]:
+    models = report["models"]
+    lines = ["## Comparison across models", ""]
+    for metric, label in (("auc", "AUC"), ("tpr_at_1pct_fpr", "TPR@1%FPR")):
+        lines += [f"**{label}** (higher = more membership leakage; AUC 0.5 = chance)", ""]
+        lines.append("| attack | queries/sample | " + " | ".join(f"`{m['name']}`" for m in models) + " |")
+        lines.append("|---|---:|" + "---:|" * len(models))
+        for name, spec in report["attacks"].items():
+            cells = [_cell(m["results"][name], metric) for m in models]
+            lines.append(f"| {name} | {spec['queries_per_sample']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _model_table(report: dict[str, Any], model: dict[str, Any]) -> list[str]:
+    where = f" — `{model['path']}`" if model.get("path") else ""
+    lines = [f"## Model `{model['name']}`{where}", "", f"sha256 `{model['sha256']}`", ""]
+    for warning in model.get("warnings", []):
+        lines.append(f"> warning: {warning}")
+    lines += ["", "| attack | " + " | ".join(label for _, label in COLUMNS) + " | fit on aux |",
+              "|---|" + "---:|" * len(COLUMNS) + "---|"]
+    notes: list[str] = []
+    for name, result in model["results"].items():
+        fit = ", ".join(f"{k}={_fmt(v)}" for k, v in (result.get("fit") or {}).items()) or "—"
+        lines.append(f"| {name} | " + " | ".join(_cell(result, m) for m, _ in COLUMNS) + f" | {fit} |")
+        notes += [n for n in result.get("notes", []) if n not in notes]
+    lines.append("")
+    lines += [f"† {n}" for n in notes]
+    return lines + [""]
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _attack_notes(report: dict[str, Any]) -> list[str]:
+    lines = ["## Attacks", "", "Scores: higher = more likely a member. Queries: UNet evaluations per sample "
+             "(loss, ref_loss and mlp share the same cached queries; ref_loss's base-model half is run once per audit).", ""]
+    for name, spec in report["attacks"].items():
+        params = ", ".join(f"{k}={v}" for k, v in spec["params"].items())
+        lines.append(f"- **{name}** ({spec['queries_per_sample']} queries/sample): {spec['summary']}. Parameters: {params}.")
+    return lines + [""]
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _grid(n: int, cols: int) -> tuple[int, int]:
+    cols = max(1, min(cols, n))
+    return (n + cols - 1) // cols, cols
+
+
+def roc_png(scores: dict[str, dict[str, dict[str, np.ndarray]]], results: dict[str, dict[str, dict]]) -> bytes:
+    """Log-log ROC per model (one panel each), one curve per attack, with the chance line."""
+    from matplotlib.figure import Figure
+
+    models = list(scores)
+    rows, cols = _grid(len(models), 3)
+    fig = Figure(figsize=(4.2 * cols, 4.0 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, model in zip(axes, models):
+        floor = 1.0
+        for attack, s in scores[model].items():
+            fpr, tpr, _ = roc(s["member_test"], s["nonmember_test"])
+            floor = min(floor, 0.5 / len(s["nonmember_test"]), 0.5 / len(s["member_test"]))
+            auc = results[model][attack]["auc"]
+            ax.plot(np.clip(fpr, floor, 1), np.clip(tpr, floor, 1), label=f"{attack} (AUC {auc:.3f})")
+        ax.plot([floor, 1], [floor, 1], "k--", lw=0.8, label="chance")
+        ax.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1.05), xlabel="false positive rate",
+               ylabel="true positive rate", title=model)
+        ax.legend(fontsize=7, loc="lower right")
+    for ax in axes[len(models):]:
+        ax.set_visible(False)
+    return _png(fig)
+
+
+def scores_png(scores: dict[str, dict[str, dict[str, np.ndarray]]]) -> bytes:
+    """Member vs non-member score histograms: one row per model, one column per attack."""
+    from matplotlib.figure import Figure
+
+    models = list(scores)
+    attacks = list(next(iter(scores.values())))
+    fig = Figure(figsize=(3.2 * len(attacks), 2.6 * len(models)))
+    axes = fig.subplots(len(models), len(attacks), squeeze=False)
+    for r, model in enumerate(models):
+        for c, attack in enumerate(attacks):
+            ax, s = axes[r][c], scores[model][attack]
+            both = np.concatenate([s["member_test"], s["nonmember_test"]])
+            bins = np.histogram_bin_edges(both, bins=30) if np.ptp(both) > 0 else 3
+            ax.hist(s["nonmember_test"], bins=bins, alpha=0.55, label="non-member")
+            ax.hist(s["member_test"], bins=bins, alpha=0.55, label="member")
+            ax.set_title(f"{model}: {attack}", fontsize=8)
+            ax.tick_params(labelsize=6)
+            if r == 0 and c == 0:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)

@@ -1,0 +1,440 @@
+"""``privlora audit``: how much membership does a (LoRA-adapted) model leak? Six attacks, one report.
+
+Read ``run_audit`` top to bottom: check every input (nothing is written before all of them pass), load the
+base model and every LoRA the way a user would (``StableDiffusionPipeline.load_lora_weights``), encode each
+image and caption once, then per model × attack: fit on the auxiliary roles if the attack learns anything,
+score ``member_test`` vs ``nonmember_test``, and compute metrics. The report files are written last, each
+atomically.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from privlora.attacks import (AUX_ROLES, DEFAULT_ATTACKS, TEST_ROLES, Attack, Batch, Target, build_attacks,
+                              parse_attack_names)
+from privlora.attacks import metrics, report as render
+from privlora.attacks.target import stable_seed
+from privlora.data.readers import Example
+from privlora.data.splits import Splits, read_manifest
+from privlora.errors import PrivloraError
+from privlora.io import write_bytes
+
+REPORT_FILES = ("report.json", "report.md", "roc.png", "scores.png")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass
+class AuditConfig:
+    splits: str
+    out: str
+    pretrained_model_name_or_path: str = "tiny-sd"
+    loras: list[str] = field(default_factory=list)
+    attacks: list[str] = field(default_factory=lambda: list(DEFAULT_ATTACKS))
+    include_base: bool = False  # with LoRAs: also audit the base model, as a row of the comparison
+    seed: int = 0
+    resolution: int | None = None  # default: the base model's native resolution
+    center_crop: bool = True
+    batch_size: int = 64  # UNet rows per forward pass
+    max_samples: int | None = None  # per role, a seeded subset
+    n_bootstrap: int = 1000
+    config_dir: str | None = None
+    clip_skip: int | None = None
+    device: str | None = None
+    attack_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class _Model:
+    name: str
+    kind: str  # "base" | "lora"
+    path: Path | None
+    sha256: str
+    adapter: str | None
+    metadata: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the audit and write report.json, report.md, roc.png and scores.png into ``cfg.out``; returns the report."""
+    from privlora.models.loading import load_base, sha256_file
+
+    started = time.time()
+    names = parse_attack_names(cfg.attacks)
+    out = _check_settings(cfg)
+    lora_files = [_check_lora_file(Path(p)) for p in cfg.loras]
+    splits = read_manifest(cfg.splits)  # verifies every image's hash; every role must be non-empty
+    base = load_base(cfg.pretrained_model_name_or_path, config_dir=cfg.config_dir)
+    T = base.noise_scheduler.config.num_train_timesteps
+    for attack in build_attacks(names, cfg.attack_params):
+        attack.check(T)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for module in (base.unet, base.vae, base.text_encoder):
+        module.to(device)
+    resolution = cfg.resolution or native_resolution(base)
+    needs_aux = any(a.fits for a in build_attacks(names, cfg.attack_params))
+    chosen = select_samples(splits, TEST_ROLES + (AUX_ROLES if needs_aux else ()), cfg.max_samples, cfg.seed)
+
+    with loaded_loras(base, lora_files) as (switch, adapters):
+        models = _models(base, lora_files, adapters, cfg.include_base, resolution, sha256_file)
+        batches = encode_batches(base, splits, chosen, resolution, cfg.center_crop, device, cfg.batch_size)
+        targets = _targets(base, models, switch, cfg, device)
+        per_sample = {a.name: a.queries_per_sample() for a in build_attacks(names, cfg.attack_params)}
+        log("UNet queries per sample: " + ", ".join(f"{n} {q}" for n, q in per_sample.items())
+            + " (loss, ref_loss and mlp share theirs; ref_loss's base half is run once per audit)")
+        scores, fits, timing = run_attacks(models, targets, names, cfg, batches)
+        unique = {id(t): t for target in targets.values() for t in (target, target.reference)}
+        queries_run = sum(t.unet_queries for t in unique.values())
+
+    results = {m.name: {a: _metrics(scores[m.name][a], fits[m.name][a], cfg, m.name, a) for a in names}
+               for m in models}
+    report = build_report(cfg, base, splits, chosen, models, names, results, scores, timing, per_sample,
+                          queries_run, resolution, device, time.time() - started)
+    files = {
+        "report.json": (json.dumps(report, indent=2) + "\n").encode("utf-8"),
+        "report.md": render.markdown(report).encode("utf-8"),
+        "roc.png": render.roc_png(scores, results),
+        "scores.png": render.scores_png(scores),
+    }
+    for name, data in files.items():
+        write_bytes(out / name, data)
+    log(f"wrote {', '.join(str(out / n) for n in files)} in {report['wall_seconds']:.1f} s")
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def _check_settings(cfg: AuditConfig) -> Path:
+    for key in ("batch_size",):
+        if getattr(cfg, key) < 1:
+            raise PrivloraError(f"--{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.max_samples is not None and cfg.max_samples < 2:
+        raise PrivloraError(f"--max_samples must be at least 2, got {cfg.max_samples}")
+    if cfg.resolution is not None and (cfg.resolution <= 0 or cfg.resolution % 8):
+        raise PrivloraError(f"--resolution {cfg.resolution} is not a positive multiple of 8")
+    if cfg.n_bootstrap < 0:
+        raise PrivloraError(f"--n_bootstrap must be ≥ 0, got {cfg.n_bootstrap}")
+    if not cfg.splits:
+        raise PrivloraError("--splits: give the split manifest (splits.json in the training run's output folder)")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise PrivloraError(f"{out}: --out exists and is not a folder")
+    return out
+
+
+def _check_lora_file(path: Path) -> Path:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise PrivloraError(f"{path}: LoRA file not found")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise PrivloraError(f"{path}: pickle-based LoRA refused (arbitrary code execution risk); convert it to .safetensors")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # safetensors raises its own error types for malformed headers
+        raise PrivloraError(f"{path}: not a readable .safetensors file ({_one_line(e)})") from None
+    if not lora_module_names(keys):
+        raise PrivloraError(f"{path}: no LoRA weights in this file (no *.lora_down.weight / *.lora_A.weight keys)")
+    return path
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e)
+    found = re.search(r"size mismatch for [^\n]+", text)
+    text = found.group(0) if found else text
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+_LORA_DOWN = re.compile(r"^(.+?)\.(lora_down|lora_A|lora\.down|lora_linear_layer\.down)(\.[^.]+)?\.weight$")
+
+
+def lora_module_names(keys: list[str]) -> set[str]:
+    """The adapted modules a LoRA file names (kohya ``lora_unet_x.lora_down.weight`` or peft ``unet.x.lora_A.weight``)."""
+    return {m.group(1) for k in keys if (m := _LORA_DOWN.match(k))}
+
+
+def native_resolution(base) -> int:
+    vae_scale = 2 ** (len(base.vae.config.block_out_channels) - 1)
+    size = base.unet.config.sample_size
+    return int((size[0] if isinstance(size, (list, tuple)) else size) * vae_scale)
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+class AdapterSwitch:
+    """Makes one loaded LoRA (or none: the base model) active in the shared UNet and text encoder."""
+
+    def __init__(self, pipe, adapters: list[str]):
+        self.pipe, self.adapters, self.current = pipe, adapters, "<unset>"
+
+    def use(self, adapter: str | None) -> None:
+        if not self.adapters or adapter == self.current:
+            return
+        if adapter is None:
+            self.pipe.disable_lora()
+        else:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters([adapter])
+        self.current = adapter
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """diffusers/peft/transformers log every key mismatch at length; we report mismatches ourselves."""
+    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def loaded_loras(base, files: list[Path]) -> Iterator[tuple[AdapterSwitch, list[str]]]:
+    """Load every LoRA as its own adapter through diffusers' own loader; the base model is restored on exit."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                   unet=base.unet, scheduler=base.noise_scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    adapters: list[str] = []
+    try:
+        for i, path in enumerate(files):
+            adapters.append(_load_one(pipe, base, path, f"audit_lora_{i}"))
+        yield AdapterSwitch(pipe, adapters), adapters
+    finally:
+        if adapters:
+            with _quiet():
+                pipe.unload_lora_weights()
+
+
+def _load_one(pipe, base, path: Path, adapter: str) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        expected = lora_module_names(list(f.keys()))
+    try:
+        with _quiet():
+            pipe.load_lora_weights(str(path), adapter_name=adapter)
+    except (RuntimeError, ValueError, KeyError, OSError, TypeError) as e:
+        raise PrivloraError(f"{path}: this LoRA does not fit the base model {base.name} ({_one_line(e)})") from None
+    loaded = _adapted_modules(base.unet, adapter) + _adapted_modules(base.text_encoder, adapter)
+    if loaded < len(expected):
+        with _quiet():
+            pipe.delete_adapters([adapter])
+        raise PrivloraError(f"{path}: only {loaded} of its {len(expected)} LoRA modules exist in the base model "
+                            f"{base.name} (key mismatch: a LoRA for another base model?)")
+    return adapter
+
+
+def _adapted_modules(model, adapter: str) -> int:
+    from peft.tuners.lora import LoraLayer
+
+    return sum(1 for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.lora_A)
+
+
+def _lora_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    keep = ("privlora_method", "ss_network_dim", "ss_network_alpha", "ss_base_model_version", "ss_sd_model_name",
+            "sshs_model_hash", "ss_steps", "ss_epoch", "privlora_prediction_type", "privlora_hyperparameters")
+    return {k: meta[k] for k in keep if k in meta}
+
+
+def _models(base, files: list[Path], adapters: list[str], include_base: bool, resolution: int, sha256_file) -> list[_Model]:
+    models = []
+    if include_base or not files:
+        models.append(_Model("base", "base", None, base.sha256, None))
+    seen = {"base"}
+    for path, adapter in zip(files, adapters):
+        name = path.stem
+        while name in seen:
+            name += "'"
+        seen.add(name)
+        model = _Model(name, "lora", path, sha256_file(path), adapter, _lora_metadata(path))
+        model.warnings = _lora_warnings(model, base, resolution)
+        models.append(model)
+    return models
+
+
+def _lora_warnings(model: _Model, base, resolution: int) -> list[str]:
+    meta, out = model.metadata, []
+    trained_on = meta.get("sshs_model_hash")
+    if trained_on and trained_on != base.sha256:
+        out.append(f"trained on a base model with UNet hash {trained_on[:12]}…, auditing on {base.sha256[:12]}…")
+    try:
+        trained_res = json.loads(meta.get("privlora_hyperparameters", "{}")).get("resolution")
+    except ValueError:
+        trained_res = None
+    if trained_res and trained_res != resolution:
+        out.append(f"trained at resolution {trained_res}, audited at {resolution}")
+    return out
+
+
+def _targets(base, models: list[_Model], switch: AdapterSwitch, cfg: AuditConfig, device) -> dict[str, Target]:
+    from privlora.models.loading import encode_prompt
+
+    def target(name: str, adapter: str | None, reference: Target | None) -> Target:
+        return Target(name, base.unet, base.noise_scheduler,
+                      lambda captions: encode_prompt(base, captions, clip_skip=cfg.clip_skip),
+                      seed=cfg.seed, batch_size=cfg.batch_size, device=device,
+                      activate=lambda: switch.use(adapter), reference=reference)
+
+    base_target = target("base", None, None)
+    out = {m.name: base_target if m.kind == "base" else target(m.name, m.adapter, base_target) for m in models}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def select_samples(splits: Splits, roles: tuple[str, ...], max_samples: int | None, seed: int) -> dict[str, list[Example]]:
+    """Each role's examples, or a seeded subset of ``max_samples`` of them (kept in manifest order)."""
+    chosen = {}
+    for role in roles:
+        examples = splits.role(role)
+        if max_samples and len(examples) > max_samples:
+            keep = np.random.default_rng(stable_seed(seed, role)).permutation(len(examples))[:max_samples]
+            examples = [examples[i] for i in sorted(keep.tolist())]
+        chosen[role] = examples
+    return chosen
+
+
+def encode_batches(base, splits: Splits, chosen: dict[str, list[Example]], resolution: int, center_crop: bool,
+                   device, batch_size: int) -> dict[str, list[Batch]]:
+    """VAE latents (posterior mean, deterministic) of every chosen image, encoded once, cut into batches."""
+    from privlora.data.cache import encode_latents
+
+    out = {}
+    for role, examples in chosen.items():
+        latents = encode_latents(base, examples, resolution, center_crop, device, batch_size=min(batch_size, 32))
+        out[role] = [
+            Batch(keys=[splits.hash_of(e) for e in examples[s:s + batch_size]],
+                  paths=[e.path for e in examples[s:s + batch_size]],
+                  roles=[role] * len(examples[s:s + batch_size]),
+                  captions=[e.caption for e in examples[s:s + batch_size]],
+                  latents=latents[s:s + batch_size])
+            for s in range(0, len(examples), batch_size)
+        ]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def run_attacks(models: list[_Model], targets: dict[str, Target], names: list[str], cfg: AuditConfig,
+                batches: dict[str, list[Batch]]):
+    """scores[model][attack][role] (numpy), fit summaries and per-attack timing/query counts."""
+    count = {role: sum(len(b) for b in bs) for role, bs in batches.items()}
+    n_aux = sum(count.get(r, 0) for r in AUX_ROLES)
+    n_test = sum(count[r] for r in TEST_ROLES)
+    per_model = sum(n_test + (n_aux if a.fits else 0) for a in build_attacks(names, cfg.attack_params))
+    scores: dict = {}
+    fits: dict = {}
+    timing: dict = {}
+    with tqdm(total=per_model * len(models), desc="audit", unit="sample", dynamic_ncols=True) as bar:
+        for model in models:
+            target = targets[model.name]
+            scores[model.name], fits[model.name], timing[model.name] = {}, {}, {}
+            for attack in build_attacks(names, cfg.attack_params):
+                bar.set_description(f"{model.name}: {attack.name}")
+                before, ref_before, t0 = target.unet_queries, target.reference.unet_queries, time.time()
+                fits[model.name][attack.name] = _fit(attack, target, batches, bar, n_aux)
+                scores[model.name][attack.name] = {role: _score(attack, target, batches[role], bar) for role in TEST_ROLES}
+                ran = target.unet_queries - before
+                if target.reference is not target:
+                    ran += target.reference.unet_queries - ref_before
+                timing[model.name][attack.name] = {"seconds": round(time.time() - t0, 2), "unet_queries_run": ran}
+            if target.reference is not target:
+                target.clear_cache()  # the base target's cache is kept: every LoRA's ref_loss reuses it
+    return scores, fits, timing
+
+
+def _fit(attack: Attack, target: Target, batches: dict[str, list[Batch]], bar, n_aux: int) -> dict | None:
+    if not attack.fits:
+        return None
+    summary = attack.fit(target, batches["member_aux"], batches["nonmember_aux"])
+    bar.update(n_aux)
+    return summary
+
+
+def _score(attack: Attack, target: Target, batches: list[Batch], bar) -> np.ndarray:
+    out = []
+    for batch in batches:
+        out.append(attack.score(target, batch).detach().double().cpu().numpy())
+        bar.update(len(batch))
+    return np.concatenate(out)
+
+
+def _metrics(scores: dict[str, np.ndarray], fit: dict | None, cfg: AuditConfig, model: str, attack: str) -> dict:
+    result = metrics.evaluate(scores["member_test"], scores["nonmember_test"],
+                              seed=stable_seed(cfg.seed, "bootstrap", model, attack), n_bootstrap=cfg.n_bootstrap)
+    result["fit"] = fit
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def build_report(cfg: AuditConfig, base, splits: Splits, chosen: dict, models: list[_Model], names: list[str],
+                 results: dict, scores: dict, timing: dict, per_sample: dict, queries_run: int, resolution: int,
+                 device, wall: float) -> dict[str, Any]:
+    attacks = {a.name: {"summary": a.summary, "params": _jsonable(a.params()), "queries_per_sample": per_sample[a.name],
+                        "fits_on": list(AUX_ROLES) if a.fits else None}
+               for a in build_attacks(names, cfg.attack_params)}
+    return {
+        "privlora_audit": 1,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seed": cfg.seed,
+        "base_model": {"name": base.name, "sha256": base.sha256, "source_kind": base.source_kind,
+                       "prediction_type": base.prediction_type,
+                       "loss_quantity": "epsilon" if base.prediction_type == "epsilon" else
+                       "v (loss/ref_loss/mlp/clid use the v-target training loss; secmi/pia convert v to epsilon)"},
+        "data": {"manifest": str(cfg.splits), "roles_in_manifest": {r: len(e) for r, e in splits.items()},
+                 "used": {r: len(e) for r, e in chosen.items()}, "max_samples": cfg.max_samples},
+        "settings": {"resolution": resolution, "center_crop": cfg.center_crop, "batch_size": cfg.batch_size,
+                     "n_bootstrap": cfg.n_bootstrap, "clip_skip": cfg.clip_skip, "device": str(device),
+                     "vae_latents": "posterior mean (deterministic)",
+                     "noise": "per sample: seeded by (seed, image sha256, draw) — identical across models"},
+        "attacks": attacks,
+        "unet_queries": {"per_sample": per_sample, "total_run": queries_run},
+        "models": [
+            {"name": m.name, "kind": m.kind, "path": str(m.path) if m.path else None, "sha256": m.sha256,
+             "lora_metadata": m.metadata, "warnings": m.warnings,
+             "results": {a: {**results[m.name][a], **timing[m.name][a]} for a in names},
+             "scores": {a: {r: scores[m.name][a][r].tolist() for r in TEST_ROLES} for a in names}}
+            for m in models
+        ],
+        "wall_seconds": round(wall, 2),
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,72 @@
+"""Every preset parses, and its data layout is accepted on a miniature folder tree of the same shape."""
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from privlora.config import build_config, read_toml
+from privlora.data.prepare import prepare_splits, role_sizes
+
+PRESETS = sorted(Path("configs").rglob("*.toml"))
+DATASET_PRESETS = [p for p in PRESETS if p.parent.name not in ("paper", "tiny")]
+
+
+def write_images(folder: Path, n: int, start: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + n):
+        rng = np.random.default_rng(i)
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i:05d}.png")
+        (folder / f"{i:05d}.txt").write_text(f"picture {i}")
+
+
+def test_there_are_presets_for_every_paper_dataset_and_method():
+    names = {(p.parent.name, p.stem) for p in PRESETS}
+    for dataset in ("pokemon", "celeba_small", "celeba_large", "celeba_large_5x", "afhq_large_5x", "mscoco_large_5x", "tiny"):
+        for method in ("lora", "mp_lora", "smp_lora"):
+            assert (dataset, method) in names
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=str)
+def test_preset_parses(preset):
+    values = read_toml(preset)
+    assert values  # every key known (read_toml rejects unknown ones)
+
+
+@pytest.mark.parametrize("preset", DATASET_PRESETS, ids=str)
+def test_paper_presets_carry_the_reference_hyperparameters(preset):
+    v = read_toml(preset)
+    assert (v["network_dim"], v["network_alpha"], v["unet_lr"], v["text_encoder_lr"]) == (64, 32, 1e-4, 1e-5)
+    assert (v["train_batch_size"], v["max_train_epochs"], v["clip_skip"], v["seed"]) == (1, 400, 2, 1337)
+    assert (v["privacy_alpha"], v["privacy_beta"], v["k_steps"], v["attacker_lr"]) == (1.0, 1.0, 1, 1e-5)
+    assert v["method"] == preset.stem and v["train_text_encoder"] is True and v["resolution"] == 512
+
+
+@pytest.mark.parametrize("preset", DATASET_PRESETS, ids=str)
+def test_preset_split_layout_on_a_miniature_tree(preset, tmp_path):
+    v = read_toml(preset)
+    if "train_data_dir" in v:  # one folder, the paper's automatic split (sizes from the preset)
+        need = v["n_nonmember_aux"] + v["n_nonmember_test"] + v["n_member_aux"] + 33
+        write_images(tmp_path / "data", need, 0)
+        cfg = build_config(str(preset), {"train_data_dir": str(tmp_path / "data")})
+        sizes = role_sizes(prepare_splits(cfg, tmp_path / "out")[0])
+        assert sizes == {"train": 233, "member_aux": 200, "member_test": 33, "nonmember_aux": 200, "nonmember_test": 200}
+    else:  # five folders named as in the paper's release, kohya subfolders inside
+        root = tmp_path / "data"
+        write_images(root / "D_tr" / "1_a", 12, 0)
+        write_images(root / "D_tr" / "2_b", 8, 12)
+        for role, (src, idx) in {"D^m_aux": ("1_a", range(0, 5)), "D^m_te": ("2_b", range(12, 17))}.items():
+            (root / role / src).mkdir(parents=True)
+            for i in idx:
+                for ext in (".png", ".txt"):
+                    shutil.copy(root / "D_tr" / src / f"{i:05d}{ext}", root / role / src / f"{i:05d}{ext}")
+        write_images(root / "D^nm_aux" / "1_c", 6, 100)
+        write_images(root / "D^nm_te" / "1_c", 7, 200)
+        cfg = build_config(str(preset), {"splits_dir": str(root)})
+        splits, _ = prepare_splits(cfg, tmp_path / "out")
+        assert role_sizes(splits) == {"train": 20, "member_aux": 5, "member_test": 5, "nonmember_aux": 6, "nonmember_test": 7}
+        train_paths = {e.path for e in splits.train}
+        assert all(e.path in train_paths for e in splits.member_aux + splits.member_test)
+        assert {e.repeats for e in splits.train} == {1, 2}
+    assert not (tmp_path / "out").exists()

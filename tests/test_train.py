@@ -1,0 +1,137 @@
+"""The training recipe end to end on a tiny model, and bad input stopped before anything is written."""
+import json
+import re
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from privlora.cli import main
+from privlora.config import build_config
+from privlora.data.splits import read_manifest
+from privlora.train import train
+from tests.fixtures import make_tiny_folder
+
+SMALL = dict(synthetic_images=40, n_member_aux=5, n_nonmember_aux=5, n_nonmember_test=10, resolution=32,
+             train_batch_size=8, eval_samples=8, network_dim=4, network_alpha=4, unet_lr=1e-3, attacker_pool=8,
+             attacker_hidden=[32])
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return str(make_tiny_folder(tmp_path_factory.mktemp("m") / "tiny"))
+
+
+def run(model, out, **kw):
+    cfg = build_config(None, {**SMALL, "pretrained_model_name_or_path": model, "output_dir": str(out), **kw})
+    return train(cfg)
+
+
+@pytest.mark.slow
+def test_plain_lora_run_writes_lora_manifest_logs_and_learns(model, tmp_path):
+    path = run(model, tmp_path / "run", max_train_epochs=4)
+    assert path.exists() and (tmp_path / "run" / "splits.json").exists()
+    assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents*"))
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert len(history["epochs"]) == 4
+    assert history["epochs"][-1]["member_test_loss"] < history["base"]["member_test"]
+    splits = read_manifest(tmp_path / "run" / "splits.json")
+    assert len(splits.train) == 40 - 15 and len(splits.nonmember_test) == 10
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        assert all(k.startswith("lora_unet_") for k in keys)
+        assert f.metadata()["privlora_method"] == "lora" and f.metadata()["ss_network_dim"] == "4"
+
+
+def test_lora_metadata_has_no_data_derived_strings(model, tmp_path):
+    path = run(model, tmp_path / "secret_folder_name", max_train_steps=1, output_name="x")
+    splits = read_manifest(tmp_path / "secret_folder_name" / "splits.json")
+    with safe_open(str(path), "pt") as f:
+        meta = json.dumps(f.metadata()).lower()
+    tokens = set(re.findall(r"[a-z0-9]+", meta)) | set(re.findall(r"[a-z0-9_]+", meta))
+    words = {w for e in splits.train + splits.nonmember_test for w in e.caption.lower().split() if len(w) > 3}
+    names = {e.path.stem.lower() for e in splits.train} | {"secret_folder_name", "data"}
+    assert words and not words & tokens
+    assert not names & tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["mp_lora", "smp_lora"])
+@pytest.mark.parametrize("adv_step", ["fused", "reference"])
+def test_privacy_objectives_run_and_save_the_attacker(model, tmp_path, method, adv_step):
+    path = run(model, tmp_path / "r", method=method, adv_step=adv_step, max_train_epochs=1, k_steps=2)
+    attacker = tmp_path / "r" / f"{path.stem}.attacker.safetensors"
+    assert attacker.exists()
+    record = json.loads((tmp_path / "r" / "history.json").read_text())["epochs"][-1]
+    for key in ("L_ada", "L_adv", "attacker_loss", "attacker_train_acc", "attacker_test_acc"):
+        assert key in record and record[key] == record[key]  # present and not NaN
+
+
+def test_v_prediction_model_trains(tmp_path):
+    sd2 = str(make_tiny_folder(tmp_path / "sd2", prediction_type="v_prediction", sd2_style=True))
+    path = run(sd2, tmp_path / "r", max_train_steps=2)
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["privlora_prediction_type"] == "v_prediction"
+
+
+def test_refuses_to_overwrite_a_finished_run(model, tmp_path):
+    run(model, tmp_path / "r", max_train_steps=1)
+    with pytest.raises(Exception, match="already there"):
+        run(model, tmp_path / "r", max_train_steps=1)
+
+
+# --- bad input: one line naming the problem, exit status 2, nothing written -------------------------------
+
+def data_folder(tmp_path, n=30):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(n):
+        Image.new("RGB", (16, 16), (i * 8, 10, 200)).save(folder / f"im{i:02d}.png")
+        (folder / f"im{i:02d}.txt").write_text(f"a picture number {i}")
+    return folder
+
+
+def cli(model, tmp_path, capsys, *extra):
+    out = tmp_path / "out"
+    code = main(["train", "--pretrained_model_name_or_path", model, "--output_dir", str(out), "--resolution", "32",
+                 "--max_train_steps", "1", "--n_member_aux", "3", "--n_nonmember_aux", "3", "--n_nonmember_test", "3",
+                 *extra])
+    err = capsys.readouterr().err.strip()
+    return code, err, out
+
+
+@pytest.mark.parametrize("breakage,expect", [
+    ("truncate", "im05.png"),
+    ("no_caption", "im07.png"),
+    ("not_an_image", "im03.png"),
+])
+def test_bad_data_is_reported_before_training(model, tmp_path, capsys, breakage, expect):
+    folder = data_folder(tmp_path)
+    if breakage == "truncate":
+        data = (folder / "im05.png").read_bytes()
+        (folder / "im05.png").write_bytes(data[: len(data) // 2])
+    elif breakage == "no_caption":
+        (folder / "im07.txt").unlink()
+    else:
+        (folder / "im03.png").write_text("this is not a png")
+    code, err, out = cli(model, tmp_path, capsys, "--train_data_dir", str(folder))
+    assert code == 2 and len(err.splitlines()) == 1 and expect in err
+    assert not out.exists()
+
+
+def test_empty_folder(model, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, err, out = cli(model, tmp_path, capsys, "--train_data_dir", str(tmp_path / "empty"))
+    assert code == 2 and "empty" in err and "no images" in err and not out.exists()
+
+
+def test_unknown_config_key_and_bad_resolution(model, tmp_path, capsys):
+    preset = tmp_path / "p.toml"
+    preset.write_text('synthetic_images = 40\nmax_train_steps = 1\nnetwork_dimm = 4\n')
+    code = main(["train", "--config", str(preset), "--output_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "p.toml" in err and "network_dimm" in err and len(err.splitlines()) == 1
+    code, err, out = cli(model, tmp_path, capsys, "--synthetic_images", "40", "--resolution", "36")
+    assert code == 2 and "resolution 36" in err and not out.exists()
+    assert not (tmp_path / "o").exists()
