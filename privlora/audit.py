@@ -69,7 +69,7 @@ class _Model:
 
 def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the audit and write report.json, report.md, roc.png and scores.png into ``cfg.out``; returns the report."""
-    from privlora.models.loading import load_base, sha256_file
+    from privlora.models.loading import load_base
 
     started = time.time()
     names = parse_attack_names(cfg.attacks)
@@ -77,40 +77,38 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
     lora_files = [_check_lora_file(Path(p)) for p in cfg.loras]
     splits = read_manifest(cfg.splits)  # verifies every image's hash; every role must be non-empty
     base = load_base(cfg.pretrained_model_name_or_path, config_dir=cfg.config_dir)
-    T = base.noise_scheduler.config.num_train_timesteps
-    for attack in build_attacks(names, cfg.attack_params):
-        attack.check(T)
+    attacks = build_attacks(names, cfg.attack_params)  # prototypes: parameters, checks and query counts
+    for attack in attacks:
+        attack.check(base.noise_scheduler.config.num_train_timesteps)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for module in (base.unet, base.vae, base.text_encoder):
         module.to(device)
     resolution = cfg.resolution or native_resolution(base)
-    needs_aux = any(a.fits for a in build_attacks(names, cfg.attack_params))
-    chosen = select_samples(splits, TEST_ROLES + (AUX_ROLES if needs_aux else ()), cfg.max_samples, cfg.seed)
+    roles = TEST_ROLES + (AUX_ROLES if any(a.fits for a in attacks) else ())
+    chosen = select_samples(splits, roles, cfg.max_samples, cfg.seed)
 
     with loaded_loras(base, lora_files) as (switch, adapters):
-        models = _models(base, lora_files, adapters, cfg.include_base, resolution, sha256_file)
+        models = _models(base, lora_files, adapters, cfg.include_base, resolution)
         batches = encode_batches(base, splits, chosen, resolution, cfg.center_crop, device, cfg.batch_size)
         targets = _targets(base, models, switch, cfg, device)
-        per_sample = {a.name: a.queries_per_sample() for a in build_attacks(names, cfg.attack_params)}
-        log("UNet queries per sample: " + ", ".join(f"{n} {q}" for n, q in per_sample.items())
+        log("UNet queries per sample: " + ", ".join(f"{a.name} {a.queries_per_sample()}" for a in attacks)
             + " (loss, ref_loss and mlp share theirs; ref_loss's base half is run once per audit)")
         scores, fits, timing = run_attacks(models, targets, names, cfg, batches)
-        unique = {id(t): t for target in targets.values() for t in (target, target.reference)}
-        queries_run = sum(t.unet_queries for t in unique.values())
+        queries_run = sum(t.unet_queries for t in {id(t): t for x in targets.values() for t in (x, x.reference)}.values())
 
     results = {m.name: {a: _metrics(scores[m.name][a], fits[m.name][a], cfg, m.name, a) for a in names}
                for m in models}
-    report = build_report(cfg, base, splits, chosen, models, names, results, scores, timing, per_sample,
-                          queries_run, resolution, device, time.time() - started)
+    report = build_report(cfg, base, splits, chosen, models, attacks, results, scores, timing, queries_run,
+                          resolution, device, time.time() - started)
     files = {
         "report.json": (json.dumps(report, indent=2) + "\n").encode("utf-8"),
         "report.md": render.markdown(report).encode("utf-8"),
         "roc.png": render.roc_png(scores, results),
         "scores.png": render.scores_png(scores),
     }
-    for name, data in files.items():
+    for name, data in files.items():  # only now, with every input checked and every number computed
         write_bytes(out / name, data)
-    log(f"wrote {', '.join(str(out / n) for n in files)} in {report['wall_seconds']:.1f} s")
+    log(f"wrote {', '.join(str(out / n) for n in files)} ({report['wall_seconds']:.1f} s)")
     return report
 
 
@@ -264,7 +262,9 @@ def _lora_metadata(path: Path) -> dict[str, str]:
     return {k: meta[k] for k in keep if k in meta}
 
 
-def _models(base, files: list[Path], adapters: list[str], include_base: bool, resolution: int, sha256_file) -> list[_Model]:
+def _models(base, files: list[Path], adapters: list[str], include_base: bool, resolution: int) -> list[_Model]:
+    from privlora.models.loading import sha256_file
+
     models = []
     if include_base or not files:
         models.append(_Model("base", "base", None, base.sha256, None))
@@ -359,7 +359,7 @@ def run_attacks(models: list[_Model], targets: dict[str, Target], names: list[st
         for model in models:
             target = targets[model.name]
             scores[model.name], fits[model.name], timing[model.name] = {}, {}, {}
-            for attack in build_attacks(names, cfg.attack_params):
+            for attack in build_attacks(names, cfg.attack_params):  # fresh: no fitted state carries over
                 bar.set_description(f"{model.name}: {attack.name}")
                 before, ref_before, t0 = target.unet_queries, target.reference.unet_queries, time.time()
                 fits[model.name][attack.name] = _fit(attack, target, batches, bar, n_aux)
@@ -399,12 +399,13 @@ def _metrics(scores: dict[str, np.ndarray], fit: dict | None, cfg: AuditConfig, 
 # ------------------------------------------------------------------------------------------------ report
 
 
-def build_report(cfg: AuditConfig, base, splits: Splits, chosen: dict, models: list[_Model], names: list[str],
-                 results: dict, scores: dict, timing: dict, per_sample: dict, queries_run: int, resolution: int,
-                 device, wall: float) -> dict[str, Any]:
-    attacks = {a.name: {"summary": a.summary, "params": _jsonable(a.params()), "queries_per_sample": per_sample[a.name],
-                        "fits_on": list(AUX_ROLES) if a.fits else None}
-               for a in build_attacks(names, cfg.attack_params)}
+def build_report(cfg: AuditConfig, base, splits: Splits, chosen: dict, models: list[_Model], attacks: list[Attack],
+                 results: dict, scores: dict, timing: dict, queries_run: int, resolution: int, device,
+                 wall: float) -> dict[str, Any]:
+    names = [a.name for a in attacks]
+    per_sample = {a.name: a.queries_per_sample() for a in attacks}
+    specs = {a.name: {"summary": a.summary, "params": _jsonable(a.params()), "queries_per_sample": per_sample[a.name],
+                      "fits_on": list(AUX_ROLES) if a.fits else None} for a in attacks}
     return {
         "privlora_audit": 1,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -419,7 +420,7 @@ def build_report(cfg: AuditConfig, base, splits: Splits, chosen: dict, models: l
                      "n_bootstrap": cfg.n_bootstrap, "clip_skip": cfg.clip_skip, "device": str(device),
                      "vae_latents": "posterior mean (deterministic)",
                      "noise": "per sample: seeded by (seed, image sha256, draw) — identical across models"},
-        "attacks": attacks,
+        "attacks": specs,
         "unet_queries": {"per_sample": per_sample, "total_run": queries_run},
         "models": [
             {"name": m.name, "kind": m.kind, "path": str(m.path) if m.path else None, "sha256": m.sha256,

@@ -168,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     except PrivloraError as e:
         print(f"privlora: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if type(e).__name__ != "Interrupted":
+            raise
+        print(f"privlora: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("privlora: interrupted", file=sys.stderr)
         return 130

@@ -141,7 +141,7 @@ def tiny_extractor(feature_model: str = "tiny-sd") -> tuple[TinyVaeFeatures, dic
 
 def missing_inception_weights_message() -> str:
     return (f"Inception FID/KID need the Inception-v3 weights file {INCEPTION_WEIGHTS_NAME} (torch-fidelity's, "
-            f"about 92 MB; nothing is downloaded): fetch {INCEPTION_WEIGHTS_URL} on a machine with network access "
+            f"roughly 90 MB; nothing is downloaded): fetch {INCEPTION_WEIGHTS_URL} on a machine with network access "
             f"and pass --inception_weights PATH — or use --feature_extractor tiny for the proxy on the tiny model")
 
 

@@ -303,13 +303,10 @@ def sample_during_training(model, prompts_file: str | Path, epoch: int, output_d
 
 
 def _training_pipeline(model, sampler: str):
-    if hasattr(model, "noise_scheduler"):
-        unet = getattr(model.unet, "module", model.unet)  # unwrap DistributedDataParallel
-        return build_pipeline(unet, model.vae, model.text_encoder, model.tokenizer, model.noise_scheduler.config,
-                              sampler)
-    model.scheduler = make_scheduler(sampler, model.scheduler.config)
-    model.set_progress_bar_config(disable=True)
-    return model
+    # A fresh pipeline around the same modules: a caller's pipeline keeps its own scheduler.
+    config = model.noise_scheduler.config if hasattr(model, "noise_scheduler") else model.scheduler.config
+    unet = getattr(model.unet, "module", model.unet)  # unwrap DistributedDataParallel
+    return build_pipeline(unet, model.vae, model.text_encoder, model.tokenizer, config, sampler)
 
 
 def _save_training_sample(pipe, job: ImageJob, i: int, epoch: int, output_dir: Path, writer) -> Path:

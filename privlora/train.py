@@ -1,20 +1,24 @@
 """The training loop: one recipe for every objective (plain LoRA, MP-LoRA, SMP-LoRA).
 
-Read ``train`` top to bottom: load and validate everything, inject LoRA, cache data, then
-epochs × batches of (objective loss → backward → LoRA step → objective's after-step), with
-per-epoch fixed-noise evaluation and saving. The objective is the only method-specific piece.
+``train`` reads top to bottom: ``setup`` loads and checks everything, injects LoRA and caches the data; the
+loop then runs (objective loss → backward → LoRA step → objective's after-step) per batch, evaluates on
+fixed noise at each epoch end and saves. The objective is the only method-specific piece.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import signal
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from privlora import checkpoint
 from privlora.config import TrainConfig, to_dict
 from privlora.data.cache import Cache, RoleData
 from privlora.data.prepare import prepare_splits, write_run_files
@@ -24,12 +28,141 @@ from privlora.io import save_safetensors, write_json
 from privlora.models.loading import load_base
 from privlora.models.lora import LoraSpec, add_lora, save_diffusers, save_kohya, text_encoder_lora_config, unet_lora_config
 from privlora.objectives import build_objective
-from privlora.objectives.base import infinite
 
 EVAL_ROLES = ("member_aux", "nonmember_aux", "member_test", "nonmember_test")
+# Changing these between a run and its resume would silently train something else.
+RESUME_MUST_MATCH = ("method", "network_dim", "network_alpha", "conv_dim", "train_text_encoder", "train_batch_size",
+                     "gradient_accumulation_steps", "seed", "pretrained_model_name_or_path", "resolution", "adv_step")
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the state was saved; the message says how to resume."""
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    epoch: int = 0  # epochs completed
+    batch_in_epoch: int = 0  # batches consumed in the epoch under way
+    collapsed_epochs: int = 0
+    history: list = field(default_factory=list)
 
 
 def train(cfg: TrainConfig) -> Path:
+    run = setup(cfg)
+    progress = restore(run, checkpoint.resolve(cfg.resume, run.out)) if cfg.resume else Progress()
+    interrupt = InterruptFlag()
+    bar = tqdm(total=run.max_steps, initial=progress.step, desc=cfg.method, dynamic_ncols=True,
+               disable=not run.accelerator.is_main_process)
+    started = time.time()
+    with interrupt:
+        while progress.step < run.max_steps:
+            if progress.batch_in_epoch == 0:
+                run.epoch_start_order = run.loader_order.get_state()
+            logs: dict = {}
+            for batch in itertools.islice(run.loader, progress.batch_in_epoch, None):
+                progress.batch_in_epoch += 1
+                logs = train_step(run, batch, progress.step) or logs
+                if not run.accelerator.sync_gradients:
+                    continue
+                progress.step += 1
+                after_step(run, progress, logs, bar)
+                if interrupt.requested:
+                    path = save_state(run, progress)
+                    raise Interrupted(f"interrupted at step {progress.step}; resume with --resume {path}")
+                if progress.step >= run.max_steps:
+                    break
+            end_epoch(run, progress, logs, bar)
+    bar.close()
+    run.metadata.update(ss_steps=str(progress.step), ss_epoch=str(progress.epoch),
+                        privlora_train_seconds=f"{time.time() - started:.1f}")
+    final = save_lora(run, cfg.output_name)
+    if cfg.save_state:
+        save_state(run, progress)
+    run.accelerator.end_training()
+    return final
+
+
+def train_step(run, batch: dict, step: int) -> dict | None:
+    """One forward/backward of the objective; the LoRA (and the attacker) step when gradients sync."""
+    acc = run.accelerator
+    with acc.accumulate(run.unet):
+        result = run.objective.lora_loss(batch, run.denoiser)
+        if not torch.isfinite(result.loss):
+            raise PrivloraError(f"{run.out}: non-finite loss ({result.loss.item()}) at step {step + 1}; training "
+                                "stopped and the last saved checkpoint is intact (try a lower learning rate)")
+        acc.backward(result.loss)
+        if acc.sync_gradients and run.cfg.max_grad_norm:
+            acc.clip_grad_norm_(run.trainable, run.cfg.max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    if not acc.sync_gradients:
+        return None
+    return {**result.logs, **run.objective.after_lora_step(run.denoiser), "lr": run.lr_scheduler.get_last_lr()[0]}
+
+
+def after_step(run, progress: Progress, logs: dict, bar) -> None:
+    cfg = run.cfg
+    if progress.step % cfg.log_every_n_steps == 0:
+        run.accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=progress.step)
+    bar.update(1)
+    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("L_ada", "L_adv", "attacker_loss")})
+    if cfg.save_every_n_steps and progress.step % cfg.save_every_n_steps == 0 and progress.step < run.max_steps:
+        save_lora(run, f"{cfg.output_name}-step{progress.step:06d}")
+        if cfg.save_state:
+            save_state(run, progress)
+
+
+def end_epoch(run, progress: Progress, logs: dict, bar) -> None:
+    """Fixed-noise evaluation, the collapse guard, history and per-epoch saves."""
+    cfg, acc = run.cfg, run.accelerator
+    progress.epoch += 1
+    progress.batch_in_epoch = 0
+    run.unet.eval()
+    record = evaluate_epoch(progress.epoch, progress.step, run.probe, run.denoiser, run.objective, run.base_losses, logs)
+    run.unet.train()
+    progress.history.append(record)
+    acc.log({f"epoch/{k}": v for k, v in record.items() if k not in ("epoch", "step")}, step=progress.step)
+    worse = record["member_test_loss"] > run.base_losses["member_test"]
+    progress.collapsed_epochs = progress.collapsed_epochs + 1 if worse else 0
+    if progress.collapsed_epochs == cfg.collapse_patience:
+        bar.write(f"warning: member_test loss ({record['member_test_loss']:.4f}) has been above the base model's "
+                  f"({run.base_losses['member_test']:.4f}) for {progress.collapsed_epochs} epochs: utility collapse")
+    if acc.is_main_process:
+        write_json(run.out / "history.json", {"base": run.base_losses, "epochs": progress.history})
+    if cfg.save_every_n_epochs and progress.epoch % cfg.save_every_n_epochs == 0 and progress.step < run.max_steps:
+        save_lora(run, f"{cfg.output_name}-e{progress.epoch:04d}")
+        if cfg.save_state:
+            save_state(run, progress)
+
+
+# --- setup ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    out: Path
+    accelerator: object
+    base: object
+    unet: object  # the accelerate-wrapped UNet
+    trainable: list
+    optimizer: object
+    lr_scheduler: object
+    loader: DataLoader
+    loader_order: torch.Generator  # draws each epoch's data order
+    noise: torch.Generator  # noise and timesteps of the training steps
+    aux: dict  # role -> CountingIterator over the attacker's aux batches
+    objective: object
+    denoiser: Denoiser
+    probe: "FixedNoiseProbe"
+    base_losses: dict
+    metadata: dict
+    max_steps: int
+    epoch_start_order: torch.Tensor | None = None
+
+
+def setup(cfg: TrainConfig) -> Run:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -38,110 +171,63 @@ def train(cfg: TrainConfig) -> Path:
     splits, skipped = prepare_splits(cfg, out)  # reads and checks every image; writes nothing yet
     base = load_base(cfg.pretrained_model_name_or_path, config_dir=cfg.config_dir, allow_pickle=cfg.allow_pickle,
                      prediction_type=cfg.prediction_type)
-    write_run_files(out, splits, skipped)
-
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard",
                               project_config=ProjectConfiguration(str(out), logging_dir=str(out / "logs")),
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    if accelerator.is_main_process and not cfg.resume:
+        write_run_files(out, splits, skipped)
     set_seed(cfg.seed)
     device = accelerator.device
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
-    for m in (base.unet, base.vae, base.text_encoder):
-        m.to(device).requires_grad_(False)
-        if weight_dtype != torch.float32:
-            m.to(dtype=weight_dtype)
-
-    spec = LoraSpec(cfg.network_dim, cfg.network_alpha, cfg.conv_dim, cfg.conv_alpha, cfg.network_dropout)
-    params = [{"params": add_lora(base.unet, unet_lora_config(spec, base.unet)), "lr": cfg.unet_lr}]
-    if cfg.train_text_encoder:
-        params.append({"params": add_lora(base.text_encoder, text_encoder_lora_config(spec)), "lr": cfg.text_encoder_lr})
-    for group in params:  # LoRA weights train in fp32 even when the frozen base runs in half precision
-        for p in group["params"]:
-            p.data = p.data.float()
-    if cfg.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
+    trainable, param_groups = inject_lora(cfg, base, device)
 
     cache = Cache(base, cfg, device)
     train_data = cache.role(splits.train, expand_repeats=True)
-    roles = {role: cache.role(getattr(splits, role)) for role in EVAL_ROLES}
-    gen = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
-    loader = DataLoader(train_data, batch_size=cfg.train_batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(cfg.seed))
+    roles = {role: cache.role(splits.role(role)) for role in EVAL_ROLES}
+    loader_order = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(train_data, batch_size=cfg.train_batch_size, shuffle=True, generator=loader_order)
     aux_bs = cfg.attacker_batch_size or cfg.train_batch_size
-    objective = build_objective(
-        cfg, latent_channels=base.unet.config.in_channels,
-        member_aux=infinite(aux_loader(roles["member_aux"], aux_bs, cfg.seed + 1)),
-        nonmember_aux=infinite(aux_loader(roles["nonmember_aux"], aux_bs, cfg.seed + 2)))
+    aux = {r: CountingIterator(roles[r], aux_bs, cfg.seed + 1 + i) for i, r in enumerate(("member_aux", "nonmember_aux"))}
+    objective = build_objective(cfg, latent_channels=base.unet.config.in_channels,
+                                member_aux=aux["member_aux"], nonmember_aux=aux["nonmember_aux"])
     for module in objective.modules().values():
         module.to(device)
 
-    optimizer = make_optimizer(cfg, params)
+    optimizer = make_optimizer(cfg, param_groups)
     steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or steps_per_epoch * cfg.max_train_epochs
-    epochs = math.ceil(max_steps / steps_per_epoch)
     lr_scheduler = make_lr_scheduler(cfg, optimizer, max_steps)
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(base.unet, optimizer, loader, lr_scheduler)
-    denoiser = Denoiser(base, device=device, generator=gen, clip_skip=cfg.clip_skip, noise_offset=cfg.noise_offset,
+    noise = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
+    denoiser = Denoiser(base, device=device, generator=noise, clip_skip=cfg.clip_skip, noise_offset=cfg.noise_offset,
                         min_snr_gamma=cfg.min_snr_gamma, autocast=accelerator.autocast)
     denoiser.unet = unet
     probe = FixedNoiseProbe({r: d.subset(min(cfg.eval_samples, len(d))) for r, d in roles.items()}, cfg.seed + 3)
     with adapters_disabled(base):
         base_losses = {r: m.mean().item() for r, m in probe.maps(denoiser).items()}
-
-    trainable = [p for g in params for p in g["params"]]
-    metadata = lora_metadata(cfg, base)
-    history: list[dict] = []
     accelerator.init_trackers("privlora", config={k: v for k, v in to_dict(cfg).items()
                                                   if isinstance(v, (int, float, str, bool))})
-    bar = tqdm(total=max_steps, desc=cfg.method, disable=not accelerator.is_main_process, dynamic_ncols=True)
-    step, started, collapsed_epochs = 0, time.time(), 0
-    for epoch in range(1, epochs + 1):
-        unet.train()
-        for batch in loader:
-            with accelerator.accumulate(unet):
-                result = objective.lora_loss(batch, denoiser)
-                if not torch.isfinite(result.loss):
-                    raise PrivloraError(f"{out}: non-finite loss ({result.loss.item()}) at step {step + 1}; "
-                                        "stopped, the last saved checkpoint is intact")
-                accelerator.backward(result.loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            logs = {**result.logs, **objective.after_lora_step(denoiser), "lr": lr_scheduler.get_last_lr()[0]}
-            step += 1
-            if step % cfg.log_every_n_steps == 0:
-                accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("L_ada", "L_adv", "attacker_loss")})
-            if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0:
-                save_lora(accelerator, cfg, out, f"{cfg.output_name}-step{step:06d}", base, objective, metadata)
-            if step >= max_steps:
-                break
+    unet.train()
+    return Run(cfg, out, accelerator, base, unet, trainable, optimizer, lr_scheduler, loader, loader_order, noise,
+               aux, objective, denoiser, probe, base_losses, lora_metadata(cfg, base), max_steps)
 
-        unet.eval()
-        record = evaluate_epoch(epoch, step, probe, denoiser, objective, base_losses, logs)
-        history.append(record)
-        accelerator.log({f"epoch/{k}": v for k, v in record.items() if k not in ("epoch", "step")}, step=step)
-        collapsed_epochs = collapsed_epochs + 1 if record["member_test_loss"] > base_losses["member_test"] else 0
-        if collapsed_epochs == cfg.collapse_patience:
-            bar.write(f"warning: member_test loss ({record['member_test_loss']:.4f}) has been above the base model's "
-                      f"({base_losses['member_test']:.4f}) for {collapsed_epochs} epochs: utility collapse")
-        if accelerator.is_main_process:
-            write_json(out / "history.json", {"base": base_losses, "epochs": history})
-        if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and step < max_steps:
-            save_lora(accelerator, cfg, out, f"{cfg.output_name}-e{epoch:04d}", base, objective, metadata)
-        if step >= max_steps:
-            break
-    bar.close()
-    metadata["ss_steps"], metadata["ss_epoch"] = str(step), str(epoch)
-    metadata["privlora_train_seconds"] = f"{time.time() - started:.1f}"
-    final = save_lora(accelerator, cfg, out, cfg.output_name, base, objective, metadata)
-    accelerator.end_training()
-    return final
+
+def inject_lora(cfg: TrainConfig, base, device) -> tuple[list, list[dict]]:
+    """Frozen base in the compute dtype, LoRA on the UNet (and text encoder) in fp32; returns its parameters."""
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+    for m in (base.unet, base.vae, base.text_encoder):
+        m.to(device).requires_grad_(False)
+        if weight_dtype != torch.float32:
+            m.to(dtype=weight_dtype)
+    spec = LoraSpec(cfg.network_dim, cfg.network_alpha, cfg.conv_dim, cfg.conv_alpha, cfg.network_dropout)
+    groups = [{"params": add_lora(base.unet, unet_lora_config(spec, base.unet)), "lr": cfg.unet_lr}]
+    if cfg.train_text_encoder:
+        groups.append({"params": add_lora(base.text_encoder, text_encoder_lora_config(spec)), "lr": cfg.text_encoder_lr})
+    for group in groups:
+        for p in group["params"]:
+            p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+    return [p for g in groups for p in g["params"]], groups
 
 
 def check_output_dir(cfg: TrainConfig, out: Path) -> None:
@@ -150,9 +236,29 @@ def check_output_dir(cfg: TrainConfig, out: Path) -> None:
         raise PrivloraError(f"{final}: a finished run is already there; pass --overwrite or choose another --output_dir")
 
 
-def aux_loader(data: RoleData, batch_size: int, seed: int) -> DataLoader:
-    return DataLoader(data, batch_size=min(batch_size, len(data)), shuffle=True, drop_last=True,
-                      generator=torch.Generator().manual_seed(seed))
+class CountingIterator:
+    """Endless shuffled batches of one role, counting what it served so a resumed run can fast-forward."""
+
+    def __init__(self, data: RoleData, batch_size: int, seed: int):
+        self.loader = DataLoader(data, batch_size=min(batch_size, len(data)), shuffle=True, drop_last=True,
+                                 generator=torch.Generator().manual_seed(seed))
+        self.served = 0
+        self._it = self._endless()
+
+    def _endless(self):
+        while True:
+            yield from self.loader
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        self.served += 1
+        return next(self._it)
+
+    def fast_forward(self, n: int) -> None:
+        for _ in range(n - self.served):
+            next(self)
 
 
 def make_optimizer(cfg: TrainConfig, params: list[dict]) -> torch.optim.Optimizer:
@@ -179,19 +285,20 @@ def make_lr_scheduler(cfg: TrainConfig, optimizer, max_steps: int):
         raise PrivloraError(f"lr_scheduler {cfg.lr_scheduler!r}: {e}") from None
 
 
+# --- evaluation ------------------------------------------------------------------------------------------------
+
 class FixedNoiseProbe:
     """Loss maps of fixed samples under fixed noise and timesteps: comparable from one epoch to the next."""
 
     def __init__(self, roles: dict[str, RoleData], seed: int, num_train_timesteps: int = 1000):
-        self.roles = roles
+        self.roles, self.seed = roles, seed
         gen = torch.Generator().manual_seed(seed)
         self.noise, self.timesteps = {}, {}
         for role, data in roles.items():
             first = data[0]
-            shape = first["latents"].shape if "latents" in first else None
             self.timesteps[role] = torch.randint(0, num_train_timesteps, (len(data),), generator=gen)
-            self.noise[role] = None if shape is None else torch.randn((len(data), *shape), generator=gen)
-        self.seed = seed
+            self.noise[role] = (torch.randn((len(data), *first["latents"].shape), generator=gen)
+                                if "latents" in first else None)
 
     @torch.no_grad()
     def maps(self, denoiser: Denoiser, batch_size: int = 64) -> dict[str, torch.Tensor]:
@@ -219,6 +326,8 @@ def evaluate_epoch(epoch: int, step: int, probe: FixedNoiseProbe, denoiser: Deno
     return record
 
 
+# --- saving and resuming ---------------------------------------------------------------------------------------
+
 def lora_metadata(cfg: TrainConfig, base) -> dict[str, str]:
     """Hyperparameters and the base model's identity — never anything derived from the training data."""
     keys = ("method", "network_dim", "network_alpha", "conv_dim", "conv_alpha", "train_text_encoder", "unet_lr",
@@ -226,7 +335,6 @@ def lora_metadata(cfg: TrainConfig, base) -> dict[str, str]:
             "gradient_accumulation_steps", "max_train_epochs", "max_train_steps", "resolution", "mixed_precision",
             "clip_skip", "noise_offset", "min_snr_gamma", "seed", "privacy_alpha", "privacy_beta", "k_steps",
             "adv_step", "attacker_lr", "attacker_pool")
-    hp = {k: getattr(cfg, k) for k in keys}
     v2 = base.unet.config.cross_attention_dim == 1024
     return {
         "ss_network_module": "networks.lora",
@@ -239,19 +347,90 @@ def lora_metadata(cfg: TrainConfig, base) -> dict[str, str]:
         "ss_training_started_at": str(int(time.time())),
         "privlora_method": cfg.method,
         "privlora_prediction_type": base.prediction_type,
-        "privlora_hyperparameters": json.dumps(hp),
+        "privlora_hyperparameters": json.dumps({k: getattr(cfg, k) for k in keys}),
     }
 
 
-def save_lora(accelerator, cfg: TrainConfig, out: Path, name: str, base, objective, metadata: dict) -> Path:
-    path = out / f"{name}.safetensors"
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unet = accelerator.unwrap_model(base.unet)
+def save_lora(run: Run, name: str) -> Path:
+    cfg, acc, base = run.cfg, run.accelerator, run.base
+    path = run.out / f"{name}.safetensors"
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        unet = acc.unwrap_model(run.unet)
         te = base.text_encoder if cfg.train_text_encoder else None
-        (save_kohya if cfg.save_format == "kohya" else save_diffusers)(path, unet, te, metadata)
-        for mod_name, module in objective.modules().items():
+        (save_kohya if cfg.save_format == "kohya" else save_diffusers)(path, unet, te, run.metadata)
+        for mod_name, module in run.objective.modules().items():
             meta = {"privlora_module": mod_name, "channels": str(base.unet.config.in_channels),
                     "pool": str(cfg.attacker_pool), "hidden": json.dumps(cfg.attacker_hidden)}
-            save_safetensors(out / f"{name}.{mod_name}.safetensors", module.state_dict(), metadata=meta)
+            save_safetensors(run.out / f"{name}.{mod_name}.safetensors", module.state_dict(), metadata=meta)
     return path
+
+
+def lora_state(run: Run) -> dict[str, torch.Tensor]:
+    names = {}
+    for prefix, model in (("unet", run.accelerator.unwrap_model(run.unet)), ("text_encoder", run.base.text_encoder)):
+        names.update({f"{prefix}.{n}": p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad})
+    return names
+
+
+def save_state(run: Run, progress: Progress) -> Path:
+    payload = {
+        "lora": lora_state(run), "optimizer": run.optimizer.state_dict(), "lr_scheduler": run.lr_scheduler.state_dict(),
+        "objective": run.objective.state_dict(), "progress": asdict(progress),
+        "aux_served": {r: it.served for r, it in run.aux.items()},
+        "config": {k: getattr(run.cfg, k) for k in RESUME_MUST_MATCH},
+    }
+    rank_payload = {"rng": checkpoint.rng_state(), "noise": run.noise.get_state(),
+                    "order": run.loader_order.get_state(), "epoch_start_order": run.epoch_start_order}
+    return checkpoint.save_state(run.out, progress.step, payload, rank_payload, run.accelerator)
+
+
+def restore(run: Run, path: Path) -> Progress:
+    state, rank_state = checkpoint.load_state(path, run.accelerator.process_index)
+    changed = [k for k, v in state["config"].items() if getattr(run.cfg, k) != v]
+    if changed:
+        raise PrivloraError(f"{path}: saved with different {', '.join(changed)}; resume with the same settings")
+    params = lora_state(run)
+    if set(params) != set(state["lora"]):
+        raise PrivloraError(f"{path}: its LoRA layers do not match this model and config")
+    models = {"unet": run.accelerator.unwrap_model(run.unet), "text_encoder": run.base.text_encoder}
+    with torch.no_grad():
+        for name, value in state["lora"].items():
+            prefix, rest = name.split(".", 1)
+            models[prefix].get_parameter(rest).copy_(value)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    run.objective.load_state_dict(state["objective"])
+    for role, served in state["aux_served"].items():
+        run.aux[role].fast_forward(served)
+    progress = Progress(**state["progress"])
+    checkpoint.set_rng_state(rank_state["rng"])
+    run.noise.set_state(rank_state["noise"])
+    run.epoch_start_order = rank_state["epoch_start_order"]
+    # Mid-epoch: replay this epoch's data order (the loop then skips the batches already seen).
+    run.loader_order.set_state(rank_state["epoch_start_order"] if progress.batch_in_epoch else rank_state["order"])
+    return progress
+
+
+class InterruptFlag:
+    """First Ctrl-C: finish the current step, save a resumable state, exit. Second Ctrl-C: stop at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: saving a resumable state after this step (press again to abort without saving)")
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Busy-waiting OpenMP threads collapse (~10x slower) when the cores are shared with other processes.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
@@ -37,12 +39,12 @@ from privlora.models.tokenizer_build import build_clip_tokenizer_files, verify_t
 SETTINGS = {
     "full": dict(
         n_public=4000, n_holdout=256, vae_steps=700, vae_crop_steps=500, vae_crop=16, vae_batch=32, vae_lr=1e-3,
-        kl_weight=1e-4, unet_steps=1300, unet_batch=64, unet_lr=1e-3, warmup=100, cond_dropout=0.1,
+        kl_weight=1e-4, init_logvar=-6.0, unet_steps=1300, unet_batch=64, unet_lr=1e-3, warmup=100, cond_dropout=0.1,
         ema_decay=0.995, eval_seed=1234, n_samples=16,
     ),
     "quick": dict(
         n_public=128, n_holdout=32, vae_steps=30, vae_crop_steps=20, vae_crop=16, vae_batch=16, vae_lr=1e-3,
-        kl_weight=1e-4, unet_steps=40, unet_batch=32, unet_lr=1e-3, warmup=5, cond_dropout=0.1,
+        kl_weight=1e-4, init_logvar=-6.0, unet_steps=40, unet_batch=32, unet_lr=1e-3, warmup=5, cond_dropout=0.1,
         ema_decay=0.9, eval_seed=1234, n_samples=4,
     ),
 }
@@ -101,6 +103,9 @@ def train_vae(pixels: torch.Tensor, s: dict, gen: torch.Generator, log: Log):
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL(**tiny.vae_config())
+    with torch.no_grad():
+        # start with a narrow posterior: at logvar=0 the sampling noise swamps the tiny initial means
+        vae.quant_conv.bias[tiny.vae_config()["latent_channels"]:] = s["init_logvar"]
     opt = torch.optim.AdamW(vae.parameters(), lr=s["vae_lr"], weight_decay=0.0)
     steps = s["vae_steps"]
     for step in range(steps):

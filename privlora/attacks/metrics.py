@@ -89,15 +89,15 @@ def sanitize(scores: np.ndarray) -> tuple[np.ndarray, int]:
 
 def evaluate(member, nonmember, *, seed: int, n_bootstrap: int = 1000) -> dict[str, Any]:
     """Every metric, its bootstrap interval, and notes on anything that limits it."""
-    member, bad_m = sanitize(member)
-    nonmember, bad_n = sanitize(nonmember)
+    both, bad = sanitize(np.concatenate([np.asarray(member, float), np.asarray(nonmember, float)]))
+    member, nonmember = both[:len(member)], both[len(member):]
     result: dict[str, Any] = {"n_member": len(member), "n_nonmember": len(nonmember)}
     result.update(point_metrics(member, nonmember))
     if n_bootstrap:
         result["ci95"] = bootstrap(member, nonmember, n_bootstrap, seed)
     notes = small_set_notes(len(nonmember))
-    if bad_m or bad_n:
-        notes.append(f"{bad_m + bad_n} non-finite scores were counted as least member-like")
+    if bad:
+        notes.append(f"{bad} non-finite scores were counted as least member-like")
     result["reliable"] = {name: len(nonmember) * target >= 1 for name, target in FPR_TARGETS.items()}
     result["notes"] = notes
     return result

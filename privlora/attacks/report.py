@@ -96,9 +96,9 @@ def _attack_notes(report: dict[str, Any]) -> list[str]:
 # ------------------------------------------------------------------------------------------------ figures
 
 
-def _png(fig) -> bytes:
+def _png(fig, dpi: int = 100) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi)  # no bbox_inches="tight": it draws everything twice
     return buf.getvalue()
 
 
@@ -113,7 +113,8 @@ def roc_png(scores: dict[str, dict[str, dict[str, np.ndarray]]], results: dict[s
 
     models = list(scores)
     rows, cols = _grid(len(models), 3)
-    fig = Figure(figsize=(4.2 * cols, 4.0 * rows))
+    fig = Figure(figsize=(4.4 * cols, 4.2 * rows))
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.13, top=0.93, wspace=0.3, hspace=0.4)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, model in zip(axes, models):
         floor = 1.0
@@ -137,7 +138,8 @@ def scores_png(scores: dict[str, dict[str, dict[str, np.ndarray]]]) -> bytes:
 
     models = list(scores)
     attacks = list(next(iter(scores.values())))
-    fig = Figure(figsize=(3.2 * len(attacks), 2.6 * len(models)))
+    fig = Figure(figsize=(3.0 * len(attacks), 2.4 * len(models)))
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.08, top=0.9, wspace=0.3, hspace=0.5)
     axes = fig.subplots(len(models), len(attacks), squeeze=False)
     for r, model in enumerate(models):
         for c, attack in enumerate(attacks):
@@ -148,7 +150,7 @@ def scores_png(scores: dict[str, dict[str, dict[str, np.ndarray]]]) -> bytes:
             ax.hist(s["member_test"], bins=bins, alpha=0.55, label="member")
             ax.set_title(f"{model}: {attack}", fontsize=8)
             ax.tick_params(labelsize=6)
+            ax.locator_params(axis="x", nbins=4)
             if r == 0 and c == 0:
                 ax.legend(fontsize=7)
-    fig.tight_layout()
-    return _png(fig)
+    return _png(fig, dpi=80)

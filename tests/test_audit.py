@@ -1,0 +1,261 @@
+"""`privlora audit` end to end on a random-init tiny model: report files, fitting isolation, bad inputs."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from privlora.attacks import TEST_ROLES
+from privlora.attacks.clid import ClidAttack
+from privlora.attacks.mlp import MlpAttack
+from privlora.audit import AuditConfig, loaded_loras, run_audit
+from privlora.cli import main
+from privlora.data import synthetic
+from privlora.data.readers import read_examples
+from privlora.data.splits import auto_split, write_manifest
+from privlora.errors import PrivloraError
+from privlora.models.loading import load_base, sha256_file
+from privlora.models.lora import LoraSpec, add_lora, lora_layers, save_kohya, text_encoder_lora_config, unet_lora_config
+from tests.fixtures import make_tiny_folder
+
+FAST = {
+    "loss": dict(timesteps=(100, 500)),
+    "ref_loss": dict(timesteps=(100, 500)),
+    "mlp": dict(timesteps=(100, 500), steps=30, hidden=(32,)),
+    "secmi": dict(t_sec=20, interval=10),
+    "pia": dict(timesteps=(200,)),
+    "clid": dict(timesteps=(450,)),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The CI box's two cores are shared: an oversubscribed OpenMP pool is ~20× slower than one thread.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_lora(folder: Path, out: Path, *, text_encoder: bool = False, zero: bool = False) -> Path:
+    base = load_base(str(folder))
+    add_lora(base.unet, unet_lora_config(LoraSpec(rank=4, alpha=4.0), base.unet))
+    if text_encoder:
+        add_lora(base.text_encoder, text_encoder_lora_config(LoraSpec(rank=4, alpha=4.0)))
+    g = torch.Generator().manual_seed(11)
+    for model in (base.unet, base.text_encoder):
+        for layer in lora_layers(model).values():
+            w = layer.lora_B["default"].weight
+            w.data = torch.zeros_like(w) if zero else torch.randn(w.shape, generator=g) * 0.1
+    return save_kohya(out, base.unet, base.text_encoder if text_encoder else None,
+                      metadata={"sshs_model_hash": base.sha256, "privlora_method": "lora"})
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audit")
+    model = make_tiny_folder(root / "model")
+    data = root / "data"
+    synthetic.write_folder(data / "images", 24, seed=5, resolution=32)
+    splits = auto_split(read_examples(data / "images"), n_nonmember_aux=4, n_nonmember_test=6, n_member_aux=4,
+                        n_member_test=6, seed=0)
+    manifest = write_manifest(data / "splits.json", splits)
+    wide = make_tiny_folder(root / "wide", unet_overrides=dict(block_out_channels=(64, 64, 64)))
+    loras = {
+        "te": make_lora(model, root / "te.safetensors", text_encoder=True),
+        "zero": make_lora(model, root / "zero.safetensors", zero=True),
+        "wide": make_lora(wide, root / "wide.safetensors"),
+    }
+    keys = load_file(loras["te"])  # a module the base model does not have: a key mismatch with matching shapes
+    stem = next(k for k in keys if k.startswith("lora_unet_down_blocks_0")).split(".")[0]
+    extra = {k.replace(stem, stem.replace("down_blocks_0", "down_blocks_7")) if k.split(".")[0] == stem else k: v
+             for k, v in keys.items()}
+    save_file(extra, str(root / "extra.safetensors"))
+    loras["extra"] = root / "extra.safetensors"
+    return {"root": root, "model": str(model), "manifest": manifest, "data": data, "loras": loras}
+
+
+def config(env, out, **kw) -> AuditConfig:
+    kw.setdefault("attack_params", FAST)
+    kw.setdefault("n_bootstrap", 50)
+    return AuditConfig(splits=str(kw.pop("splits", env["manifest"])), out=str(out),
+                       pretrained_model_name_or_path=env["model"], **kw)
+
+
+def quiet(*args):
+    pass
+
+
+@pytest.mark.slow
+def test_report_files_are_written_and_valid(env, tmp_path):
+    out = tmp_path / "report"
+    loras = [str(env["loras"]["te"]), str(env["loras"]["zero"])]
+    report = run_audit(config(env, out, loras=loras, include_base=True), log=quiet)
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "roc.png", "scores.png"]
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    assert [m["name"] for m in on_disk["models"]] == ["base", "te", "zero"]
+    assert on_disk["models"][1]["sha256"] == sha256_file(Path(loras[0]))
+    assert on_disk["base_model"]["sha256"] and on_disk["seed"] == 0
+    assert on_disk["attacks"]["secmi"]["params"] == {"t_sec": 20, "interval": 10}
+    assert on_disk["unet_queries"]["per_sample"] == {"loss": 2, "ref_loss": 4, "mlp": 2, "secmi": 4, "pia": 2, "clid": 3}
+    for model in on_disk["models"]:
+        assert not model["warnings"]
+        for name, result in model["results"].items():
+            assert 0 <= result["auc"] <= 1 and len(result["ci95"]["auc"]) == 2
+            assert result["n_member"] == 6 and result["n_nonmember"] == 6
+            assert len(model["scores"][name]["member_test"]) == 6
+        assert model["results"]["mlp"]["fit"]["n_member"] == 4
+    md = (out / "report.md").read_text()
+    assert "| attack | AUC | ASR | TPR@1%FPR | TPR@0.1%FPR | fit on aux |" in md
+    assert "| attack | queries/sample | `base` | `te` | `zero` |" in md
+    for png in ("roc.png", "scores.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_a_zero_lora_gets_exactly_the_base_models_queries_and_scores(env, tmp_path):
+    report = run_audit(config(env, tmp_path / "r", loras=[str(env["loras"]["zero"])], include_base=True), log=quiet)
+    base, zero = report["models"]
+    for name in report["attacks"]:
+        if name in ("mlp", "clid"):
+            continue  # fitted attacks: same inputs, but a fresh fit (equal too, yet not the point here)
+        assert base["scores"][name] == zero["scores"][name], name
+    assert set(zero["scores"]["ref_loss"]["member_test"]) == {0.0}
+
+
+def test_no_test_sample_ever_reaches_fitting(env, tmp_path, monkeypatch):
+    seen = []
+    for cls in (MlpAttack, ClidAttack):
+        original = cls.fit
+
+        def spy(self, model, member, nonmember, _original=original):
+            seen.extend((p, r) for b in member + nonmember for p, r in zip(b.paths, b.roles))
+            return _original(self, model, member, nonmember)
+
+        monkeypatch.setattr(cls, "fit", spy)
+    run_audit(config(env, tmp_path / "r", loras=[str(env["loras"]["te"])], include_base=True, attacks=["mlp", "clid"]),
+              log=quiet)
+    manifest = json.loads(Path(env["manifest"]).read_text())
+    root = Path(manifest["root"])
+    role_of = {}
+    for role, entries in manifest["roles"].items():
+        for e in entries:
+            role_of.setdefault((root / e["path"]).resolve(), set()).add(role)
+    assert len(seen) == 2 * 2 * 8  # 2 fitted attacks × 2 models × (4 + 4) aux samples
+    for path, role in seen:
+        assert role in ("member_aux", "nonmember_aux")
+        assert not role_of[Path(path).resolve()] & set(TEST_ROLES), path
+
+
+def test_cli_audits_the_base_model_alone(env, tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = main(["audit", "--pretrained_model_name_or_path", env["model"], "--splits", str(env["manifest"]),
+                 "--out", str(out), "--attacks", "loss,pia", "--max_samples", "4", "--n_bootstrap", "20"])
+    assert code == 0
+    assert "UNet queries per sample: loss 8, pia 2" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert [m["name"] for m in report["models"]] == ["base"]
+    assert report["data"]["used"] == {"member_test": 4, "nonmember_test": 4}  # no fitted attack: aux unused
+
+
+def test_loras_are_unloaded_afterwards(env):
+    base = load_base(env["model"])
+    with loaded_loras(base, [env["loras"]["te"]]) as (_, adapters):
+        assert adapters == ["audit_lora_0"] and set(base.unet.peft_config) == {"audit_lora_0"}
+    assert not getattr(base.unet, "peft_config", None) and not getattr(base.text_encoder, "peft_config", None)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def copy_dataset(env, dest: Path) -> Path:
+    shutil.copytree(env["data"], dest)
+    manifest = json.loads((dest / "splits.json").read_text())
+    manifest["root"] = str(dest.resolve())
+    (dest / "splits.json").write_text(json.dumps(manifest))
+    return dest / "splits.json"
+
+
+def edit_manifest(path: Path, edit) -> Path:
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    return path
+
+
+def a_test_image(manifest: Path) -> Path:
+    m = json.loads(manifest.read_text())
+    return Path(m["root"]) / m["roles"]["member_test"][0]["path"]
+
+
+def bad_hash(env, tmp):
+    manifest = copy_dataset(env, tmp / "data")
+    image = a_test_image(manifest)
+    shutil.copy(next(p for p in image.parent.glob("*.png") if p != image), image)
+    return {"splits": manifest}, "content hash does not match"
+
+
+def missing_image(env, tmp):
+    manifest = copy_dataset(env, tmp / "data")
+    a_test_image(manifest).unlink()
+    return {"splits": manifest}, "file is missing"
+
+
+def empty_role(env, tmp):
+    manifest = copy_dataset(env, tmp / "data")
+    edit_manifest(manifest, lambda m: m["roles"].__setitem__("nonmember_test", []))
+    return {"splits": manifest}, "nonmember_test .* is empty"
+
+
+def missing_manifest(env, tmp):
+    return {"splits": tmp / "nope.json"}, "cannot read manifest"
+
+
+def lora_for_wider_base(env, tmp):
+    return {"loras": [str(env["loras"]["te"]), str(env["loras"]["wide"])]}, "wide.safetensors: this LoRA does not fit"
+
+
+def lora_with_unknown_modules(env, tmp):
+    return {"loras": [str(env["loras"]["extra"])]}, "extra.safetensors: only 95 of its 96 LoRA modules"
+
+
+def missing_lora(env, tmp):
+    return {"loras": [str(tmp / "gone.safetensors")]}, "gone.safetensors: LoRA file not found"
+
+
+def pickle_lora(env, tmp):
+    (tmp / "l.pt").write_bytes(b"not really")
+    return {"loras": [str(tmp / "l.pt")]}, "pickle-based LoRA refused"
+
+
+def not_a_lora(env, tmp):
+    save_file({"foo.weight": torch.zeros(2)}, str(tmp / "foo.safetensors"))
+    return {"loras": [str(tmp / "foo.safetensors")]}, "no LoRA weights in this file"
+
+
+def unknown_attack(env, tmp):
+    return {"attacks": ["loss", "lira"]}, "unknown attack 'lira'"
+
+
+@pytest.mark.parametrize("case", [bad_hash, missing_image, empty_role, missing_manifest, lora_for_wider_base,
+                                  lora_with_unknown_modules, missing_lora, pickle_lora, not_a_lora, unknown_attack])
+def test_bad_input_is_one_clear_error_and_writes_nothing(env, tmp_path, case):
+    overrides, message = case(env, tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(PrivloraError, match=message) as info:
+        run_audit(config(env, out, **overrides), log=quiet)
+    assert "\n" not in str(info.value)
+    assert not out.exists()
+
+
+def test_cli_reports_bad_input_and_exits_2(env, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["audit", "--pretrained_model_name_or_path", env["model"], "--splits", str(env["manifest"]),
+                 "--out", str(out), "--lora", str(env["loras"]["wide"])])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("privlora: error: ") and "wide.safetensors" in err[-1]
+    assert not out.exists()
