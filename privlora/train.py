@@ -92,6 +92,9 @@ def train_step(run, batch: dict, step: int) -> dict | None:
             raise PrivloraError(f"{run.out}: non-finite loss ({result.loss.item()}) at step {step + 1}; training "
                                 "stopped and the last saved checkpoint is intact (try a lower learning rate)")
         acc.backward(result.loss)
+        if acc.sync_gradients and acc.num_processes > 1 and run.cfg.train_text_encoder:
+            # DDP wraps the UNet only; the text encoder's LoRA gradients are averaged here.
+            average_gradients(acc, run.base.text_encoder.parameters())
         if acc.sync_gradients and run.cfg.max_grad_norm:
             acc.clip_grad_norm_(run.trainable, run.cfg.max_grad_norm)
         run.optimizer.step()
@@ -168,12 +171,14 @@ def setup(cfg: TrainConfig) -> Run:
 
     out = Path(cfg.output_dir)
     check_output_dir(cfg, out)
-    splits, skipped = prepare_splits(cfg, out)  # reads and checks every image; writes nothing yet
-    base = load_base(cfg.pretrained_model_name_or_path, config_dir=cfg.config_dir, allow_pickle=cfg.allow_pickle,
-                     prediction_type=cfg.prediction_type)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard",
+                              cpu=not torch.cuda.is_available(),  # lets torchrun start multi-process CPU (gloo)
                               project_config=ProjectConfiguration(str(out), logging_dir=str(out / "logs")),
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    with accelerator.main_process_first():  # only the main process generates synthetic data
+        splits, skipped = prepare_splits(cfg, out)  # reads and checks every image; writes nothing yet
+    base = load_base(cfg.pretrained_model_name_or_path, config_dir=cfg.config_dir, allow_pickle=cfg.allow_pickle,
+                     prediction_type=cfg.prediction_type)
     if accelerator.is_main_process and not cfg.resume:
         write_run_files(out, splits, skipped)
     set_seed(cfg.seed)
@@ -186,17 +191,21 @@ def setup(cfg: TrainConfig) -> Run:
     loader_order = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(train_data, batch_size=cfg.train_batch_size, shuffle=True, generator=loader_order)
     aux_bs = cfg.attacker_batch_size or cfg.train_batch_size
-    aux = {r: CountingIterator(roles[r], aux_bs, cfg.seed + 1 + i) for i, r in enumerate(("member_aux", "nonmember_aux"))}
-    objective = build_objective(cfg, latent_channels=base.unet.config.in_channels,
+    rank = accelerator.process_index
+    aux = {r: CountingIterator(roles[r], aux_bs, cfg.seed + 1 + i + 10 * rank)
+           for i, r in enumerate(("member_aux", "nonmember_aux"))}
+    grad_sync = (lambda m: average_gradients(accelerator, m.parameters())) if accelerator.num_processes > 1 else None
+    objective = build_objective(cfg, latent_channels=base.unet.config.in_channels, grad_sync=grad_sync,
                                 member_aux=aux["member_aux"], nonmember_aux=aux["nonmember_aux"])
     for module in objective.modules().values():
         module.to(device)
 
     optimizer = make_optimizer(cfg, param_groups)
+    unet, optimizer, loader = accelerator.prepare(base.unet, optimizer, loader)  # loader: this process's shard
     steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or steps_per_epoch * cfg.max_train_epochs
-    lr_scheduler = make_lr_scheduler(cfg, optimizer, max_steps)
-    unet, optimizer, loader, lr_scheduler = accelerator.prepare(base.unet, optimizer, loader, lr_scheduler)
+    # accelerate steps a prepared scheduler once per process per optimizer step
+    lr_scheduler = accelerator.prepare(make_lr_scheduler(cfg, optimizer, max_steps, accelerator.num_processes))
     noise = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
     denoiser = Denoiser(base, device=device, generator=noise, clip_skip=cfg.clip_skip, noise_offset=cfg.noise_offset,
                         min_snr_gamma=cfg.min_snr_gamma, autocast=accelerator.autocast)
@@ -228,6 +237,12 @@ def inject_lora(cfg: TrainConfig, base, device) -> tuple[list, list[dict]]:
     if cfg.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
     return [p for g in groups for p in g["params"]], groups
+
+
+def average_gradients(accelerator, params) -> None:
+    for p in params:
+        if p.grad is not None:
+            p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
 
 
 def check_output_dir(cfg: TrainConfig, out: Path) -> None:
@@ -275,12 +290,12 @@ def make_optimizer(cfg: TrainConfig, params: list[dict]) -> torch.optim.Optimize
     return torch.optim.AdamW(params, **kwargs)
 
 
-def make_lr_scheduler(cfg: TrainConfig, optimizer, max_steps: int):
+def make_lr_scheduler(cfg: TrainConfig, optimizer, max_steps: int, num_processes: int = 1):
     from diffusers.optimization import get_scheduler
 
     try:
-        return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                             num_training_steps=max_steps)
+        return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * num_processes,
+                             num_training_steps=max_steps * num_processes)
     except ValueError as e:
         raise PrivloraError(f"lr_scheduler {cfg.lr_scheduler!r}: {e}") from None
 

@@ -17,10 +17,11 @@ class FakeDenoiser:
     def __init__(self, seed=0):
         g = torch.Generator().manual_seed(seed)
         self.theta = torch.nn.Parameter(torch.randn(4, 8, 8, generator=g))
-        self.calls = 0
+        self.calls = self.samples = 0
 
     def loss_map(self, batch, **_):
         self.calls += 1
+        self.samples += batch["x"].shape[0]
         return (self.theta * batch["x"]) ** 2, torch.zeros(batch["x"].shape[0], dtype=torch.long)
 
     def adaptation_loss(self, maps, t):
@@ -106,7 +107,7 @@ def test_fused_and_reference_steps_agree_on_fixed_noise():
     batch = next(batches(7))
     lf, lr = fused.lora_loss(batch, den_f).loss, ref.lora_loss(batch, den_r).loss
     assert lf.item() == pytest.approx(lr.item(), rel=1e-6)
-    assert (den_f.calls, den_r.calls) == (1, 2)  # the reference pays a second UNet forward
+    assert (den_f.samples, den_r.samples) == (4, 8)  # the reference pays a second UNet pass over the batch
 
 
 def test_fused_attacker_update_uses_one_extra_forward_reference_two():
@@ -116,6 +117,15 @@ def test_fused_attacker_update_uses_one_extra_forward_reference_two():
         calls = den.calls
         obj.after_lora_step(den)
         assert den.calls - calls == extra
+
+
+def test_attacker_gradient_sync_hook_runs_before_each_attacker_step():
+    seen = []
+    obj, den = make(SMPLoraObjective, k_steps=3), FakeDenoiser()
+    obj.grad_sync = lambda module: seen.append(all(p.grad is not None for p in module.parameters()))
+    obj.lora_loss(next(batches(3)), den)
+    obj.after_lora_step(den)
+    assert seen == [True, True, True]
 
 
 def test_attacker_input_is_resolution_independent_and_reference_shaped_at_512():

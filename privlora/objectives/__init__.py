@@ -17,14 +17,14 @@ def make_attacker(cfg, latent_channels: int) -> LossMapAttacker:
 
 
 def build_objective(cfg, *, latent_channels: int, member_aux: Iterator[dict] | None = None,
-                    nonmember_aux: Iterator[dict] | None = None) -> Objective:
+                    nonmember_aux: Iterator[dict] | None = None, grad_sync=None) -> Objective:
     if cfg.method == "lora":
         return LoraObjective()
     return ADVERSARIAL[cfg.method](
         make_attacker(cfg, latent_channels),
         alpha=cfg.privacy_alpha, beta=cfg.privacy_beta, k_steps=cfg.k_steps, adv_step=cfg.adv_step,
         lr=cfg.attacker_lr, weight_decay=cfg.attacker_weight_decay,
-        member_aux=member_aux, nonmember_aux=nonmember_aux,
+        member_aux=member_aux, nonmember_aux=nonmember_aux, grad_sync=grad_sync,
     )
 
 

@@ -1,8 +1,9 @@
 """What MP-LoRA and SMP-LoRA share: a proxy attacker trained against the LoRA, step by step.
 
 Per LoRA step (``adv_step``):
-- ``reference``: L_ada from the batch's loss map; L_adv from a second UNet forward on the same batch with
-  fresh noise; the attacker then trains on no-grad maps of a member_aux and a nonmember_aux batch.
+- ``reference``: L_ada from the batch's loss map; L_adv from a second UNet pass over the same batch with
+  fresh noise (run as one doubled batch, which is the same computation and lets DDP see one forward per
+  backward); the attacker then trains on no-grad maps of a member_aux and a nonmember_aux batch.
 - ``fused`` (default): the batch's own loss map gives both L_ada and L_adv; the attacker trains on that
   (detached) member map plus one no-grad map of a nonmember_aux batch. One UNet fwd+bwd and one no-grad
   forward per step instead of two fwd+bwd and two no-grad forwards.
@@ -10,7 +11,7 @@ Subclasses only say how L_ada and L_adv combine into the LoRA's loss.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -21,20 +22,27 @@ from privlora.objectives.base import DenoiserLike, Objective, StepOutput
 
 class AdversarialObjective(Objective):
     def __init__(self, attacker: LossMapAttacker, *, alpha: float, beta: float, k_steps: int, adv_step: str,
-                 lr: float, weight_decay: float, member_aux: Iterator[dict], nonmember_aux: Iterator[dict]):
+                 lr: float, weight_decay: float, member_aux: Iterator[dict], nonmember_aux: Iterator[dict],
+                 grad_sync: Callable[[torch.nn.Module], None] | None = None):
         self.attacker = attacker
         self.alpha, self.beta, self.k_steps, self.adv_step = alpha, beta, k_steps, adv_step
         self.optimizer = torch.optim.Adam(attacker.parameters(), lr=lr, weight_decay=weight_decay)
         self.member_aux, self.nonmember_aux = member_aux, nonmember_aux
+        self.grad_sync = grad_sync  # multi-process: average the attacker's gradients so every copy stays equal
         self._last_member_maps: torch.Tensor | None = None
 
     def combine(self, l_ada: torch.Tensor, l_adv: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def lora_loss(self, batch: dict, denoiser: DenoiserLike) -> StepOutput:
-        maps, t = denoiser.loss_map(batch)
+        if self.adv_step == "fused":
+            maps, t = denoiser.loss_map(batch)
+            adv_maps = maps
+        else:  # the reference's second forward (same batch, fresh noise), batched into one UNet call
+            both, t2 = denoiser.loss_map(repeat_batch(batch))
+            n = both.shape[0] // 2
+            maps, adv_maps, t = both[:n], both[n:], t2[:n]
         l_ada = denoiser.adaptation_loss(maps, t)
-        adv_maps = maps if self.adv_step == "fused" else denoiser.loss_map(batch)[0]
         l_adv = adversarial_loss(self.attacker, adv_maps)
         self._last_member_maps = maps.detach()
         loss = self.combine(l_ada, l_adv)
@@ -47,7 +55,7 @@ class AdversarialObjective(Objective):
             else:
                 members = denoiser.loss_map(next(self.member_aux))[0]
             nonmembers = denoiser.loss_map(next(self.nonmember_aux))[0]
-        return attacker_update(self.attacker, self.optimizer, members, nonmembers, self.k_steps)
+        return attacker_update(self.attacker, self.optimizer, members, nonmembers, self.k_steps, self.grad_sync)
 
     def evaluate(self, maps: dict[str, torch.Tensor]) -> dict[str, float]:
         out = {}
@@ -66,3 +74,8 @@ class AdversarialObjective(Objective):
     def load_state_dict(self, state: dict) -> None:
         self.attacker.load_state_dict(state["attacker"])
         self.optimizer.load_state_dict(state["attacker_optimizer"])
+
+
+def repeat_batch(batch: dict) -> dict:
+    """The batch twice over (tensors concatenated, caption lists repeated)."""
+    return {k: torch.cat([v, v]) if torch.is_tensor(v) else list(v) + list(v) for k, v in batch.items()}

@@ -53,8 +53,8 @@ def adversarial_loss(attacker: LossMapAttacker, member_maps: torch.Tensor) -> to
     return F.cross_entropy(logits, labels)
 
 
-def attacker_update(attacker: LossMapAttacker, optimizer: torch.optim.Optimizer,
-                    member_maps: torch.Tensor, nonmember_maps: torch.Tensor, k_steps: int) -> dict[str, float]:
+def attacker_update(attacker: LossMapAttacker, optimizer: torch.optim.Optimizer, member_maps: torch.Tensor,
+                    nonmember_maps: torch.Tensor, k_steps: int, grad_sync=None) -> dict[str, float]:
     """k Adam steps of the attacker on detached member (label 1) / non-member (label 0) loss maps."""
     maps = torch.cat([member_maps, nonmember_maps]).detach()
     labels = torch.cat([
@@ -67,6 +67,8 @@ def attacker_update(attacker: LossMapAttacker, optimizer: torch.optim.Optimizer,
         logits = attacker(maps)
         loss = F.cross_entropy(logits, labels)
         loss.backward()
+        if grad_sync is not None:
+            grad_sync(attacker)
         optimizer.step()
     acc = (logits.argmax(-1) == labels).float().mean()
     return {"attacker_loss": loss.item(), "attacker_batch_acc": acc.item()}
