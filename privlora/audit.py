@@ -116,9 +116,8 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
 
 
 def _check_settings(cfg: AuditConfig) -> Path:
-    for key in ("batch_size",):
-        if getattr(cfg, key) < 1:
-            raise PrivloraError(f"--{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.batch_size < 1:
+        raise PrivloraError(f"--batch_size must be at least 1, got {cfg.batch_size}")
     if cfg.max_samples is not None and cfg.max_samples < 2:
         raise PrivloraError(f"--max_samples must be at least 2, got {cfg.max_samples}")
     if cfg.resolution is not None and (cfg.resolution <= 0 or cfg.resolution % 8):
@@ -269,10 +268,8 @@ def _models(base, files: list[Path], adapters: list[str], include_base: bool, re
     if include_base or not files:
         models.append(_Model("base", "base", None, base.sha256, None))
     seen = {"base"}
-    for path, adapter in zip(files, adapters):
-        name = path.stem
-        while name in seen:
-            name += "'"
+    for i, (path, adapter) in enumerate(zip(files, adapters), 1):
+        name = path.stem if path.stem not in seen else f"{path.stem}-{i}"
         seen.add(name)
         model = _Model(name, "lora", path, sha256_file(path), adapter, _lora_metadata(path))
         model.warnings = _lora_warnings(model, base, resolution)
@@ -286,9 +283,10 @@ def _lora_warnings(model: _Model, base, resolution: int) -> list[str]:
     if trained_on and trained_on != base.sha256:
         out.append(f"trained on a base model with UNet hash {trained_on[:12]}…, auditing on {base.sha256[:12]}…")
     try:
-        trained_res = json.loads(meta.get("privlora_hyperparameters", "{}")).get("resolution")
+        hyperparameters = json.loads(meta.get("privlora_hyperparameters", "{}"))
     except ValueError:
-        trained_res = None
+        hyperparameters = {}
+    trained_res = hyperparameters.get("resolution") if isinstance(hyperparameters, dict) else None
     if trained_res and trained_res != resolution:
         out.append(f"trained at resolution {trained_res}, audited at {resolution}")
     return out

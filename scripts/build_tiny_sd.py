@@ -3,7 +3,7 @@
     python scripts/build_tiny_sd.py                      # full build into privlora/assets/tiny-sd (~10 min, 2 cores)
     python scripts/build_tiny_sd.py --quick --out /tmp/x # smoke test (~30 s)
 
-Stages: (1) AutoencoderKL trained to reconstruct the public sprites (L1 + small KL), its ``scaling_factor`` set
+Stages: (1) AutoencoderKL trained to reconstruct the public sprites (L1 + MSE + small KL), its ``scaling_factor`` set
 to 1/std of the latents as SD does; (2) UNet + CLIP text encoder trained jointly for epsilon prediction on the
 scaled latents with 10% caption dropout (for classifier-free guidance), using ``privlora.diffusion.loss_map``.
 The folder is built in a temporary sibling and renamed into place, so a crash never leaves a half-written model.
@@ -38,13 +38,13 @@ from privlora.models.tokenizer_build import build_clip_tokenizer_files, verify_t
 
 SETTINGS = {
     "full": dict(
-        n_public=4000, n_holdout=256, vae_steps=700, vae_crop_steps=500, vae_crop=16, vae_batch=32, vae_lr=1e-3,
-        kl_weight=1e-4, init_logvar=-6.0, unet_steps=1300, unet_batch=64, unet_lr=1e-3, warmup=100, cond_dropout=0.1,
+        n_public=4000, n_holdout=256, vae_steps=900, vae_batch=16, vae_lr=3e-3, kl_weight=1e-4, mse_weight=1.0,
+        init_logvar=-6.0, unet_steps=1200, unet_batch=64, unet_lr=1e-3, warmup=100, cond_dropout=0.1,
         ema_decay=0.995, eval_seed=1234, n_samples=16,
     ),
     "quick": dict(
-        n_public=128, n_holdout=32, vae_steps=30, vae_crop_steps=20, vae_crop=16, vae_batch=16, vae_lr=1e-3,
-        kl_weight=1e-4, init_logvar=-6.0, unet_steps=40, unet_batch=32, unet_lr=1e-3, warmup=5, cond_dropout=0.1,
+        n_public=128, n_holdout=32, vae_steps=30, vae_batch=16, vae_lr=3e-3, kl_weight=1e-4, mse_weight=1.0,
+        init_logvar=-6.0, unet_steps=40, unet_batch=32, unet_lr=1e-3, warmup=5, cond_dropout=0.1,
         ema_decay=0.9, eval_seed=1234, n_samples=4,
     ),
 }
@@ -85,18 +85,15 @@ def load_split(n: int, seed: int, start: int = 0) -> tuple[torch.Tensor, list[st
 # ---------------------------------------------------------------- VAE
 
 
-def random_crops(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
-    h = x.shape[-1]
-    oy, ox = torch.randint(0, h - size + 1, (2,), generator=gen).tolist()
-    return x[..., oy:oy + size, ox:ox + size]
-
-
-def vae_loss(vae, x: torch.Tensor, kl_weight: float, gen: torch.Generator) -> tuple[torch.Tensor, float]:
+def vae_loss(vae, x: torch.Tensor, kl_weight: float, mse_weight: float,
+             gen: torch.Generator) -> tuple[torch.Tensor, float]:
     post = vae.encode(x).latent_dist
     recon = vae.decode(post.sample(generator=gen)).sample
-    l1 = (recon - x).abs().mean()
+    err = recon - x
+    l1 = err.abs().mean()
     kl = post.kl().mean() / post.mean[0].numel()  # per latent element, so kl_weight is resolution-free
-    return l1 + kl_weight * kl, l1.item()
+    # MSE next to L1 weighs a wrong shape colour (large error, small area) above a blurred texture
+    return l1 + mse_weight * err.pow(2).mean() + kl_weight * kl, l1.item()
 
 
 def train_vae(pixels: torch.Tensor, s: dict, gen: torch.Generator, log: Log):
@@ -112,10 +109,7 @@ def train_vae(pixels: torch.Tensor, s: dict, gen: torch.Generator, log: Log):
         for g in opt.param_groups:
             g["lr"] = s["vae_lr"] * cosine_lr(step, steps, max(1, steps // 20))
         batch = pixels[torch.randint(0, len(pixels), (s["vae_batch"],), generator=gen)]
-        # most steps see small crops: the VAE is convolutional and crops cost 4x less
-        if step < s["vae_crop_steps"]:
-            batch = random_crops(batch, s["vae_crop"], gen)
-        loss, l1 = vae_loss(vae, batch, s["kl_weight"], gen)
+        loss, l1 = vae_loss(vae, batch, s["kl_weight"], s["mse_weight"], gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -348,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the model folder is meant to be shared
     try:
         results = pretrain(tmp, s, args.seed, log)
         build = dict(script="scripts/build_tiny_sd.py", mode="quick" if args.quick else "full", seed=args.seed,

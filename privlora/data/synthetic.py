@@ -151,15 +151,15 @@ def _pattern(rng: np.random.Generator, kind: str, res: int) -> np.ndarray:
     yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) / res
     if kind == "striped":
         angle = rng.uniform(0, np.pi)
-        period = rng.uniform(0.14, 0.3)
+        period = rng.uniform(0.2, 0.4)
         phase = rng.uniform(0, 2 * np.pi)
         u = xx * np.cos(angle) + yy * np.sin(angle)
-        return rng.uniform(28, 45) * np.sign(np.sin(2 * np.pi * u / period + phase))
+        return rng.uniform(14, 24) * np.sign(np.sin(2 * np.pi * u / period + phase))
     if kind == "checkered":
-        cell = rng.uniform(0.15, 0.26)
+        cell = rng.uniform(0.2, 0.33)
         ox, oy = rng.uniform(0, cell, 2)
         parity = (np.floor((xx + ox) / cell) + np.floor((yy + oy) / cell)) % 2
-        return rng.uniform(28, 45) * (2 * parity - 1)
+        return rng.uniform(14, 24) * (2 * parity - 1)
     return np.zeros((res, res), dtype=np.float32)
 
 
