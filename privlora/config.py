@@ -30,6 +30,7 @@ class TrainConfig:
     splits: str | None = None
     synthetic_images: int = 0  # >0: generate this many private synthetic sprites into <output_dir>/data
     synthetic_seed: int = 1
+    synthetic_style: str = "framed"  # plain | framed (a style tiny-sd was not pretrained on)
     caption_extension: str = ".txt"
     n_member_aux: int = 200
     n_member_test: int | None = None
@@ -84,6 +85,10 @@ class TrainConfig:
     collapse_patience: int = 3  # epochs of member_test loss above the base model's before warning
     # evaluation during training
     eval_samples: int = 64  # per test role, for the per-epoch held-out losses and attacker accuracy
+    sample_prompts: str | None = None  # prompts file (kohya per-line options); images go to <output_dir>/samples
+    sample_every_n_epochs: int | None = None
+    sample_sampler: str = "ddim"
+    sample_steps: int = 20
     # output
     output_dir: str = "runs/lora"
     output_name: str = "lora"
@@ -120,6 +125,12 @@ class TrainConfig:
                 raise bad(f"{key} must be ≥ 1")
         if sum(bool(x) for x in (self.train_data_dir, self.splits_dir, self.splits, self.synthetic_images)) != 1:
             raise bad("give exactly one data source: train_data_dir, splits_dir, splits or synthetic_images")
+        if self.sample_every_n_epochs and not self.sample_prompts:
+            raise bad("sample_every_n_epochs needs sample_prompts")
+        if self.sample_prompts:
+            from privlora.prompts import read_prompts
+
+            read_prompts(self.sample_prompts)  # a bad line fails before training
         return self
 
     @property
@@ -201,7 +212,7 @@ def build_config(config_file: str | None, overrides: dict[str, Any]) -> TrainCon
         base = Path(config_file).parent
         for key, value in read_toml(config_file).items():
             values[key] = _coerce(key, value, str(config_file))
-        for key in ("train_data_dir", "splits_dir", "splits"):  # relative paths in a preset are relative to it
+        for key in ("train_data_dir", "splits_dir", "splits", "sample_prompts"):  # relative paths in a preset are relative to it
             if isinstance(values.get(key), str) and not Path(values[key]).is_absolute() and (base / values[key]).exists():
                 values[key] = str(base / values[key])
     for key, value in overrides.items():

@@ -93,7 +93,10 @@ def kernel_distance(real: torch.Tensor, fake: torch.Tensor, *, subsets: int = 10
 
 class TinyVaeFeatures(nn.Module):
     """Proxy features: tiny-sd VAE encoder mean latents (images resized to the VAE's size), flattened, then a
-    fixed Gaussian projection (seeded, scaled by 1/√dim) to ``dim`` dimensions. Deterministic."""
+    fixed Gaussian projection (seeded) to ``dim`` dimensions. Deterministic.
+
+    The projection is scaled by 1/√(latent size), so each feature has about the variance of one scaled latent
+    (≈ 1): KID's polynomial kernel assumes features of unit scale."""
 
     def __init__(self, vae, dim: int = PROXY_DIM, seed: int = PROXY_SEED):
         super().__init__()
@@ -103,7 +106,8 @@ class TinyVaeFeatures(nn.Module):
         factor = 2 ** (len(cfg.block_out_channels) - 1)
         flat = cfg.latent_channels * (self.size // factor) ** 2
         gen = torch.Generator().manual_seed(seed)
-        self.register_buffer("projection", torch.randn(flat, dim, generator=gen, dtype=torch.float64) / math.sqrt(dim))
+        projection = torch.randn(flat, dim, generator=gen, dtype=torch.float64) / math.sqrt(flat)
+        self.register_buffer("projection", projection)
         self.num_features = dim
 
     @torch.no_grad()

@@ -134,6 +134,13 @@ def end_epoch(run, progress: Progress, logs: dict, bar) -> None:
                   f"({run.base_losses['member_test']:.4f}) for {progress.collapsed_epochs} epochs: utility collapse")
     if acc.is_main_process:
         write_json(run.out / "history.json", {"base": run.base_losses, "epochs": progress.history})
+    if cfg.sample_prompts and cfg.sample_every_n_epochs and progress.epoch % cfg.sample_every_n_epochs == 0 \
+            and acc.is_main_process:
+        from privlora.sample import sample_during_training
+
+        sample_during_training(run.base, cfg.sample_prompts, progress.epoch, run.out,
+                               acc.get_tracker("tensorboard", unwrap=True), sampler=cfg.sample_sampler,
+                               steps=cfg.sample_steps, seed=cfg.seed)
     if cfg.save_every_n_epochs and progress.epoch % cfg.save_every_n_epochs == 0 and progress.step < run.max_steps:
         save_lora(run, f"{cfg.output_name}-e{progress.epoch:04d}")
         if cfg.save_state:

@@ -9,6 +9,7 @@ from PIL import Image
 
 from privlora.cli import main
 from privlora.errors import PrivloraError
+from privlora.models.tiny import TINY_SD_PATH
 from privlora.quality import (INCEPTION_WEIGHTS_NAME, INCEPTION_WEIGHTS_URL, PROXY_LABEL, frechet_distance,
                               kernel_distance, score)
 from tests.fixtures import make_tiny_folder
@@ -61,7 +62,8 @@ def test_distances_of_a_set_to_itself_and_to_shifted_sets():
     a = features(200, 16, 0)
     assert abs(frechet_distance(a, a)) < 1e-6
     fids = [frechet_distance(a, features(200, 16, 1, shift)) for shift in (0.0, 0.5, 1.0)]
-    kids = [kernel_distance(a, features(200, 16, 1, shift), subsets=20, subset_size=100)[0] for shift in (0.0, 0.5, 1.0)]
+    kids = [kernel_distance(a, features(200, 16, 1, shift), subsets=20, subset_size=100)[0]
+            for shift in (0.0, 0.5, 1.0)]
     assert fids == sorted(fids) and fids[-1] > 10 * fids[0]
     assert kids == sorted(kids) and kids[-1] > 10 * abs(kids[0])
 
@@ -102,8 +104,8 @@ def test_cli_quality_tiny_from_folders(model, tmp_path, capsys):
             Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / name / f"{i:05d}.png")
     Image.new("RGB", (70, 70)).save(tmp_path / "fake" / "grid.png")  # a sample contact sheet is not a sample
     out = tmp_path / "q.json"
-    args = ["quality", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--feature_extractor", "tiny",
-            "--feature_model", str(model), "--kid_subsets", "5", "--out", str(out)]
+    args = ["quality", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"),
+            "--feature_extractor", "tiny", "--feature_model", str(model), "--kid_subsets", "5", "--out", str(out)]
     assert main(args) == 0
     result = json.loads(out.read_text())
     assert result == json.loads(capsys.readouterr().out)
@@ -135,3 +137,12 @@ def test_inception_without_torch_fidelity_says_what_to_install(tmp_path):
     weights.write_bytes(b"placeholder")
     with pytest.raises(PrivloraError, match="pip install torch-fidelity"):
         score(images(4, 0), images(4, 1), inception_weights=weights)
+
+
+@pytest.mark.skipif(not (TINY_SD_PATH / "model_index.json").is_file(), reason="embedded tiny-sd not built")
+def test_embedded_tiny_sd_samples_score_as_a_proxy(tmp_path):
+    from privlora.sample import sample
+
+    sample("tiny-sd", tmp_path / "s", prompt="a large red circle in the center on a white background", n=4, steps=4)
+    result = score(images(8, 0), tmp_path / "s", metrics="fid", feature_extractor="tiny", kid_subsets=5)
+    assert result["feature_model"] == "tiny-sd" and result["n_fake"] == 4 and result["fid_proxy_tiny"] > 0

@@ -135,3 +135,19 @@ def test_unknown_config_key_and_bad_resolution(model, tmp_path, capsys):
     code, err, out = cli(model, tmp_path, capsys, "--synthetic_images", "40", "--resolution", "36")
     assert code == 2 and "resolution 36" in err and not out.exists()
     assert not (tmp_path / "o").exists()
+
+
+def test_samples_during_training_are_written(model, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --d 3 --s 4\n# comment\na blue star --s 4\n")
+    run(model, tmp_path / "r", max_train_epochs=2, sample_prompts=str(prompts), sample_every_n_epochs=1)
+    assert sorted(p.name for p in (tmp_path / "r" / "samples").glob("*.png")) == [
+        "e0001_0.png", "e0001_1.png", "e0002_0.png", "e0002_1.png"]
+
+
+def test_bad_sample_prompts_fail_before_training(model, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --zz 3\n")
+    with pytest.raises(Exception, match="prompts.txt:1"):
+        run(model, tmp_path / "r", max_train_epochs=1, sample_prompts=str(prompts), sample_every_n_epochs=1)
+    assert not (tmp_path / "r").exists()

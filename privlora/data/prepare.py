@@ -51,10 +51,10 @@ def synthetic_source(cfg, out: Path) -> Path:
     from privlora.data import synthetic
 
     folder = out / "data"
-    marker = folder / f".complete-n{cfg.synthetic_images}-s{cfg.synthetic_seed}-r{cfg.resolution}"
+    marker = folder / f".complete-n{cfg.synthetic_images}-s{cfg.synthetic_seed}-r{cfg.resolution}-{cfg.synthetic_style}"
     if not marker.exists():
         synthetic.write_folder(folder, cfg.synthetic_images, seed=cfg.synthetic_seed, namespace="private",
-                               resolution=cfg.resolution, layout="flat")
+                               resolution=cfg.resolution, layout="flat", style=cfg.synthetic_style)
         marker.touch()
     return folder
 

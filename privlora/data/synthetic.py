@@ -198,8 +198,28 @@ def _caption(shapes: list[dict], background: str, pattern: str) -> str:
     return " and ".join(parts) + f" on a {bg} background"
 
 
-def make_sprite(index: int, seed: int = 0, namespace: str = "private", resolution: int = 32) -> tuple[Image.Image, str]:
-    """The sprite ``index`` of split ``(namespace, seed)``: an RGB image and its caption."""
+STYLES = ("plain", "framed")
+FRAME_COLORS = ("black", "brown", "purple", "white")
+
+
+def _frame(rng: np.random.Generator, img: np.ndarray) -> str:
+    """A border of a frame colour: the private "style" tiny-sd never saw, so fine-tuning has something to learn."""
+    color = _pick(rng, FRAME_COLORS)
+    width = max(2, img.shape[0] // 10)
+    mask = np.ones(img.shape[:2], dtype=bool)
+    mask[width:-width, width:-width] = False
+    img[mask] = _jitter(rng, color, 10)
+    return color
+
+
+def make_sprite(index: int, seed: int = 0, namespace: str = "private", resolution: int = 32,
+                style: str = "plain") -> tuple[Image.Image, str]:
+    """The sprite ``index`` of split ``(namespace, seed)``: an RGB image and its caption.
+
+    ``style="framed"`` draws the same sprite inside a coloured frame (a domain shift from the public split).
+    """
+    if style not in STYLES:
+        raise PrivloraError(f"unknown sprite style {style!r} (use one of {', '.join(STYLES)})")
     if resolution < 8:
         raise PrivloraError(f"sprite resolution must be at least 8 (got {resolution})")
     rng = _rng(namespace, seed, index)
@@ -211,16 +231,19 @@ def make_sprite(index: int, seed: int = 0, namespace: str = "private", resolutio
     for s in shapes:
         alpha = _shape_mask(s["shape"], s["cx"], s["cy"], s["r"], s["rot"], resolution)[..., None]
         img = img * (1 - alpha) + _jitter(rng, s["color"], 18) * alpha
-    img += _texture(rng, resolution)
-    pixels = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels, "RGB"), _caption(shapes, background, pattern)
+    texture = _texture(rng, resolution)
+    caption = _caption(shapes, background, pattern)
+    if style == "framed":
+        caption += f" in a {_frame(rng, img)} frame"
+    pixels = np.clip(np.rint(img + texture), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB"), caption
 
 
 def generate(
-    n: int, seed: int = 0, namespace: str = "private", resolution: int = 32, start: int = 0
+    n: int, seed: int = 0, namespace: str = "private", resolution: int = 32, start: int = 0, style: str = "plain"
 ) -> list[tuple[Image.Image, str]]:
     """Sprites ``start .. start+n-1`` of split ``(namespace, seed)``."""
-    return [make_sprite(i, seed, namespace, resolution) for i in range(start, start + n)]
+    return [make_sprite(i, seed, namespace, resolution, style) for i in range(start, start + n)]
 
 
 def _image_dir(out_dir: Path, layout: str, repeats: int) -> Path:
@@ -238,6 +261,7 @@ def write_folder(
     resolution: int = 32,
     layout: str = "flat",
     repeats: int = 1,
+    style: str = "plain",
 ) -> Path:
     """Write ``n`` sprites as PNGs with their captions; returns ``out_dir`` (the dataset root).
 
@@ -254,7 +278,7 @@ def write_folder(
     digits = max(5, len(str(max(n - 1, 0))))
     records = []
     for i in range(n):
-        image, caption = make_sprite(i, seed, namespace, resolution)
+        image, caption = make_sprite(i, seed, namespace, resolution, style)
         stem = f"img_{i:0{digits}d}"
         image.save(img_dir / f"{stem}.png")
         if layout == "jsonl":

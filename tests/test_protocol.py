@@ -1,0 +1,36 @@
+"""The demo's table logic: the train-less frontier, and a seconds-scale run of the whole protocol."""
+import json
+import math
+
+import pytest
+
+from privlora.protocol import METHODS, ProtocolSettings, frontier_auc, run_protocol
+
+POINTS = [(0.30, 0.50), (0.25, 0.70), (0.20, 0.90)]  # (held-out loss, best AUC): base, half, full budget
+
+
+def test_frontier_is_the_best_auc_at_that_utility_or_better():
+    assert frontier_auc(POINTS, 0.225) == pytest.approx(0.80)  # between the half and full budgets
+    assert frontier_auc(POINTS, 0.40) == 0.50  # less useful than the base model: the base dominates
+    assert math.isinf(frontier_auc(POINTS, 0.10))  # more useful than any baseline point
+    assert frontier_auc(POINTS, 0.25) == pytest.approx(0.70)
+
+
+@pytest.mark.slow
+def test_miniature_protocol_has_every_method_attack_and_sane_numbers(tmp_path):
+    s = ProtocolSettings(n_member_test=12, n_nonmember_test=12, n_member_aux=8, n_nonmember_aux=8, epochs=8,
+                         budgets=[0.25, 0.5], n_bootstrap=20, quality_samples=8, sample_steps=2, label="test")
+    s.train.update(train_batch_size=8, unet_lr=3e-3)
+    table = run_protocol(s, tmp_path, log=lambda *_: None)
+    rows = table["rows"]
+    assert set(METHODS) | {"base", "lora-e0002", "lora-e0004"} <= set(rows)
+    for row in rows.values():
+        assert set(row["auc"]) == set(s.attacks)
+        assert all(0.0 <= a <= 1.0 for a in row["auc"].values())
+    assert {"above_frontier", "frontier_auc_at_same_loss"} <= set(rows["smp_lora"])
+    report = json.loads((tmp_path / "audit" / "report.json").read_text())
+    lora = next(m for m in report["models"] if m["name"] == "lora")
+    members, nonmembers = lora["scores"]["loss"]["member_test"], lora["scores"]["loss"]["nonmember_test"]
+    assert sum(members) / len(members) > sum(nonmembers) / len(nonmembers)  # trained members look like members
+    for name in ("table.json", "table.md", "curves.png", "frontier.png", "samples_smp_lora.png"):
+        assert (tmp_path / name).stat().st_size > 0
