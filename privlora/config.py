@@ -82,6 +82,7 @@ class TrainConfig:
     attacker_dropout: float = 0.5
     attacker_pool: int = 64  # loss maps are pooled to pool×pool (64 = the reference at 512²)
     attacker_batch_size: int | None = None  # default: train_batch_size
+    attacker_input: str = "loss_map"  # loss_map (the paper) | calibrated (minus the base model's map; +1 no-grad fwd)
     collapse_patience: int = 3  # epochs of member_test loss above the base model's before warning
     # evaluation during training
     eval_samples: int = 64  # per test role, for the per-epoch held-out losses and attacker accuracy
@@ -112,6 +113,8 @@ class TrainConfig:
             raise bad(f"save_format {self.save_format!r} is not kohya or diffusers")
         if self.adv_step not in ("fused", "reference"):
             raise bad(f"adv_step {self.adv_step!r} is not fused or reference")
+        if self.attacker_input not in ("loss_map", "calibrated"):
+            raise bad(f"attacker_input {self.attacker_input!r} is not loss_map or calibrated")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise bad(f"mixed_precision {self.mixed_precision!r} is not no, fp16 or bf16")
         if self.optimizer_type not in ("AdamW", "AdamW8bit"):

@@ -36,17 +36,34 @@ class Denoiser:
                  timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, H, W) squared error and the timesteps used; noise/timesteps drawn on the CPU from the
         run's generator unless given, so a seed gives the same run on any device."""
-        gen = generator or self.generator
         z = self.latents(batch)
-        if noise is None:
-            noise = sample_noise(torch.empty(z.shape), gen, self.noise_offset)
-        if timesteps is None:
-            timesteps = sample_timesteps(z.shape[0], self.base.noise_scheduler.config.num_train_timesteps, gen, "cpu")
+        if noise is None or timesteps is None:
+            drawn_noise, drawn_t = self.draw(batch, generator)
+            noise = drawn_noise if noise is None else noise
+            timesteps = drawn_t if timesteps is None else timesteps
         noise, timesteps = noise.to(self.device, z.dtype), timesteps.to(self.device)
         with self.autocast():
             c = self.text(batch)
             maps = loss_map(self.unet, self.base.noise_scheduler, z, c, timesteps, noise)
         return maps, timesteps
+
+    def draw(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise and timesteps for a batch, from the run's generator (on the CPU)."""
+        gen = generator or self.generator
+        if "latents" in batch:
+            shape = batch["latents"].shape
+        else:
+            px = batch["pixel_values"]
+            factor = 2 ** (len(self.base.vae.config.block_out_channels) - 1)
+            shape = (px.shape[0], self.base.vae.config.latent_channels, px.shape[2] // factor, px.shape[3] // factor)
+        noise = sample_noise(torch.empty(shape), gen, self.noise_offset)
+        timesteps = sample_timesteps(shape[0], self.base.noise_scheduler.config.num_train_timesteps, gen, "cpu")
+        return noise, timesteps
+
+    def reference_map(self, batch: dict, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The public base model's loss map (LoRA switched off) on the same noise and timesteps, no gradient."""
+        with torch.no_grad(), adapters_disabled(self.base):
+            return self.loss_map(batch, noise=noise, timesteps=timesteps)[0]
 
     def adaptation_loss(self, maps: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """L_ada: the mean of the loss map, per-sample weighted by Min-SNR-γ when set."""

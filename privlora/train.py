@@ -32,7 +32,8 @@ from privlora.objectives import build_objective
 EVAL_ROLES = ("member_aux", "nonmember_aux", "member_test", "nonmember_test")
 # Changing these between a run and its resume would silently train something else.
 RESUME_MUST_MATCH = ("method", "network_dim", "network_alpha", "conv_dim", "train_text_encoder", "train_batch_size",
-                     "gradient_accumulation_steps", "seed", "pretrained_model_name_or_path", "resolution", "adv_step")
+                     "gradient_accumulation_steps", "seed", "pretrained_model_name_or_path", "resolution", "adv_step",
+                     "attacker_input")
 
 
 class Interrupted(Exception):
@@ -123,7 +124,7 @@ def end_epoch(run, progress: Progress, logs: dict, bar) -> None:
     progress.epoch += 1
     progress.batch_in_epoch = 0
     run.unet.eval()
-    record = evaluate_epoch(progress.epoch, progress.step, run.probe, run.denoiser, run.objective, run.base_losses, logs)
+    record = evaluate_epoch(progress.epoch, progress.step, run.probe, run.denoiser, run.objective, run.base_maps, logs)
     run.unet.train()
     progress.history.append(record)
     acc.log({f"epoch/{k}": v for k, v in record.items() if k not in ("epoch", "step")}, step=progress.step)
@@ -166,6 +167,7 @@ class Run:
     objective: object
     denoiser: Denoiser
     probe: "FixedNoiseProbe"
+    base_maps: dict  # fixed-noise loss maps of the base model, per role
     base_losses: dict
     metadata: dict
     max_steps: int
@@ -219,12 +221,13 @@ def setup(cfg: TrainConfig) -> Run:
     denoiser.unet = unet
     probe = FixedNoiseProbe({r: d.subset(min(cfg.eval_samples, len(d))) for r, d in roles.items()}, cfg.seed + 3)
     with adapters_disabled(base):
-        base_losses = {r: m.mean().item() for r, m in probe.maps(denoiser).items()}
+        base_maps = probe.maps(denoiser)
+    base_losses = {r: m.mean().item() for r, m in base_maps.items()}
     accelerator.init_trackers("privlora", config={k: v for k, v in to_dict(cfg).items()
                                                   if isinstance(v, (int, float, str, bool))})
     unet.train()
     return Run(cfg, out, accelerator, base, unet, trainable, optimizer, lr_scheduler, loader, loader_order, noise,
-               aux, objective, denoiser, probe, base_losses, lora_metadata(cfg, base), max_steps)
+               aux, objective, denoiser, probe, base_maps, base_losses, lora_metadata(cfg, base), max_steps)
 
 
 def inject_lora(cfg: TrainConfig, base, device) -> tuple[list, list[dict]]:
@@ -338,13 +341,13 @@ class FixedNoiseProbe:
 
 
 def evaluate_epoch(epoch: int, step: int, probe: FixedNoiseProbe, denoiser: Denoiser, objective,
-                   base_losses: dict[str, float], last_logs: dict) -> dict:
+                   base_maps: dict[str, torch.Tensor], last_logs: dict) -> dict:
     maps = probe.maps(denoiser)
     record = {"epoch": epoch, "step": step}
     record.update({k: v for k, v in last_logs.items() if k != "lr"})
     record.update({f"{r}_loss": m.mean().item() for r, m in maps.items()})
     record["member_gap"] = record["nonmember_test_loss"] - record["member_test_loss"]
-    record.update(objective.evaluate(maps))
+    record.update(objective.evaluate(maps, base_maps))
     return record
 
 
@@ -356,7 +359,7 @@ def lora_metadata(cfg: TrainConfig, base) -> dict[str, str]:
             "text_encoder_lr", "optimizer_type", "lr_scheduler", "lr_warmup_steps", "train_batch_size",
             "gradient_accumulation_steps", "max_train_epochs", "max_train_steps", "resolution", "mixed_precision",
             "clip_skip", "noise_offset", "min_snr_gamma", "seed", "privacy_alpha", "privacy_beta", "k_steps",
-            "adv_step", "attacker_lr", "attacker_pool")
+            "adv_step", "attacker_lr", "attacker_pool", "attacker_input")
     v2 = base.unet.config.cross_attention_dim == 1024
     return {
         "ss_network_module": "networks.lora",

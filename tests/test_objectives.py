@@ -142,3 +142,31 @@ def test_build_objective_picks_by_method():
         cfg = TrainConfig(method=method, attacker_pool=8, attacker_hidden=[8])
         kinds[method] = type(build_objective(cfg, latent_channels=4, member_aux=batches(0), nonmember_aux=batches(1))).__name__
     assert kinds == {"lora": "LoraObjective", "mp_lora": "MPLoraObjective", "smp_lora": "SMPLoraObjective"}
+
+
+class FakeDenoiserWithBase(FakeDenoiser):
+    """Adds the base model's map: (0.5·x)², as if the LoRA had moved θ away from 0.5."""
+
+    def draw(self, batch, generator=None):
+        return torch.zeros_like(batch["x"]), torch.zeros(batch["x"].shape[0], dtype=torch.long)
+
+    def reference_map(self, batch, noise, timesteps):
+        return (0.5 * batch["x"]) ** 2
+
+
+@pytest.mark.parametrize("adv_step", ["fused", "reference"])
+def test_calibrated_attacker_sees_maps_minus_the_base_models_and_only_the_lora_learns(adv_step):
+    obj, den = make(SMPLoraObjective, adv_step), FakeDenoiserWithBase()
+    obj.attacker_input = "calibrated"
+    batch = next(batches(4))
+    maps, seen, _ = obj.attacker_view(batch, den)
+    torch.testing.assert_close(seen, maps - (0.5 * batch["x"]) ** 2)
+    out = obj.lora_loss(batch, den)
+    expected_adv = adversarial_loss(obj.attacker, (den.theta * batch["x"]) ** 2 - (0.5 * batch["x"]) ** 2)
+    assert out.logs["L_adv"] == pytest.approx(expected_adv.item(), rel=1e-5)
+    out.loss.backward()
+    assert den.theta.grad.abs().sum() > 0 and all(p.grad is None for p in obj.attacker.parameters())
+    grad = den.theta.grad.clone()
+    obj.after_lora_step(den)
+    assert torch.equal(den.theta.grad, grad)  # the attacker step added nothing to θ's gradient …
+    assert all(p.grad is not None for p in obj.attacker.parameters())  # … and trained the attacker

@@ -58,9 +58,11 @@ def test_lora_metadata_has_no_data_derived_strings(model, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["mp_lora", "smp_lora"])
-@pytest.mark.parametrize("adv_step", ["fused", "reference"])
-def test_privacy_objectives_run_and_save_the_attacker(model, tmp_path, method, adv_step):
-    path = run(model, tmp_path / "r", method=method, adv_step=adv_step, max_train_epochs=1, k_steps=2)
+@pytest.mark.parametrize("adv_step,attacker_input", [("fused", "loss_map"), ("reference", "loss_map"),
+                                                      ("fused", "calibrated")])
+def test_privacy_objectives_run_and_save_the_attacker(model, tmp_path, method, adv_step, attacker_input):
+    path = run(model, tmp_path / "r", method=method, adv_step=adv_step, max_train_epochs=1, k_steps=2,
+               attacker_input=attacker_input)
     attacker = tmp_path / "r" / f"{path.stem}.attacker.safetensors"
     assert attacker.exists()
     record = json.loads((tmp_path / "r" / "history.json").read_text())["epochs"][-1]

@@ -24,7 +24,7 @@ def build_objective(cfg, *, latent_channels: int, member_aux: Iterator[dict] | N
         make_attacker(cfg, latent_channels),
         alpha=cfg.privacy_alpha, beta=cfg.privacy_beta, k_steps=cfg.k_steps, adv_step=cfg.adv_step,
         lr=cfg.attacker_lr, weight_decay=cfg.attacker_weight_decay,
-        member_aux=member_aux, nonmember_aux=nonmember_aux, grad_sync=grad_sync,
+        member_aux=member_aux, nonmember_aux=nonmember_aux, grad_sync=grad_sync, attacker_input=cfg.attacker_input,
     )
 
 

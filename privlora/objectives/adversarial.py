@@ -23,28 +23,42 @@ from privlora.objectives.base import DenoiserLike, Objective, StepOutput
 class AdversarialObjective(Objective):
     def __init__(self, attacker: LossMapAttacker, *, alpha: float, beta: float, k_steps: int, adv_step: str,
                  lr: float, weight_decay: float, member_aux: Iterator[dict], nonmember_aux: Iterator[dict],
-                 grad_sync: Callable[[torch.nn.Module], None] | None = None):
+                 grad_sync: Callable[[torch.nn.Module], None] | None = None, attacker_input: str = "loss_map"):
         self.attacker = attacker
         self.alpha, self.beta, self.k_steps, self.adv_step = alpha, beta, k_steps, adv_step
         self.optimizer = torch.optim.Adam(attacker.parameters(), lr=lr, weight_decay=weight_decay)
         self.member_aux, self.nonmember_aux = member_aux, nonmember_aux
+        self.attacker_input = attacker_input
         self.grad_sync = grad_sync  # multi-process: average the attacker's gradients so every copy stays equal
         self._last_member_maps: torch.Tensor | None = None
 
     def combine(self, l_ada: torch.Tensor, l_adv: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def attacker_view(self, batch: dict, denoiser: DenoiserLike) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss maps under the LoRA, what the attacker sees of them, timesteps).
+
+        ``attacker_input = "loss_map"`` (the paper) shows the attacker the maps themselves; ``"calibrated"`` shows
+        the maps minus the public base model's on the same noise — the signal of the audit's ``ref_loss``, the
+        strongest attack on a LoRA — at one extra no-grad forward.
+        """
+        if self.attacker_input == "loss_map":
+            maps, t = denoiser.loss_map(batch)
+            return maps, maps, t
+        noise, t = denoiser.draw(batch)
+        maps, t = denoiser.loss_map(batch, noise=noise, timesteps=t)
+        return maps, maps - denoiser.reference_map(batch, noise, t), t
+
     def lora_loss(self, batch: dict, denoiser: DenoiserLike) -> StepOutput:
         if self.adv_step == "fused":
-            maps, t = denoiser.loss_map(batch)
-            adv_maps = maps
+            maps, adv_maps, t = self.attacker_view(batch, denoiser)
         else:  # the reference's second forward (same batch, fresh noise), batched into one UNet call
-            both, t2 = denoiser.loss_map(repeat_batch(batch))
+            both, seen, t2 = self.attacker_view(repeat_batch(batch), denoiser)
             n = both.shape[0] // 2
-            maps, adv_maps, t = both[:n], both[n:], t2[:n]
+            maps, adv_maps, t = both[:n], seen[n:], t2[:n]
         l_ada = denoiser.adaptation_loss(maps, t)
         l_adv = adversarial_loss(self.attacker, adv_maps)
-        self._last_member_maps = maps.detach()
+        self._last_member_maps = adv_maps.detach()
         loss = self.combine(l_ada, l_adv)
         return StepOutput(loss, {"L_ada": l_ada.item(), "L_adv": l_adv.item(), "loss": loss.item()})
 
@@ -53,11 +67,13 @@ class AdversarialObjective(Objective):
             if self.adv_step == "fused" and self._last_member_maps is not None:
                 members = self._last_member_maps
             else:
-                members = denoiser.loss_map(next(self.member_aux))[0]
-            nonmembers = denoiser.loss_map(next(self.nonmember_aux))[0]
+                members = self.attacker_view(next(self.member_aux), denoiser)[1]
+            nonmembers = self.attacker_view(next(self.nonmember_aux), denoiser)[1]
         return attacker_update(self.attacker, self.optimizer, members, nonmembers, self.k_steps, self.grad_sync)
 
-    def evaluate(self, maps: dict[str, torch.Tensor]) -> dict[str, float]:
+    def evaluate(self, maps: dict[str, torch.Tensor], reference: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        if self.attacker_input == "calibrated" and reference is not None:
+            maps = {role: m - reference[role] for role, m in maps.items()}
         out = {}
         if "member_aux" in maps and "nonmember_aux" in maps:
             out["attacker_train_acc"] = attacker_accuracy(self.attacker, maps["member_aux"], maps["nonmember_aux"])

@@ -36,8 +36,9 @@ class Objective:
     def after_lora_step(self, denoiser: DenoiserLike) -> dict[str, float]:
         return {}
 
-    def evaluate(self, maps: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Epoch-end metrics from fixed-noise loss maps of the aux and test roles (no training here)."""
+    def evaluate(self, maps: dict[str, torch.Tensor], reference: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """Epoch-end metrics from fixed-noise loss maps of the aux and test roles (``reference``: the same under
+        the base model); no training here."""
         return {}
 
     def modules(self) -> dict[str, torch.nn.Module]:
