@@ -31,7 +31,11 @@ def main() -> None:
     p.add_argument("--attacker_lr", type=float)
     p.add_argument("--k_steps", type=int)
     p.add_argument("--adv_step", choices=["fused", "reference"])
+    p.add_argument("--attacker_input", choices=["loss_map", "calibrated"])
     args = p.parse_args()
+    from privlora.cli import quiet_libraries
+
+    quiet_libraries()
 
     s = quick_settings() if args.quick else ProtocolSettings()
     for key in ("seed", "data_seed", "epochs", "n_member_test", "n_nonmember_test", "n_member_aux", "n_nonmember_aux",
@@ -41,7 +45,8 @@ def main() -> None:
     overrides = {"mp_lora": {"privacy_alpha": args.mp_alpha},
                  "smp_lora": {"privacy_alpha": args.smp_alpha, "privacy_beta": args.smp_beta}}
     for method in ("mp_lora", "smp_lora"):
-        shared = {"attacker_lr": args.attacker_lr, "k_steps": args.k_steps, "adv_step": args.adv_step}
+        shared = {"attacker_lr": args.attacker_lr, "k_steps": args.k_steps, "adv_step": args.adv_step,
+                  "attacker_input": args.attacker_input}
         s.method_overrides[method].update({k: v for k, v in {**overrides[method], **shared}.items() if v is not None})
     table = run_protocol(s, Path(args.out))
     print(format_table(table))

@@ -67,6 +67,9 @@ class TrainConfig:
     max_train_steps: int | None = None
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the UNet (GPU; slow warm-up)
+    channels_last: bool = False
+    scale_lr: bool = False  # multiply the learning rates by batch × accumulation × processes
     clip_skip: int | None = None
     noise_offset: float = 0.0
     min_snr_gamma: float | None = None

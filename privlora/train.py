@@ -193,6 +193,9 @@ def setup(cfg: TrainConfig) -> Run:
     set_seed(cfg.seed)
     device = accelerator.device
     trainable, param_groups = inject_lora(cfg, base, device)
+    if cfg.scale_lr:  # the usual linear rule: lr per sample stays what the preset says
+        for group in param_groups:
+            group["lr"] *= cfg.train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
 
     cache = Cache(base, cfg, device)
     train_data = cache.role(splits.train, expand_repeats=True)
@@ -210,7 +213,8 @@ def setup(cfg: TrainConfig) -> Run:
         module.to(device)
 
     optimizer = make_optimizer(cfg, param_groups)
-    unet, optimizer, loader = accelerator.prepare(base.unet, optimizer, loader)  # loader: this process's shard
+    unet = torch.compile(base.unet) if cfg.compile else base.unet  # base.unet stays the plain module
+    unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)  # loader: this process's shard
     steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or steps_per_epoch * cfg.max_train_epochs
     # accelerate steps a prepared scheduler once per process per optimizer step
@@ -246,6 +250,8 @@ def inject_lora(cfg: TrainConfig, base, device) -> tuple[list, list[dict]]:
             p.data = p.data.float()
     if cfg.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
+    if cfg.channels_last:
+        base.unet.to(memory_format=torch.channels_last)
     return [p for g in groups for p in g["params"]], groups
 
 
@@ -297,7 +303,7 @@ def make_optimizer(cfg: TrainConfig, params: list[dict]) -> torch.optim.Optimize
         if not torch.cuda.is_available():
             raise PrivloraError("optimizer_type AdamW8bit needs a CUDA GPU; use AdamW on this machine")
         return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    return torch.optim.AdamW(params, fused=torch.cuda.is_available(), **kwargs)
 
 
 def make_lr_scheduler(cfg: TrainConfig, optimizer, max_steps: int, num_processes: int = 1):

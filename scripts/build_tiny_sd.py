@@ -3,9 +3,10 @@
     python scripts/build_tiny_sd.py                      # full build into privlora/assets/tiny-sd (~10 min, 2 cores)
     python scripts/build_tiny_sd.py --quick --out /tmp/x # smoke test (~30 s)
 
-Stages: (1) AutoencoderKL trained to reconstruct the public sprites (L1 + MSE + small KL), its ``scaling_factor`` set
-to 1/std of the latents as SD does; (2) UNet + CLIP text encoder trained jointly for epsilon prediction on the
-scaled latents with 10% caption dropout (for classifier-free guidance), using ``privlora.diffusion.loss_map``.
+Stages: (1) AutoencoderKL trained to reconstruct the public sprites (L1 + MSE + small KL); its ``scaling_factor``
+is set to 1/std of the latents as SD does. (2) UNet + CLIP text encoder trained jointly for epsilon prediction on
+the scaled latents with 10% caption dropout (for classifier-free guidance), using ``privlora.diffusion.loss_map``
+with a capped 1/ᾱ_t timestep weighting.
 The folder is built in a temporary sibling and renamed into place, so a crash never leaves a half-written model.
 """
 from __future__ import annotations
@@ -38,14 +39,14 @@ from privlora.models.tokenizer_build import build_clip_tokenizer_files, verify_t
 
 SETTINGS = {
     "full": dict(
-        n_public=4000, n_holdout=256, vae_steps=900, vae_batch=16, vae_lr=3e-3, kl_weight=1e-4, mse_weight=1.0,
-        init_logvar=-6.0, unet_steps=1200, unet_batch=64, unet_lr=1e-3, warmup=100, cond_dropout=0.1,
-        ema_decay=0.995, eval_seed=1234, n_samples=16,
+        n_public=4000, n_holdout=256, vae_steps=700, vae_batch=16, vae_lr=3e-3, kl_weight=1e-4, mse_weight=1.0,
+        init_logvar=-6.0, unet_steps=1300, unet_batch=64, unet_lr=8e-3, t_weight_cap=10.0, warmup=100,
+        cond_dropout=0.1, ema_decay=0.995, eval_seed=1234, n_samples=16,
     ),
     "quick": dict(
         n_public=128, n_holdout=32, vae_steps=30, vae_batch=16, vae_lr=3e-3, kl_weight=1e-4, mse_weight=1.0,
-        init_logvar=-6.0, unet_steps=40, unet_batch=32, unet_lr=1e-3, warmup=5, cond_dropout=0.1,
-        ema_decay=0.9, eval_seed=1234, n_samples=4,
+        init_logvar=-6.0, unet_steps=40, unet_batch=32, unet_lr=8e-3, t_weight_cap=10.0, warmup=5,
+        cond_dropout=0.1, ema_decay=0.9, eval_seed=1234, n_samples=4,
     ),
 }
 FP16_COMPONENTS = ("unet", "vae")  # stored in half precision to keep the shipped folder small
@@ -163,11 +164,24 @@ class Ema:
             p.copy_(s)
 
 
-def unet_step(unet, te, scheduler, z0: torch.Tensor, ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def timestep_weights(scheduler, cap: float) -> torch.Tensor:
+    """Per-timestep loss weights min(1/ᾱ_t, cap), normalised to mean 1 over t.
+
+    eps-MSE / ᾱ_t equals the v-prediction MSE; plain eps-MSE nearly ignores the high-noise steps where layout and
+    colour (what the caption says) are decided, and a short CPU budget cannot afford that. The cap bounds variance.
+    """
+    w = torch.clamp(1.0 / scheduler.alphas_cumprod.float(), max=cap)
+    return w / w.mean()
+
+
+def unet_step(unet, te, scheduler, z0: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+              gen: torch.Generator) -> tuple[torch.Tensor, float]:
+    """Weighted loss to optimise, and the plain eps-MSE to report."""
     noise = torch.randn(z0.shape, generator=gen)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z0),), generator=gen)
     emb = te(ids).last_hidden_state
-    return loss_map(unet, scheduler, z0, emb, t, noise).mean()
+    per_sample = loss_map(unet, scheduler, z0, emb, t, noise).mean(dim=(1, 2, 3))
+    return (per_sample * weights[t]).mean(), per_sample.mean().item()
 
 
 def train_unet(unet, te, scheduler, latents: tuple, ids: torch.Tensor, empty: torch.Tensor, s: dict,
@@ -176,6 +190,7 @@ def train_unet(unet, te, scheduler, latents: tuple, ids: torch.Tensor, empty: to
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=s["unet_lr"], weight_decay=1e-2)
     ema = Ema([unet, te], s["ema_decay"])
+    weights = timestep_weights(scheduler, s["t_weight_cap"])
     steps, losses = s["unet_steps"], []
     unet.train()
     te.train()
@@ -186,15 +201,15 @@ def train_unet(unet, te, scheduler, latents: tuple, ids: torch.Tensor, empty: to
         z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
         drop = torch.rand(len(idx), generator=gen) < s["cond_dropout"]
         batch_ids = torch.where(drop[:, None], empty, ids[idx])
-        loss = unet_step(unet, te, scheduler, z0, batch_ids, gen)
+        loss, plain = unet_step(unet, te, scheduler, z0, batch_ids, weights, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema.update(step)
-        losses.append(loss.item())
+        losses.append(plain)
         if step % 50 == 0 or step == steps - 1:
-            log(f"unet step {step:4d}/{steps}  loss {np.mean(losses[-50:]):.4f}")
+            log(f"unet step {step:4d}/{steps}  eps-mse {np.mean(losses[-50:]):.4f}  weighted {loss.item():.4f}")
     ema.copy_to_model()
     unet.eval().requires_grad_(False)
     te.eval().requires_grad_(False)

@@ -153,3 +153,15 @@ def test_bad_sample_prompts_fail_before_training(model, tmp_path):
     with pytest.raises(Exception, match="prompts.txt:1"):
         run(model, tmp_path / "r", max_train_epochs=1, sample_prompts=str(prompts), sample_every_n_epochs=1)
     assert not (tmp_path / "r").exists()
+
+
+def test_scale_lr_and_channels_last(model, tmp_path):
+    from privlora.train import setup
+
+    cfg = build_config(None, {**SMALL, "pretrained_model_name_or_path": model, "output_dir": str(tmp_path / "r"),
+                              "max_train_steps": 1, "scale_lr": True, "channels_last": True,
+                              "gradient_accumulation_steps": 2})
+    run = setup(cfg)
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 8 * 2)
+    conv = run.base.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
