@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -308,6 +309,7 @@ def pretrain(tmp: Path, s: dict, seed: int, log: Log) -> dict:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    torch.manual_seed(seed)  # model initialisation draws from the global RNG
     pixels, captions = load_split(s["n_public"], seed)
     hold_px, hold_caps = load_split(s["n_holdout"], seed, start=s["n_public"])
     log(f"public split: {len(pixels)} train + {len(hold_px)} held-out images")
@@ -326,7 +328,6 @@ def pretrain(tmp: Path, s: dict, seed: int, log: Log) -> dict:
     verify_tokenizer(tokenizer, synthetic.CAPTION_WORDS)
     ids, empty = tokenize(tokenizer, captions), tokenize(tokenizer, [""])
 
-    torch.manual_seed(seed)
     unet = UNet2DConditionModel(**tiny.unet_config())
     te = CLIPTextModel(CLIPTextConfig(**tiny.text_encoder_config(len(tokenizer))))
     random_unet = copy.deepcopy(unet).eval()
@@ -350,6 +351,8 @@ def pretrain(tmp: Path, s: dict, seed: int, log: Log) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM becomes SystemExit so the temp folder below is removed, as on any other failure
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True, warn_only=True)
     s = SETTINGS["quick" if args.quick else "full"]

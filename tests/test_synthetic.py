@@ -56,6 +56,9 @@ def test_caption_vocabulary_is_closed_and_used():
         assert caption.endswith("background")
         used.update(words)
     assert used == set(synthetic.CAPTION_WORDS)
+    # the framed style adds one word tiny-sd's vocabulary does not have (it tokenises into characters)
+    for _, caption in synthetic.generate(20, style="framed"):
+        assert set(caption.split()) <= set(synthetic.CAPTION_WORDS) | {"frame"}, caption
 
 
 def test_shape_is_visible_where_the_caption_says():
@@ -67,6 +70,14 @@ def test_shape_is_visible_where_the_caption_says():
             assert np.abs(corner - far).max() > 30
             return
     pytest.fail("no single large top-left sprite in the first 300")
+
+
+def test_framed_style_is_the_plain_scene_in_a_frame():
+    plain, plain_cap = synthetic.make_sprite(4)
+    framed, framed_cap = synthetic.make_sprite(4, style="framed")
+    assert framed_cap.startswith(plain_cap + " in a ") and framed_cap.endswith(" frame")
+    a, b = np.asarray(plain, dtype=int), np.asarray(framed, dtype=int)
+    assert (a[8:-8, 8:-8] == b[8:-8, 8:-8]).all() and (a[:2] != b[:2]).any()
 
 
 def test_bad_arguments():
