@@ -7,7 +7,7 @@ looks at which objective it runs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 
@@ -50,8 +50,3 @@ class Objective:
 
     def load_state_dict(self, state: dict) -> None:
         pass
-
-
-def infinite(loader) -> Iterator[dict]:
-    while True:
-        yield from loader
