@@ -86,9 +86,10 @@ class TrainConfig:
     attacker_pool: int = 64  # loss maps are pooled to pool×pool (64 = the reference at 512²)
     attacker_batch_size: int | None = None  # default: train_batch_size
     attacker_input: str = "loss_map"  # loss_map (the paper) | calibrated (minus the base model's map; +1 no-grad fwd)
-    collapse_patience: int = 3  # epochs of member_test loss above the base model's before warning
+    collapse_patience: int = 3  # evaluations with member_test loss above the base model's before warning
     # evaluation during training
     eval_samples: int = 64  # per test role, for the per-epoch held-out losses and attacker accuracy
+    eval_every_n_epochs: int = 1  # the held-out evaluation (and collapse guard) runs every N epochs and at the end
     sample_prompts: str | None = None  # prompts file (kohya per-line options); images go to <output_dir>/samples
     sample_every_n_epochs: int | None = None
     sample_sampler: str = "ddim"
@@ -126,7 +127,8 @@ class TrainConfig:
             raise bad(f"prediction_type {self.prediction_type!r} is not epsilon or v_prediction")
         if not (self.max_train_epochs or self.max_train_steps):
             raise bad("set max_train_epochs or max_train_steps")
-        for key in ("network_dim", "train_batch_size", "gradient_accumulation_steps", "k_steps", "attacker_pool"):
+        for key in ("network_dim", "train_batch_size", "gradient_accumulation_steps", "k_steps", "attacker_pool",
+                    "eval_every_n_epochs"):
             if getattr(self, key) < 1:
                 raise bad(f"{key} must be ≥ 1")
         if sum(bool(x) for x in (self.train_data_dir, self.splits_dir, self.splits, self.synthetic_images)) != 1:

@@ -123,18 +123,8 @@ def end_epoch(run, progress: Progress, logs: dict, bar) -> None:
     cfg, acc = run.cfg, run.accelerator
     progress.epoch += 1
     progress.batch_in_epoch = 0
-    run.unet.eval()
-    record = evaluate_epoch(progress.epoch, progress.step, run.probe, run.denoiser, run.objective, run.base_maps, logs)
-    run.unet.train()
-    progress.history.append(record)
-    acc.log({f"epoch/{k}": v for k, v in record.items() if k not in ("epoch", "step")}, step=progress.step)
-    worse = record["member_test_loss"] > run.base_losses["member_test"]
-    progress.collapsed_epochs = progress.collapsed_epochs + 1 if worse else 0
-    if progress.collapsed_epochs == cfg.collapse_patience:
-        bar.write(f"warning: member_test loss ({record['member_test_loss']:.4f}) has been above the base model's "
-                  f"({run.base_losses['member_test']:.4f}) for {progress.collapsed_epochs} epochs: utility collapse")
-    if acc.is_main_process:
-        write_json(run.out / "history.json", {"base": run.base_losses, "epochs": progress.history})
+    if progress.epoch % cfg.eval_every_n_epochs == 0 or progress.step >= run.max_steps:
+        evaluate_and_log(run, progress, logs, bar)
     if cfg.sample_prompts and cfg.sample_every_n_epochs and progress.epoch % cfg.sample_every_n_epochs == 0 \
             and acc.is_main_process:
         from privlora.sample import sample_during_training
@@ -146,6 +136,23 @@ def end_epoch(run, progress: Progress, logs: dict, bar) -> None:
         save_lora(run, f"{cfg.output_name}-e{progress.epoch:04d}")
         if cfg.save_state:
             save_state(run, progress)
+
+
+def evaluate_and_log(run, progress: Progress, logs: dict, bar) -> None:
+    cfg, acc = run.cfg, run.accelerator
+    run.unet.eval()
+    record = evaluate_epoch(progress.epoch, progress.step, run.probe, run.denoiser, run.objective, run.base_maps, logs)
+    run.unet.train()
+    progress.history.append(record)
+    acc.log({f"epoch/{k}": v for k, v in record.items() if k not in ("epoch", "step")}, step=progress.step)
+    worse = record["member_test_loss"] > run.base_losses["member_test"]
+    progress.collapsed_epochs = progress.collapsed_epochs + 1 if worse else 0
+    if progress.collapsed_epochs == cfg.collapse_patience:
+        bar.write(f"warning: member_test loss ({record['member_test_loss']:.4f}) has been above the base model's "
+                  f"({run.base_losses['member_test']:.4f}) for {progress.collapsed_epochs} evaluations: "
+                  "utility collapse")
+    if acc.is_main_process:
+        write_json(run.out / "history.json", {"base": run.base_losses, "epochs": progress.history})
 
 
 # --- setup ---------------------------------------------------------------------------------------------------

@@ -44,6 +44,17 @@ def test_plain_lora_run_writes_lora_manifest_logs_and_learns(model, tmp_path):
         assert f.metadata()["privlora_method"] == "lora" and f.metadata()["ss_network_dim"] == "4"
 
 
+def test_eval_every_n_epochs_evaluates_on_schedule_and_at_the_end(model, tmp_path):
+    run(model, tmp_path / "r", max_train_epochs=5, eval_every_n_epochs=2)
+    history = json.loads((tmp_path / "r" / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [2, 4, 5]
+
+
+def test_eval_every_n_epochs_must_be_positive(model, tmp_path):
+    with pytest.raises(Exception, match="eval_every_n_epochs must be"):
+        run(model, tmp_path / "r", max_train_epochs=1, eval_every_n_epochs=0)
+
+
 def test_lora_metadata_has_no_data_derived_strings(model, tmp_path):
     path = run(model, tmp_path / "secret_folder_name", max_train_steps=1, output_name="x")
     splits = read_manifest(tmp_path / "secret_folder_name" / "splits.json")
