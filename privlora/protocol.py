@@ -181,6 +181,16 @@ def model_row(model: dict, quality: dict) -> dict:
             "heldout_loss": held_out, "proxy_fid": quality.get(model["name"], {}).get("fid_proxy_tiny")}
 
 
+FRONTIER_MARGIN = 0.01  # AUC differences this small are noise at 200 vs 200 (one standard error ≈ 0.03)
+
+
+def frontier_verdict(best_auc: float, frontier: float) -> str:
+    """"above" only when clearly more private than training less; within the margin is a tie ("on")."""
+    if best_auc < frontier - FRONTIER_MARGIN:
+        return "above"
+    return "on" if best_auc <= frontier + FRONTIER_MARGIN else "below"
+
+
 def frontier_auc(points: list[tuple[float, float]], loss: float) -> float:
     """Best-attack AUC the "train less" baseline reaches at this held-out loss or better.
 
@@ -202,7 +212,8 @@ def build_table(s: ProtocolSettings, report: dict, quality: dict, runs: dict) ->
     for name in ("mp_lora", "smp_lora"):
         r = rows[name]
         r["frontier_auc_at_same_loss"] = frontier_auc(frontier, r["heldout_loss"])
-        r["above_frontier"] = r["best_auc"] < r["frontier_auc_at_same_loss"]
+        r["frontier_verdict"] = frontier_verdict(r["best_auc"], r["frontier_auc_at_same_loss"])
+        r["above_frontier"] = r["frontier_verdict"] == "above"
     for m in METHODS:
         rows[m]["train_seconds"] = runs[m]["seconds"]
     return {"settings": asdict(s), "rows": rows, "frontier": frontier_names, "audit": str(Path("audit") / "report.md"),
@@ -229,7 +240,7 @@ def format_table(table: dict) -> str:
         auc = r["auc"]
         frontier = ""
         if "above_frontier" in r:
-            frontier = f"{'above' if r['above_frontier'] else 'below'} (frontier AUC {r['frontier_auc_at_same_loss']:.3f})"
+            frontier = f"{r['frontier_verdict']} (frontier AUC {r['frontier_auc_at_same_loss']:.3f})"
         if "above_frontier" in r and math.isinf(r["frontier_auc_at_same_loss"]):
             frontier = "above (more useful than every baseline point)"
         lines.append(

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from privlora.protocol import METHODS, ProtocolSettings, frontier_auc, run_protocol
+from privlora.protocol import METHODS, ProtocolSettings, frontier_auc, frontier_verdict, run_protocol
 
 POINTS = [(0.30, 0.50), (0.25, 0.70), (0.20, 0.90)]  # (held-out loss, best AUC): base, half, full budget
 
@@ -34,3 +34,9 @@ def test_miniature_protocol_has_every_method_attack_and_sane_numbers(tmp_path):
     assert sum(members) / len(members) > sum(nonmembers) / len(nonmembers)  # trained members look like members
     for name in ("table.json", "table.md", "curves.png", "frontier.png", "samples_smp_lora.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_frontier_verdict_treats_noise_level_differences_as_a_tie():
+    assert frontier_verdict(0.5835, 0.584) == "on"  # a 0.0005 AUC "win" is not beating the baseline
+    assert frontier_verdict(0.55, 0.584) == "above"
+    assert frontier_verdict(0.62, 0.584) == "below"
