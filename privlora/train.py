@@ -113,9 +113,7 @@ def after_step(run, progress: Progress, logs: dict, bar) -> None:
     bar.update(1)
     bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("L_ada", "L_adv", "attacker_loss")})
     if cfg.save_every_n_steps and progress.step % cfg.save_every_n_steps == 0 and progress.step < run.max_steps:
-        save_lora(run, f"{cfg.output_name}-step{progress.step:06d}")
-        if cfg.save_state:
-            save_state(run, progress)
+        save_point(run, progress, f"{cfg.output_name}-step{progress.step:06d}")
 
 
 def end_epoch(run, progress: Progress, logs: dict, bar) -> None:
@@ -133,9 +131,14 @@ def end_epoch(run, progress: Progress, logs: dict, bar) -> None:
                                acc.get_tracker("tensorboard", unwrap=True), sampler=cfg.sample_sampler,
                                steps=cfg.sample_steps, seed=cfg.seed)
     if cfg.save_every_n_epochs and progress.epoch % cfg.save_every_n_epochs == 0 and progress.step < run.max_steps:
-        save_lora(run, f"{cfg.output_name}-e{progress.epoch:04d}")
-        if cfg.save_state:
-            save_state(run, progress)
+        save_point(run, progress, f"{cfg.output_name}-e{progress.epoch:04d}")
+
+
+def save_point(run, progress: Progress, name: str) -> None:
+    """An intermediate LoRA file, plus a resumable state when --save_state is on."""
+    save_lora(run, name)
+    if run.cfg.save_state:
+        save_state(run, progress)
 
 
 def evaluate_and_log(run, progress: Progress, logs: dict, bar) -> None:
