@@ -14,7 +14,6 @@ from typing import Any, get_type_hints
 
 from privlora.errors import PrivloraError
 
-METHODS = ("lora", "mp_lora", "smp_lora")
 
 
 @dataclass
@@ -86,6 +85,14 @@ class TrainConfig:
     attacker_pool: int = 64  # loss maps are pooled to pool×pool (64 = the reference at 512²)
     attacker_batch_size: int | None = None  # default: train_batch_size
     attacker_input: str = "loss_map"  # loss_map (the paper) | calibrated (minus the base model's map; +1 no-grad fwd)
+    # DP-LoRA (DP-SGD): give dp_noise_multiplier, or dp_target_epsilon and the multiplier is solved for the run
+    dp_noise_multiplier: float | None = None
+    dp_target_epsilon: float | None = None
+    dp_delta: float | None = None  # default 1/N^1.1 for N training images
+    dp_max_grad_norm: float = 1.0  # per-image clipping norm C
+    dp_accountant: str = "prv"  # prv | rdp (Opacus' accountants)
+    dp_micro_batch_size: int = 16  # per-image gradients are formed this many images at a time (memory bound)
+    dp_noise_draws: int = 1  # noise/timestep draws averaged per image before clipping (DPDM's noise multiplicity)
     collapse_patience: int = 3  # evaluations with member_test loss above the base model's before warning
     # evaluation during training
     eval_samples: int = 64  # per test role, for the per-epoch held-out losses and attacker accuracy
@@ -111,8 +118,13 @@ class TrainConfig:
 
         if self.resolution <= 0 or self.resolution % 8:
             raise bad(f"resolution {self.resolution} is not a positive multiple of 8")
+        from privlora.objectives import METHODS
+
         if self.method not in METHODS:
             raise bad(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        reason = METHODS[self.method].check_config(self)
+        if reason:
+            raise bad(reason)
         if self.save_format not in ("kohya", "diffusers"):
             raise bad(f"save_format {self.save_format!r} is not kohya or diffusers")
         if self.adv_step not in ("fused", "reference"):
@@ -128,7 +140,7 @@ class TrainConfig:
         if not (self.max_train_epochs or self.max_train_steps):
             raise bad("set max_train_epochs or max_train_steps")
         for key in ("network_dim", "train_batch_size", "gradient_accumulation_steps", "k_steps", "attacker_pool",
-                    "eval_every_n_epochs"):
+                    "eval_every_n_epochs", "dp_micro_batch_size", "dp_noise_draws"):
             if getattr(self, key) < 1:
                 raise bad(f"{key} must be ≥ 1")
         if sum(bool(x) for x in (self.train_data_dir, self.splits_dir, self.splits, self.synthetic_images)) != 1:
@@ -236,6 +248,10 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         kw: dict[str, Any] = dict(default=argparse.SUPPRESS, dest=f.name)
         if "bool" in str(_HINTS[f.name]):
             kw.update(nargs="?", const="true", metavar="BOOL")
+        if f.name == "method":
+            from privlora.objectives import METHODS
+
+            kw.update(choices=list(METHODS), help="; ".join(f"{n}: {c.summary}" for n, c in METHODS.items()))
         parser.add_argument(f"--{f.name}", **kw)
 
 

@@ -1,8 +1,8 @@
-"""The training loop: one recipe for every objective (plain LoRA, MP-LoRA, SMP-LoRA).
+"""The training loop: one recipe for every method (plain LoRA, MP-LoRA, SMP-LoRA, DP-LoRA).
 
 ``train`` reads top to bottom: ``setup`` loads and checks everything, injects LoRA and caches the data; the
-loop then runs (objective loss → backward → LoRA step → objective's after-step) per batch, evaluates on
-fixed noise at each epoch end and saves. The objective is the only method-specific piece.
+loop then runs (method's gradients → method's clipping → LoRA step → method's after-step) per batch, evaluates on
+fixed noise at each epoch end and saves. The method (``run.objective``) is the only method-specific piece.
 """
 from __future__ import annotations
 
@@ -27,13 +27,14 @@ from privlora.errors import PrivloraError
 from privlora.io import save_safetensors, write_json
 from privlora.models.loading import load_base
 from privlora.models.lora import LoraSpec, add_lora, save_diffusers, save_kohya, text_encoder_lora_config, unet_lora_config
-from privlora.objectives import build_objective
+from privlora.objectives import BuildContext, build_objective
 
 EVAL_ROLES = ("member_aux", "nonmember_aux", "member_test", "nonmember_test")
 # Changing these between a run and its resume would silently train something else.
 RESUME_MUST_MATCH = ("method", "network_dim", "network_alpha", "conv_dim", "train_text_encoder", "train_batch_size",
                      "gradient_accumulation_steps", "seed", "pretrained_model_name_or_path", "resolution", "adv_step",
-                     "attacker_input")
+                     "attacker_input", "dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_max_grad_norm",
+                     "dp_accountant", "dp_noise_draws")
 
 
 class Interrupted(Exception):
@@ -88,16 +89,15 @@ def train_step(run, batch: dict, step: int) -> dict | None:
     """One forward/backward of the objective; the LoRA (and the attacker) step when gradients sync."""
     acc = run.accelerator
     with acc.accumulate(run.unet):
-        result = run.objective.lora_loss(batch, run.denoiser)
+        result = run.objective.gradients(batch, run.denoiser, run.trainable, acc.backward)
         if not torch.isfinite(result.loss):
             raise PrivloraError(f"{run.out}: non-finite loss ({result.loss.item()}) at step {step + 1}; training "
                                 "stopped and the last saved checkpoint is intact (try a lower learning rate)")
-        acc.backward(result.loss)
         if acc.sync_gradients and acc.num_processes > 1 and run.cfg.train_text_encoder:
             # DDP wraps the UNet only; the text encoder's LoRA gradients are averaged here.
             average_gradients(acc, run.base.text_encoder.parameters())
-        if acc.sync_gradients and run.cfg.max_grad_norm:
-            acc.clip_grad_norm_(run.trainable, run.cfg.max_grad_norm)
+        if acc.sync_gradients:
+            run.objective.clip(run.trainable, run.cfg.max_grad_norm, acc.clip_grad_norm_)
         run.optimizer.step()
         run.lr_scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
@@ -121,6 +121,11 @@ def end_epoch(run, progress: Progress, logs: dict, bar) -> None:
     cfg, acc = run.cfg, run.accelerator
     progress.epoch += 1
     progress.batch_in_epoch = 0
+    method_logs = run.objective.epoch_logs()
+    if method_logs:
+        acc.log({f"epoch/{k}": v for k, v in method_logs.items()}, step=progress.step)
+        bar.write(f"epoch {progress.epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in method_logs.items()))
+        logs = {**logs, **method_logs}
     if progress.epoch % cfg.eval_every_n_epochs == 0 or progress.step >= run.max_steps:
         evaluate_and_log(run, progress, logs, bar)
     if cfg.sample_prompts and cfg.sample_every_n_epochs and progress.epoch % cfg.sample_every_n_epochs == 0 \
@@ -210,23 +215,25 @@ def setup(cfg: TrainConfig) -> Run:
     cache = Cache(base, cfg, device)
     train_data = cache.role(splits.train, expand_repeats=True)
     roles = {role: cache.role(splits.role(role)) for role in EVAL_ROLES}
-    loader_order = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train_data, batch_size=cfg.train_batch_size, shuffle=True, generator=loader_order)
     aux_bs = cfg.attacker_batch_size or cfg.train_batch_size
     rank = accelerator.process_index
     aux = {r: CountingIterator(roles[r], aux_bs, cfg.seed + 1 + i + 10 * rank)
            for i, r in enumerate(("member_aux", "nonmember_aux"))}
     grad_sync = (lambda m: average_gradients(accelerator, m.parameters())) if accelerator.num_processes > 1 else None
-    objective = build_objective(cfg, latent_channels=base.unet.config.in_channels, grad_sync=grad_sync,
-                                member_aux=aux["member_aux"], nonmember_aux=aux["nonmember_aux"])
+    context = BuildContext(base.unet.config.in_channels, aux["member_aux"], aux["nonmember_aux"], grad_sync,
+                           num_train_images=len(splits.train), num_processes=accelerator.num_processes)
+    objective = build_objective(cfg, latent_channels=context.latent_channels, context=context)
     for module in objective.modules().values():
         module.to(device)
+    loader_order = torch.Generator().manual_seed(cfg.seed)
+    loader = objective.make_loader(train_data, cfg.train_batch_size, loader_order)
 
     optimizer = make_optimizer(cfg, param_groups)
     unet = torch.compile(base.unet) if cfg.compile else base.unet  # base.unet stays the plain module
     unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)  # loader: this process's shard
     steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or steps_per_epoch * cfg.max_train_epochs
+    objective.plan(max_steps)
     # accelerate steps a prepared scheduler once per process per optimizer step
     lr_scheduler = accelerator.prepare(make_lr_scheduler(cfg, optimizer, max_steps, accelerator.num_processes))
     noise = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
@@ -376,6 +383,9 @@ def lora_metadata(cfg: TrainConfig, base) -> dict[str, str]:
             "gradient_accumulation_steps", "max_train_epochs", "max_train_steps", "resolution", "mixed_precision",
             "clip_skip", "noise_offset", "min_snr_gamma", "seed", "privacy_alpha", "privacy_beta", "k_steps",
             "adv_step", "attacker_lr", "attacker_pool", "attacker_input")
+    from privlora.objectives import METHODS
+
+    keys += tuple(k for k in METHODS[cfg.method].settings if k not in keys)
     v2 = base.unet.config.cross_attention_dim == 1024
     return {
         "ss_network_module": "networks.lora",
@@ -399,7 +409,8 @@ def save_lora(run: Run, name: str) -> Path:
     if acc.is_main_process:
         unet = acc.unwrap_model(run.unet)
         te = base.text_encoder if cfg.train_text_encoder else None
-        (save_kohya if cfg.save_format == "kohya" else save_diffusers)(path, unet, te, run.metadata)
+        metadata = {**run.metadata, **run.objective.metadata()}
+        (save_kohya if cfg.save_format == "kohya" else save_diffusers)(path, unet, te, metadata)
         for mod_name, module in run.objective.modules().items():
             meta = {"privlora_module": mod_name, "channels": str(base.unet.config.in_channels),
                     "pool": str(cfg.attacker_pool), "hidden": json.dumps(cfg.attacker_hidden)}

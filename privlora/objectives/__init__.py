@@ -1,31 +1,37 @@
-"""Training objectives behind one interface (``Objective``); the loop picks one by name from ``OBJECTIVES``."""
+"""Training methods behind one interface (:class:`Objective`), registered in ``METHODS`` by name.
+
+Adding a method means adding one module with an ``Objective`` subclass and listing it here; config validation,
+the CLI's ``--method`` choices, the demo and the docs read this registry.
+"""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
+import torch
+
+from privlora.objectives.adversarial import make_attacker
 from privlora.objectives.attacker import LossMapAttacker
-from privlora.objectives.base import Objective, StepOutput
+from privlora.objectives.base import BuildContext, Objective, StepOutput
+from privlora.objectives.dp_lora import DPLoraObjective
 from privlora.objectives.lora import LoraObjective
 from privlora.objectives.mp_lora import MPLoraObjective
 from privlora.objectives.smp_lora import SMPLoraObjective
 
-ADVERSARIAL = {"mp_lora": MPLoraObjective, "smp_lora": SMPLoraObjective}
+if TYPE_CHECKING:
+    from privlora.config import TrainConfig
+
+METHODS: dict[str, type[Objective]] = {
+    cls.name: cls for cls in (LoraObjective, MPLoraObjective, SMPLoraObjective, DPLoraObjective)
+}
 
 
-def make_attacker(cfg, latent_channels: int) -> LossMapAttacker:
-    return LossMapAttacker(latent_channels, cfg.attacker_pool, cfg.attacker_hidden, cfg.attacker_dropout)
+def build_objective(cfg: TrainConfig, *, latent_channels: int, member_aux: Iterator[dict] | None = None,
+                    nonmember_aux: Iterator[dict] | None = None,
+                    grad_sync: Callable[[torch.nn.Module], None] | None = None,
+                    context: BuildContext | None = None) -> Objective:
+    ctx = context or BuildContext(latent_channels, member_aux, nonmember_aux, grad_sync)
+    return METHODS[cfg.method].from_config(cfg, ctx)
 
 
-def build_objective(cfg, *, latent_channels: int, member_aux: Iterator[dict] | None = None,
-                    nonmember_aux: Iterator[dict] | None = None, grad_sync=None) -> Objective:
-    if cfg.method == "lora":
-        return LoraObjective()
-    return ADVERSARIAL[cfg.method](
-        make_attacker(cfg, latent_channels),
-        alpha=cfg.privacy_alpha, beta=cfg.privacy_beta, k_steps=cfg.k_steps, adv_step=cfg.adv_step,
-        lr=cfg.attacker_lr, weight_decay=cfg.attacker_weight_decay,
-        member_aux=member_aux, nonmember_aux=nonmember_aux, grad_sync=grad_sync, attacker_input=cfg.attacker_input,
-    )
-
-
-__all__ = ["Objective", "StepOutput", "build_objective", "make_attacker", "LossMapAttacker"]
+__all__ = ["METHODS", "BuildContext", "Objective", "StepOutput", "build_objective", "make_attacker",
+           "LossMapAttacker"]

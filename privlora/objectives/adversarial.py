@@ -11,16 +11,33 @@ Subclasses only say how L_ada and L_adv combine into the LoRA's loss.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
 from privlora.objectives.attacker import (LossMapAttacker, adversarial_loss, attacker_accuracy,
                                           attacker_update)
-from privlora.objectives.base import DenoiserLike, Objective, StepOutput
+from privlora.objectives.base import BuildContext, DenoiserLike, Objective, StepOutput
+
+if TYPE_CHECKING:
+    from privlora.config import TrainConfig
+
+
+def make_attacker(cfg: TrainConfig, latent_channels: int) -> LossMapAttacker:
+    return LossMapAttacker(latent_channels, cfg.attacker_pool, cfg.attacker_hidden, cfg.attacker_dropout)
 
 
 class AdversarialObjective(Objective):
+    settings = ("privacy_alpha", "privacy_beta", "k_steps", "adv_step", "attacker_lr", "attacker_weight_decay",
+                "attacker_hidden", "attacker_dropout", "attacker_pool", "attacker_batch_size", "attacker_input")
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, ctx: BuildContext) -> AdversarialObjective:
+        return cls(make_attacker(cfg, ctx.latent_channels), alpha=cfg.privacy_alpha, beta=cfg.privacy_beta,
+                   k_steps=cfg.k_steps, adv_step=cfg.adv_step, lr=cfg.attacker_lr,
+                   weight_decay=cfg.attacker_weight_decay, member_aux=ctx.member_aux,
+                   nonmember_aux=ctx.nonmember_aux, grad_sync=ctx.grad_sync, attacker_input=cfg.attacker_input)
+
     def __init__(self, attacker: LossMapAttacker, *, alpha: float, beta: float, k_steps: int, adv_step: str,
                  lr: float, weight_decay: float, member_aux: Iterator[dict], nonmember_aux: Iterator[dict],
                  grad_sync: Callable[[torch.nn.Module], None] | None = None, attacker_input: str = "loss_map"):

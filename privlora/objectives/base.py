@@ -1,20 +1,26 @@
-"""The one interface between the training loop and a training objective.
+"""The one interface between the training loop and a training method.
 
-The loop hands each training batch to ``lora_loss``, back-propagates what it returns into the LoRA
-weights, and then calls ``after_lora_step`` (where MP-/SMP-LoRA train their proxy attacker). It never
-looks at which objective it runs.
+Per optimizer step the loop asks the method for gradients (``gradients``: by default the loss of
+``lora_loss`` back-propagated into the LoRA weights), lets it clip them (``clip``), steps the LoRA optimizer,
+then calls ``after_lora_step`` (where MP-/SMP-LoRA train their proxy attacker). The method also chooses how
+training batches are drawn (``make_loader``) and what it adds to each epoch's record and to the LoRA file's
+metadata. The loop never looks at which method it runs; a method overrides only what it must own.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Protocol
 
 import torch
+from torch.utils.data import DataLoader, Dataset
+
+if TYPE_CHECKING:
+    from privlora.config import TrainConfig
 
 
 @dataclass
 class StepOutput:
-    loss: torch.Tensor  # what the LoRA optimiser minimises
+    loss: torch.Tensor  # what the LoRA optimiser minimises (for a method that forms gradients itself: what it reports)
     logs: dict[str, float] = field(default_factory=dict)
 
 
@@ -25,20 +31,76 @@ class DenoiserLike(Protocol):
     def adaptation_loss(self, maps: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor: ...
 
 
+@dataclass
+class BuildContext:
+    """What the loop hands a method when it builds it."""
+
+    latent_channels: int
+    member_aux: Iterator[dict] | None = None
+    nonmember_aux: Iterator[dict] | None = None
+    grad_sync: Callable[[torch.nn.Module], None] | None = None  # multi-process: average a module's gradients
+    num_train_images: int = 0  # distinct training images (the unit a DP guarantee protects)
+    planned_steps: int = 0  # optimizer steps the run will take
+    num_processes: int = 1
+
+
 class Objective:
-    """Plain LoRA's behaviour; privacy objectives override what they need."""
+    """Plain LoRA's behaviour; other methods override what they need."""
 
-    name = "base"
+    name: ClassVar[str] = "base"
+    summary: ClassVar[str] = ""  # one line for --help and the docs
+    settings: ClassVar[tuple[str, ...]] = ()  # config keys this method reads (besides the shared training keys)
 
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, ctx: BuildContext) -> Objective:
+        return cls()
+
+    @classmethod
+    def check_config(cls, cfg: TrainConfig) -> str | None:
+        """A reason this method cannot run with ``cfg`` (validated before any work), or None."""
+        return None
+
+    def plan(self, max_steps: int) -> None:
+        """Called once the run's length is known, before the first step."""
+
+    # --- the step ---
     def lora_loss(self, batch: dict, denoiser: DenoiserLike) -> StepOutput:
         raise NotImplementedError
+
+    def gradients(self, batch: dict, denoiser: DenoiserLike, params: list[torch.nn.Parameter],
+                  backward: Callable[[torch.Tensor], None]) -> StepOutput:
+        """Leave this batch's gradients in ``params``' ``.grad``; the default back-propagates ``lora_loss``."""
+        out = self.lora_loss(batch, denoiser)
+        backward(out.loss)
+        return out
+
+    def clip(self, params: list[torch.nn.Parameter], max_norm: float | None,
+             clip_fn: Callable[[list[torch.nn.Parameter], float], Any]) -> float | None:
+        """Global gradient-norm clipping before the optimizer step; returns the norm before clipping."""
+        if not max_norm:
+            return None
+        return float(clip_fn(params, max_norm))
 
     def after_lora_step(self, denoiser: DenoiserLike) -> dict[str, float]:
         return {}
 
+    # --- data ---
+    def make_loader(self, data: Dataset, batch_size: int, generator: torch.Generator) -> DataLoader:
+        """How training batches are drawn: shuffled fixed-size batches, each epoch's order from ``generator``."""
+        return DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
+
+    # --- records ---
     def evaluate(self, maps: dict[str, torch.Tensor], reference: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         """Epoch-end metrics from fixed-noise loss maps of the aux and test roles (``reference``: the same under
         the base model); no training here."""
+        return {}
+
+    def epoch_logs(self) -> dict[str, float]:
+        """Numbers recorded at every epoch end (history.json, TensorBoard, progress bar)."""
+        return {}
+
+    def metadata(self) -> dict[str, str]:
+        """Extra LoRA-file metadata (never anything derived from the training data)."""
         return {}
 
     def modules(self) -> dict[str, torch.nn.Module]:

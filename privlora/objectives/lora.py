@@ -6,6 +6,7 @@ from privlora.objectives.base import DenoiserLike, Objective, StepOutput
 
 class LoraObjective(Objective):
     name = "lora"
+    summary = "plain LoRA: minimise the denoising loss"
 
     def lora_loss(self, batch: dict, denoiser: DenoiserLike) -> StepOutput:
         maps, t = denoiser.loss_map(batch)

@@ -11,6 +11,7 @@ from privlora.objectives.adversarial import AdversarialObjective
 
 class MPLoraObjective(AdversarialObjective):
     name = "mp_lora"
+    summary = "MP-LoRA: minimise L_ada − α·L_adv against a co-trained proxy attacker (min-max)"
 
     def combine(self, l_ada: torch.Tensor, l_adv: torch.Tensor) -> torch.Tensor:
         return l_ada - self.alpha * l_adv

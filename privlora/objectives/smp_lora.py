@@ -14,6 +14,7 @@ EPS = 1e-5
 
 class SMPLoraObjective(AdversarialObjective):
     name = "smp_lora"
+    summary = "SMP-LoRA: minimise L_ada / (β + α·L_adv) against a co-trained proxy attacker"
 
     def combine(self, l_ada: torch.Tensor, l_adv: torch.Tensor) -> torch.Tensor:
         return l_ada / (self.beta + self.alpha * l_adv + EPS)
