@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--k_steps", type=int)
     p.add_argument("--adv_step", choices=["fused", "reference"])
     p.add_argument("--attacker_input", choices=["loss_map", "calibrated"])
+    p.add_argument("--defences", nargs="+", help="a subset of the defence runs (default: all of them)")
     args = p.parse_args()
     from privlora.cli import quiet_libraries
 
@@ -48,6 +49,11 @@ def main() -> None:
         shared = {"attacker_lr": args.attacker_lr, "k_steps": args.k_steps, "adv_step": args.adv_step,
                   "attacker_input": args.attacker_input}
         s.method_overrides[method].update({k: v for k, v in {**overrides[method], **shared}.items() if v is not None})
+    if args.defences:
+        unknown = set(args.defences) - set(s.method_overrides)
+        if unknown:
+            p.error(f"unknown defence {sorted(unknown)[0]!r} (choose from {', '.join(s.method_overrides)})")
+        s.method_overrides = {k: v for k, v in s.method_overrides.items() if k in args.defences}
     table = run_protocol(s, Path(args.out))
     print(format_table(table))
 

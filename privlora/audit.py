@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from privlora.attacks import (AUX_ROLES, DEFAULT_ATTACKS, TEST_ROLES, Attack, Batch, Target, build_attacks,
                               parse_attack_names)
 from privlora.attacks import metrics, report as render
+from privlora.attacks.dp_audit import dp_check
 from privlora.attacks.target import stable_seed
 from privlora.data.readers import Example
 from privlora.data.splits import Splits, read_manifest
@@ -258,7 +259,7 @@ def _lora_metadata(path: Path) -> dict[str, str]:
         meta = f.metadata() or {}
     keep = ("privlora_method", "ss_network_dim", "ss_network_alpha", "ss_base_model_version", "ss_sd_model_name",
             "sshs_model_hash", "ss_steps", "ss_epoch", "privlora_prediction_type", "privlora_hyperparameters")
-    return {k: meta[k] for k in keep if k in meta}
+    return {k: v for k, v in meta.items() if k in keep or k.startswith("privlora_dp_")}
 
 
 def _models(base, files: list[Path], adapters: list[str], include_base: bool, resolution: int) -> list[_Model]:
@@ -424,6 +425,8 @@ def build_report(cfg: AuditConfig, base, splits: Splits, chosen: dict, models: l
             {"name": m.name, "kind": m.kind, "path": str(m.path) if m.path else None, "sha256": m.sha256,
              "lora_metadata": m.metadata, "warnings": m.warnings,
              "results": {a: {**results[m.name][a], **timing[m.name][a]} for a in names},
+             "dp_bound": dp_check(scores[m.name], m.metadata,
+                                  {a: results[m.name][a]["tpr_at_1pct_fpr"] for a in names}),
              "scores": {a: {r: scores[m.name][a][r].tolist() for r in TEST_ROLES} for a in names}}
             for m in models
         ],

@@ -1,7 +1,7 @@
 """The miniature privacy benchmark behind ``privlora demo`` and ``benchmarks/privacy_bench.py``.
 
-One generated private dataset and split; plain LoRA, MP-LoRA and SMP-LoRA trained with the same seed, split
-and budget; plain LoRA's intermediate checkpoints (and the base model itself) as the "train less" baseline;
+One generated private dataset and split; plain LoRA and each defence (MP-LoRA, SMP-LoRA, DP-LoRA at two privacy
+levels: the runs of ``method_overrides``) trained with the same seed, split and epochs; plain LoRA's intermediate checkpoints (and the base model itself) as the "train less" baseline;
 every model audited with every attack on the same queries; utility as the held-out denoising loss on
 nonmember_test (from the audit's ``loss`` attack, identical queries for every model) and a proxy FID of
 generated samples against the nonmember_test images.
@@ -17,8 +17,6 @@ from pathlib import Path
 import numpy as np
 
 from privlora.io import write_bytes, write_json, write_text
-
-METHODS = ("lora", "mp_lora", "smp_lora")
 
 
 @dataclass
@@ -42,11 +40,23 @@ class ProtocolSettings:
     train: dict = field(default_factory=lambda: {  # shared by every method; conv LoRA is what makes it memorise
         "network_dim": 16, "network_alpha": 16, "conv_dim": 16, "conv_alpha": 16, "unet_lr": 1e-3,
         "train_batch_size": 16, "resolution": 32})
+    # each defence run: its settings on top of ``train``; "method" defaults to the run's name. DP-SGD takes a
+    # larger expected batch (64 of 264): its noise is added once per batch, so per-image noise falls with batch size
     method_overrides: dict = field(default_factory=lambda: {
         "mp_lora": {"privacy_alpha": 1.0, "attacker_lr": 1e-3, "k_steps": 1, "attacker_pool": 8},
         "smp_lora": {"privacy_alpha": 1.0, "privacy_beta": 1.0, "attacker_lr": 1e-3, "k_steps": 1, "attacker_pool": 8},
+        "dp_lora_eps8": {"method": "dp_lora", "dp_target_epsilon": 8.0, "train_batch_size": 64},
+        "dp_lora_eps1": {"method": "dp_lora", "dp_target_epsilon": 1.0, "train_batch_size": 64},
     })
     label: str = "full"
+
+    @property
+    def defences(self) -> list[str]:
+        return list(self.method_overrides)
+
+    @property
+    def run_names(self) -> list[str]:
+        return ["lora", *self.defences]
 
     @property
     def n_images(self) -> int:
@@ -67,8 +77,8 @@ def run_protocol(s: ProtocolSettings, out: Path, log=print) -> dict:
         synthetic.write_folder(data, s.n_images, seed=s.data_seed, namespace="private",
                                resolution=s.train["resolution"], style=s.data_style)
         (data / ".complete").touch()
-    runs = {m: train_method(s, m, data, out / m, log) for m in METHODS}
-    loras = [runs[m]["lora"] for m in METHODS] + [p for _, p in runs["lora"]["budget_files"]]
+    runs = {m: train_method(s, m, data, out / m, log) for m in s.run_names}
+    loras = [runs[m]["lora"] for m in s.run_names] + [p for _, p in runs["lora"]["budget_files"]]
     log(f"auditing {len(loras)} LoRAs and the base model with {', '.join(s.attacks)}")
     report = audit(s, out, runs["lora"]["splits"], loras)
     quality = utility_quality(s, out, runs["lora"]["splits"], loras)
@@ -77,25 +87,26 @@ def run_protocol(s: ProtocolSettings, out: Path, log=print) -> dict:
     return table
 
 
-def train_method(s: ProtocolSettings, method: str, data: Path, out: Path, log) -> dict:
+def train_method(s: ProtocolSettings, name: str, data: Path, out: Path, log) -> dict:
     from privlora.config import build_config
     from privlora.train import train
 
-    final = out / f"{method}.safetensors"
-    save_every = budget_interval(s) if method == "lora" else None
+    final = out / f"{name}.safetensors"
+    save_every = budget_interval(s) if name == "lora" else None
+    own = {"method": name, **s.method_overrides.get(name, {})}
     if not final.exists():
-        overrides = {**s.train, **s.method_overrides.get(method, {}), "method": method, "train_data_dir": str(data),
-                     "output_dir": str(out), "output_name": method, "max_train_epochs": s.epochs, "seed": s.seed,
+        overrides = {**s.train, **own, "train_data_dir": str(data),
+                     "output_dir": str(out), "output_name": name, "max_train_epochs": s.epochs, "seed": s.seed,
                      "n_member_aux": s.n_member_aux, "n_member_test": s.n_member_test,
                      "n_nonmember_aux": s.n_nonmember_aux, "n_nonmember_test": s.n_nonmember_test,
                      "split_seed": s.seed, "pretrained_model_name_or_path": s.model, "eval_samples": 64,
                      "eval_every_n_epochs": s.eval_every_n_epochs,
                      "save_every_n_epochs": save_every, "overwrite": True}
-        log(f"training {method} ({s.epochs} epochs)")
+        log(f"training {name} ({own['method']}, {s.epochs} epochs)")
         started = time.time()
         train(build_config(None, overrides))
         write_json(out / "train_time.json", {"seconds": time.time() - started})
-    budget_files = [(f, out / f"{method}-e{round(f * s.epochs):04d}.safetensors") for f in s.budgets] if save_every else []
+    budget_files = [(f, out / f"{name}-e{round(f * s.epochs):04d}.safetensors") for f in s.budgets] if save_every else []
     return {"lora": final, "splits": out / "splits.json", "history": json.loads((out / "history.json").read_text()),
             "seconds": json.loads((out / "train_time.json").read_text())["seconds"], "budget_files": budget_files}
 
@@ -209,12 +220,12 @@ def build_table(s: ProtocolSettings, report: dict, quality: dict, runs: dict) ->
     rows = {m["name"]: model_row(m, quality) for m in report["models"]}
     frontier_names = ["base"] + [p.stem for _, p in runs["lora"]["budget_files"]] + ["lora"]
     frontier = [(rows[n]["heldout_loss"], rows[n]["best_auc"]) for n in frontier_names]
-    for name in ("mp_lora", "smp_lora"):
+    for name in s.defences:
         r = rows[name]
         r["frontier_auc_at_same_loss"] = frontier_auc(frontier, r["heldout_loss"])
         r["frontier_verdict"] = frontier_verdict(r["best_auc"], r["frontier_auc_at_same_loss"])
         r["above_frontier"] = r["frontier_verdict"] == "above"
-    for m in METHODS:
+    for m in s.run_names:
         rows[m]["train_seconds"] = runs[m]["seconds"]
     return {"settings": asdict(s), "rows": rows, "frontier": frontier_names, "audit": str(Path("audit") / "report.md"),
             "date": time.strftime("%Y-%m-%d"), "machine": machine()}
@@ -231,7 +242,7 @@ def machine() -> str:
 
 def format_table(table: dict) -> str:
     rows = table["rows"]
-    order = ["base", *table["frontier"][1:-1], *METHODS]
+    order = ["base", *table["frontier"][1:], *(n for n, r in rows.items() if "frontier_verdict" in r)]
     head = ("| model | loss AUC | ref_loss AUC | best-attack AUC (attack) | best TPR@1%FPR | held-out loss "
             "| proxy FID (tiny) | train s | vs. train-less frontier |")
     lines = [head, "|" + "---|" * 9]
@@ -303,7 +314,7 @@ def frontier_png(table: dict) -> bytes:
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="gray", label="plain LoRA, training less")
     for x, y, n in pts:
         ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    for name, marker in (("mp_lora", "s"), ("smp_lora", "*")):
+    for name, marker in zip([n for n in rows if "frontier_verdict" in rows[n]], "s*DPXvh^<>"):
         ax.plot(rows[name]["heldout_loss"], rows[name]["best_auc"], marker, markersize=10, label=name)
     ax.axhline(0.5, ls=":", color="k", lw=0.8)
     ax.set_xlabel("held-out denoising loss on nonmember_test (lower = more useful)")

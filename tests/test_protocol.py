@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from privlora.protocol import METHODS, ProtocolSettings, frontier_auc, frontier_verdict, run_protocol
+from privlora.protocol import ProtocolSettings, frontier_auc, frontier_verdict, run_protocol
 
 POINTS = [(0.30, 0.50), (0.25, 0.70), (0.20, 0.90)]  # (held-out loss, best AUC): base, half, full budget
 
@@ -21,13 +21,20 @@ def test_miniature_protocol_has_every_method_attack_and_sane_numbers(tmp_path):
     s = ProtocolSettings(n_member_test=12, n_nonmember_test=12, n_member_aux=8, n_nonmember_aux=8, epochs=8,
                          budgets=[0.25, 0.5], n_bootstrap=20, quality_samples=8, sample_steps=2, label="test")
     s.train.update(train_batch_size=8, unet_lr=3e-3)
+    for name in ("dp_lora_eps8", "dp_lora_eps1"):
+        s.method_overrides[name]["train_batch_size"] = 8
     table = run_protocol(s, tmp_path, log=lambda *_: None)
     rows = table["rows"]
-    assert set(METHODS) | {"base", "lora-e0002", "lora-e0004"} <= set(rows)
+    assert set(s.run_names) | {"base", "lora-e0002", "lora-e0004"} <= set(rows)
+    assert {"dp_lora_eps8", "dp_lora_eps1"} <= set(s.defences)
     for row in rows.values():
         assert set(row["auc"]) == set(s.attacks)
         assert all(0.0 <= a <= 1.0 for a in row["auc"].values())
-    assert {"above_frontier", "frontier_auc_at_same_loss"} <= set(rows["smp_lora"])
+    for name in s.defences:
+        assert {"above_frontier", "frontier_auc_at_same_loss"} <= set(rows[name])
+    dp = next(m for m in json.loads((tmp_path / "audit" / "report.json").read_text())["models"]
+              if m["name"] == "dp_lora_eps1")
+    assert dp["dp_bound"]["claimed_epsilon"] <= 1.0 and "consistent" in dp["dp_bound"]
     report = json.loads((tmp_path / "audit" / "report.json").read_text())
     lora = next(m for m in report["models"] if m["name"] == "lora")
     members, nonmembers = lora["scores"]["loss"]["member_test"], lora["scores"]["loss"]["nonmember_test"]

@@ -31,8 +31,30 @@ def markdown(report: dict[str, Any]) -> str:
     lines += _comparison(report)
     for model in report["models"]:
         lines += _model_table(report, model)
+    lines += _dp_bounds(report)
     lines += _attack_notes(report)
     return "\n".join(lines) + "\n"
+
+
+def _dp_bounds(report: dict[str, Any]) -> list[str]:
+    """Empirical ε lower bounds (95 % confidence) and, for DP-LoRA files, whether the claim holds."""
+    models = [m for m in report["models"] if "dp_bound" in m]
+    if not models:
+        return []
+    lines = ["## Differential privacy: what the attacks prove", "",
+             "ε lower bound: the largest ε any attack's ROC certifies at 95 % confidence (Clopper–Pearson, "
+             "Bonferroni over thresholds); a DP-LoRA's claimed ε must not be below it.", "",
+             "| model | ε lower bound (attack) | ε point estimate | claimed ε (δ) | verdict |", "|---|---|---|---|---|"]
+    for m in models:
+        b = m["dp_bound"]
+        claim, verdict = "", ""
+        if "claimed_epsilon" in b:
+            claim = f"{b['claimed_epsilon']:.3g} ({b['claimed_delta']:.2g})"
+            ok = b["consistent"] and b["tpr_at_1pct_fpr_within_limit"]
+            verdict = "consistent" if ok else "VIOLATED: an attack does better than the claimed ε allows"
+        lines.append(f"| {m['name']} | {b['epsilon_lower_bound']:.3f} ({b['attack']}) | {b['epsilon_point']:.3f} "
+                     f"| {claim} | {verdict} |")
+    return lines + [""]
 
 
 def _header(report: dict[str, Any]) -> list[str]:
