@@ -86,6 +86,14 @@ class TrainConfig:
     attacker_pool: int = 64  # loss maps are pooled to pool×pool (64 = the reference at 512²)
     attacker_batch_size: int | None = None  # default: train_batch_size
     attacker_input: str = "loss_map"  # loss_map (the paper) | calibrated (minus the base model's map; +1 no-grad fwd)
+    # fidelity to the reference implementation (docs/fidelity.md)
+    attacker_dropout_in_adv: bool = False  # L_adv runs the attacker with dropout active (the reference); seeded masks
+    shuffle_caption: bool = False  # kohya: shuffle comma-separated tags every step (seeded); no text caching then
+    keep_tokens: int = 0  # kohya: the first N tags stay in place when shuffling
+    max_token_length: int | None = None  # kohya: 75 | 150 | 225 tokens in 75-token windows; None: one window
+    attacker_eval_samples: int | None = None  # per role, for the co-trained attacker's evaluation; None: all
+    hessian_every_n_steps: int = 0  # >0: estimate the top Hessian eigenvalue of the LoRA loss every N steps
+    hessian_iters: int = 10  # power-iteration steps per estimate
     collapse_patience: int = 3  # evaluations with member_test loss above the base model's before warning
     # evaluation during training
     eval_samples: int = 64  # per test role, for the per-epoch held-out losses and attacker accuracy
@@ -125,6 +133,7 @@ class TrainConfig:
             raise bad(f"optimizer_type {self.optimizer_type!r} is not AdamW or AdamW8bit")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise bad(f"prediction_type {self.prediction_type!r} is not epsilon or v_prediction")
+        self._validate_fidelity(bad)
         if not (self.max_train_epochs or self.max_train_steps):
             raise bad("set max_train_epochs or max_train_steps")
         for key in ("network_dim", "train_batch_size", "gradient_accumulation_steps", "k_steps", "attacker_pool",
@@ -141,10 +150,21 @@ class TrainConfig:
             read_prompts(self.sample_prompts)  # a bad line fails before training
         return self
 
+    def _validate_fidelity(self, bad) -> None:
+        if self.max_token_length not in (None, 75, 150, 225):
+            raise bad(f"max_token_length {self.max_token_length} is not 75, 150 or 225")
+        if self.keep_tokens < 0 or self.hessian_every_n_steps < 0 or self.hessian_iters < 1:
+            raise bad("keep_tokens and hessian_every_n_steps must be ≥ 0, hessian_iters ≥ 1")
+        if self.attacker_eval_samples is not None and self.attacker_eval_samples < 1:
+            raise bad("attacker_eval_samples must be ≥ 1")
+        if self.shuffle_caption and self.cache_text_encoder_outputs:
+            raise bad("shuffle_caption changes the caption every step, so text encoder outputs cannot be cached; "
+                      "turn off cache_text_encoder_outputs or shuffle_caption")
+
     @property
     def caches_text(self) -> bool:
         if self.cache_text_encoder_outputs is None:
-            return not self.train_text_encoder
+            return not (self.train_text_encoder or self.shuffle_caption)
         return self.cache_text_encoder_outputs and not self.train_text_encoder
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from privlora.objectives.adversarial import dropout_generator_for
 from privlora.objectives.attacker import LossMapAttacker
 from privlora.objectives.base import Objective, StepOutput
 from privlora.objectives.lora import LoraObjective
@@ -25,6 +26,7 @@ def build_objective(cfg, *, latent_channels: int, member_aux: Iterator[dict] | N
         alpha=cfg.privacy_alpha, beta=cfg.privacy_beta, k_steps=cfg.k_steps, adv_step=cfg.adv_step,
         lr=cfg.attacker_lr, weight_decay=cfg.attacker_weight_decay,
         member_aux=member_aux, nonmember_aux=nonmember_aux, grad_sync=grad_sync, attacker_input=cfg.attacker_input,
+        dropout_generator=dropout_generator_for(cfg),
     )
 
 
