@@ -261,3 +261,36 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+RESOLVED_NAME = "resolved_config.toml"
+
+
+def resolved_toml(cfg: TrainConfig) -> str:
+    """Every key of ``cfg`` after inherit and flags, as a flat TOML preset that ``build_config`` reads back.
+
+    TOML has no null: an unset key (None) is written as a comment, which reads back as its default (None).
+    """
+    lines = ["# privlora: the fully resolved training settings (every key, after inherit and flags)"]
+    for f in fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        lines.append(f"# {f.name} = (unset)" if value is None else f"{f.name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def write_resolved_config(cfg: TrainConfig, out: str | Path) -> Path:
+    from privlora.io import write_text
+
+    return write_text(Path(out) / RESOLVED_NAME, resolved_toml(cfg))

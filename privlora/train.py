@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from privlora import checkpoint
-from privlora.config import TrainConfig, to_dict
+from privlora.config import TrainConfig, to_dict, write_resolved_config
 from privlora.data.cache import Cache, RoleData
 from privlora.data.prepare import prepare_splits, write_run_files
 from privlora.denoiser import Denoiser, adapters_disabled
@@ -200,6 +200,8 @@ def setup(cfg: TrainConfig) -> Run:
                      prediction_type=cfg.prediction_type)
     if accelerator.is_main_process and not cfg.resume:
         write_run_files(out, splits, skipped)
+    if accelerator.is_main_process:
+        write_resolved_config(cfg, out)
     set_seed(cfg.seed)
     device = accelerator.device
     trainable, param_groups = inject_lora(cfg, base, device)
