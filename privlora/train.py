@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from privlora import checkpoint
+from privlora.attacker_eval import BEST_SUFFIX, eval_roles, evaluate_attacker
 from privlora.config import TrainConfig, to_dict, write_resolved_config
 from privlora.data.cache import Cache, RoleData
 from privlora.data.prepare import prepare_splits, write_run_files
@@ -47,6 +48,7 @@ class Progress:
     batch_in_epoch: int = 0  # batches consumed in the epoch under way
     collapsed_epochs: int = 0
     history: list = field(default_factory=list)
+    best_attacker_acc: float = -1.0  # the co-trained attacker's best fresh-noise test accuracy so far
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -96,14 +98,20 @@ def train_step(run, batch: dict, step: int) -> dict | None:
         if acc.sync_gradients and acc.num_processes > 1 and run.cfg.train_text_encoder:
             # DDP wraps the UNet only; the text encoder's LoRA gradients are averaged here.
             average_gradients(acc, run.base.text_encoder.parameters())
-        if acc.sync_gradients and run.cfg.max_grad_norm:
-            acc.clip_grad_norm_(run.trainable, run.cfg.max_grad_norm)
+        if acc.sync_gradients:
+            grad_norm = lora_grad_norm(acc, run.trainable, run.cfg.max_grad_norm)
         run.optimizer.step()
         run.lr_scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
     if not acc.sync_gradients:
         return None
-    return {**result.logs, **run.objective.after_lora_step(run.denoiser), "lr": run.lr_scheduler.get_last_lr()[0]}
+    return {**result.logs, **run.objective.after_lora_step(run.denoiser), "lr": run.lr_scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm}
+
+
+def lora_grad_norm(acc, params: list, max_norm: float) -> float:
+    """The LoRA gradient's total norm before clipping (clipping to max_norm when set; 0/None: no clipping)."""
+    return float(acc.clip_grad_norm_(params, max_norm or float("inf")))
 
 
 def after_step(run, progress: Progress, logs: dict, bar) -> None:
@@ -145,7 +153,9 @@ def evaluate_and_log(run, progress: Progress, logs: dict, bar) -> None:
     cfg, acc = run.cfg, run.accelerator
     run.unet.eval()
     record = evaluate_epoch(progress.epoch, progress.step, run.probe, run.denoiser, run.objective, run.base_maps, logs)
+    record.update(evaluate_attacker(run.objective, run.attacker_roles or {}, run.denoiser, cfg.seed + 7 + progress.step))
     run.unet.train()
+    keep_best_attacker(run, progress, record)
     progress.history.append(record)
     acc.log({f"epoch/{k}": v for k, v in record.items() if k not in ("epoch", "step")}, step=progress.step)
     worse = record["member_test_loss"] > run.base_losses["member_test"]
@@ -182,6 +192,7 @@ class Run:
     metadata: dict
     max_steps: int
     epoch_start_order: torch.Tensor | None = None
+    attacker_roles: dict | None = None  # role -> RoleData for the co-trained attacker's evaluation
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -235,15 +246,17 @@ def setup(cfg: TrainConfig) -> Run:
     denoiser = Denoiser(base, device=device, generator=noise, clip_skip=cfg.clip_skip, noise_offset=cfg.noise_offset,
                         min_snr_gamma=cfg.min_snr_gamma, autocast=accelerator.autocast)
     denoiser.unet = unet
-    probe = FixedNoiseProbe({r: d.subset(min(cfg.eval_samples, len(d))) for r, d in roles.items()}, cfg.seed + 3)
+    probe = FixedNoiseProbe(probe_roles(roles, cfg), cfg.seed + 3)
     with adapters_disabled(base):
         base_maps = probe.maps(denoiser)
     base_losses = {r: m.mean().item() for r, m in base_maps.items()}
     accelerator.init_trackers("privlora", config={k: v for k, v in to_dict(cfg).items()
                                                   if isinstance(v, (int, float, str, bool))})
     unet.train()
-    return Run(cfg, out, accelerator, base, unet, trainable, optimizer, lr_scheduler, loader, loader_order, noise,
-               aux, objective, denoiser, probe, base_maps, base_losses, lora_metadata(cfg, base), max_steps)
+    run = Run(cfg, out, accelerator, base, unet, trainable, optimizer, lr_scheduler, loader, loader_order, noise,
+              aux, objective, denoiser, probe, base_maps, base_losses, lora_metadata(cfg, base), max_steps)
+    run.attacker_roles = eval_roles(roles, cfg.attacker_eval_samples, cfg.seed + 6)
+    return run
 
 
 def inject_lora(cfg: TrainConfig, base, device) -> tuple[list, list[dict]]:
@@ -330,8 +343,27 @@ def make_lr_scheduler(cfg: TrainConfig, optimizer, max_steps: int, num_processes
 
 # --- evaluation ------------------------------------------------------------------------------------------------
 
+def probe_roles(roles: dict[str, RoleData], cfg: TrainConfig) -> dict[str, RoleData]:
+    """The fixed-noise probe's samples: a random subset of eval_samples per role, drawn with the run's seed."""
+    gen = torch.Generator().manual_seed(cfg.seed + 4)
+    return {r: d.subset(min(cfg.eval_samples, len(d)), gen) for r, d in roles.items()}
+
+
+def keep_best_attacker(run, progress: Progress, record: dict) -> None:
+    """``<output_name>.attacker_best.safetensors``: the attacker with the best fresh-noise test accuracy so far."""
+    acc = record.get("attacker_test_acc_fresh")
+    if acc is None or acc <= progress.best_attacker_acc:
+        return
+    progress.best_attacker_acc = acc
+    save_modules(run, run.cfg.output_name, suffix=BEST_SUFFIX, extra={"privlora_attacker_test_acc_fresh": str(acc),
+                                                                          "privlora_step": str(progress.step)})
+
+
 class FixedNoiseProbe:
-    """Loss maps of fixed samples under fixed noise and timesteps: comparable from one epoch to the next."""
+    """Loss maps of fixed samples under fixed noise and timesteps: comparable from one epoch to the next.
+
+    The samples are a seeded random subset of each role (``probe_roles``), not the first ones in file order.
+    """
 
     def __init__(self, roles: dict[str, RoleData], seed: int, num_train_timesteps: int = 1000):
         self.roles, self.seed = roles, seed
@@ -402,11 +434,20 @@ def save_lora(run: Run, name: str) -> Path:
         unet = acc.unwrap_model(run.unet)
         te = base.text_encoder if cfg.train_text_encoder else None
         (save_kohya if cfg.save_format == "kohya" else save_diffusers)(path, unet, te, run.metadata)
-        for mod_name, module in run.objective.modules().items():
-            meta = {"privlora_module": mod_name, "channels": str(base.unet.config.in_channels),
-                    "pool": str(cfg.attacker_pool), "hidden": json.dumps(cfg.attacker_hidden)}
-            save_safetensors(run.out / f"{name}.{mod_name}.safetensors", module.state_dict(), metadata=meta)
+    save_modules(run, name)
     return path
+
+
+def save_modules(run: Run, name: str, suffix: str = "", extra: dict[str, str] | None = None) -> None:
+    """The objective's trained modules (the attacker) as ``<name>.<module><suffix>.safetensors`` (main process)."""
+    cfg = run.cfg
+    if not run.accelerator.is_main_process:
+        return
+    for mod_name, module in run.objective.modules().items():
+        meta = {"privlora_module": mod_name, "channels": str(run.base.unet.config.in_channels),
+                "pool": str(cfg.attacker_pool), "hidden": json.dumps(cfg.attacker_hidden),
+                "dropout": str(cfg.attacker_dropout), "attacker_input": cfg.attacker_input, **(extra or {})}
+        save_safetensors(run.out / f"{name}.{mod_name}{suffix}.safetensors", module.state_dict(), metadata=meta)
 
 
 def lora_state(run: Run) -> dict[str, torch.Tensor]:

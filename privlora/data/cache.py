@@ -43,11 +43,13 @@ class RoleData(Dataset):
             item["caption"] = self.examples[j].caption
         return item
 
-    def subset(self, n: int) -> "RoleData":
-        """The first n examples (roles are already in a seeded random order)."""
-        sub = RoleData(self.examples[:n], resolution=self.resolution, center_crop=self.center_crop)
-        sub.latents = None if self.latents is None else self.latents[:n]
-        sub.text_emb = None if self.text_emb is None else self.text_emb[:n]
+    def subset(self, n: int, generator: torch.Generator) -> "RoleData":
+        """n examples drawn at random (without replacement) with ``generator``: a seeded random subset, not
+        the first n (roles come in file-path order)."""
+        picked = torch.randperm(len(self.examples), generator=generator)[:n].tolist()
+        sub = RoleData([self.examples[i] for i in picked], resolution=self.resolution, center_crop=self.center_crop)
+        sub.latents = None if self.latents is None else self.latents[picked]
+        sub.text_emb = None if self.text_emb is None else self.text_emb[picked]
         return sub
 
 
