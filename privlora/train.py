@@ -49,6 +49,7 @@ class Progress:
     collapsed_epochs: int = 0
     history: list = field(default_factory=list)
     best_attacker_acc: float = -1.0  # the co-trained attacker's best fresh-noise test accuracy so far
+    hessian: list = field(default_factory=list)  # {"step", "hessian_top_eig"} every hessian_every_n_steps
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -116,6 +117,9 @@ def lora_grad_norm(acc, params: list, max_norm: float) -> float:
 
 def after_step(run, progress: Progress, logs: dict, bar) -> None:
     cfg = run.cfg
+    if cfg.hessian_every_n_steps and progress.step % cfg.hessian_every_n_steps == 0:
+        logs = {**logs, "hessian_top_eig": lora_hessian_top_eig(run)}
+        progress.hessian.append({"step": progress.step, "hessian_top_eig": logs["hessian_top_eig"]})
     if progress.step % cfg.log_every_n_steps == 0:
         run.accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=progress.step)
     bar.update(1)
@@ -165,7 +169,8 @@ def evaluate_and_log(run, progress: Progress, logs: dict, bar) -> None:
                   f"({run.base_losses['member_test']:.4f}) for {progress.collapsed_epochs} evaluations: "
                   "utility collapse")
     if acc.is_main_process:
-        write_json(run.out / "history.json", {"base": run.base_losses, "epochs": progress.history})
+        write_json(run.out / "history.json", {"base": run.base_losses, "epochs": progress.history,
+                                              **({"hessian": progress.hessian} if progress.hessian else {})})
 
 
 # --- setup ---------------------------------------------------------------------------------------------------
@@ -342,6 +347,37 @@ def make_lr_scheduler(cfg: TrainConfig, optimizer, max_steps: int, num_processes
 
 
 # --- evaluation ------------------------------------------------------------------------------------------------
+
+def lora_hessian_top_eig(run) -> float:
+    """Top Hessian eigenvalue of the objective's LoRA loss w.r.t. the LoRA weights, on a fixed batch (the first
+    training examples) and fixed noise, timesteps and dropout masks, so successive values are comparable.
+    Every generator it touches is restored afterwards: the run continues exactly as without it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from privlora.hessian import top_eigenvalue
+
+    data = run.loader.dataset
+    batch = torch.utils.data.default_collate([data[i] for i in range(min(run.cfg.train_batch_size, len(data)))])
+    gens = [g for g in (run.denoiser.generator, getattr(run.objective, "dropout_generator", None)) if g is not None]
+    saved = [g.get_state() for g in gens]
+    fixed = torch.Generator().manual_seed(run.cfg.seed + 8)
+
+    def loss() -> torch.Tensor:
+        for g in gens:
+            g.set_state(fixed.get_state())
+        return run.objective.lora_loss(batch, run.denoiser).loss
+
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    try:
+        # the math attention kernel: the fused ones have no double backward
+        with torch.random.fork_rng(devices=devices), sdpa_kernel(SDPBackend.MATH):  # fork: LoRA dropout's RNG
+            torch.manual_seed(run.cfg.seed + 10)
+            return top_eigenvalue(loss, run.trainable, run.cfg.hessian_iters,
+                                  torch.Generator().manual_seed(run.cfg.seed + 9))
+    finally:
+        for g, state in zip(gens, saved):
+            g.set_state(state)
+
 
 def probe_roles(roles: dict[str, RoleData], cfg: TrainConfig) -> dict[str, RoleData]:
     """The fixed-noise probe's samples: a random subset of eval_samples per role, drawn with the run's seed."""

@@ -27,3 +27,33 @@ def test_probe_subset_is_a_seeded_random_subset_not_the_first_in_path_order():
     # latents travel with their examples
     sub = a["member_test"]
     assert [int(sub[i]["latents"].item()) for i in range(10)] == [int(p[1:4]) for p in picked]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hessian_top_eigenvalue_matches_the_exact_one_of_a_quadratic(seed):
+    from privlora.hessian import top_eigenvalue
+
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(7, 7, generator=g, dtype=torch.float64))
+    eig = torch.tensor([5.0, 1.5, 1.0, 0.5, 0.2, -0.3, 0.1], dtype=torch.float64)
+    a = q @ torch.diag(eig) @ q.T  # L(x, y) = ½ [x;y]ᵀ A [x;y] over two parameter tensors (3 + 4 entries)
+    x = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 2, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def loss():
+        z = torch.cat([x, y.flatten()])
+        return 0.5 * z @ a @ z + (z ** 2).sum() * 0.0
+
+    got = top_eigenvalue(loss, [x, y], iters=60, generator=torch.Generator().manual_seed(0))
+    assert got == pytest.approx(torch.linalg.eigvalsh(a).max().item(), rel=1e-6)
+
+
+def test_curves_plot_adds_a_hessian_panel_only_when_a_run_has_estimates():
+    from privlora.protocol import curves_png
+
+    epochs = [{"epoch": e, "L_ada": 1.0 / e, "grad_norm": 0.5, "member_gap": 0.0} for e in (1, 2)]
+    without = curves_png({"lora": {"history": {"epochs": epochs}}})
+    with_h = curves_png({"lora": {"history": {"epochs": epochs, "hessian": [{"step": 2, "hessian_top_eig": 3.0}]}}})
+    from PIL import Image
+    import io
+    assert Image.open(io.BytesIO(with_h)).width > Image.open(io.BytesIO(without)).width

@@ -195,3 +195,13 @@ def test_reference_run_evaluates_the_cotrained_attacker_on_fresh_noise_and_keeps
     assert saved == max(r["attacker_test_acc_fresh"] for r in history)
     resolved = (tmp_path / "r" / "resolved_config.toml").read_text()
     assert 'adv_step = "reference"' in resolved and "attacker_dropout_in_adv = true" in resolved
+
+
+def test_hessian_estimate_is_logged_on_schedule_and_leaves_the_run_unchanged(model, tmp_path):
+    plain = run(model, tmp_path / "a", method="smp_lora", max_train_steps=4, eval_every_n_epochs=1)
+    probed = run(model, tmp_path / "b", method="smp_lora", max_train_steps=4, hessian_every_n_steps=2, hessian_iters=3)
+    history = json.loads((tmp_path / "b" / "history.json").read_text())
+    assert [h["step"] for h in history["hessian"]] == [2, 4]
+    assert all(h["hessian_top_eig"] == h["hessian_top_eig"] and h["hessian_top_eig"] != 0 for h in history["hessian"])
+    with safe_open(str(plain), "pt") as fa, safe_open(str(probed), "pt") as fb:
+        assert all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys())
