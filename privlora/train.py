@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from privlora import checkpoint
 from privlora.attacker_eval import BEST_SUFFIX, eval_roles, evaluate_attacker
+from privlora.captions import CaptionShuffler, captions_fixed
 from privlora.config import TrainConfig, to_dict, write_resolved_config
 from privlora.data.cache import Cache, RoleData
 from privlora.data.prepare import prepare_splits, write_run_files
@@ -156,8 +157,10 @@ def save_point(run, progress: Progress, name: str) -> None:
 def evaluate_and_log(run, progress: Progress, logs: dict, bar) -> None:
     cfg, acc = run.cfg, run.accelerator
     run.unet.eval()
-    record = evaluate_epoch(progress.epoch, progress.step, run.probe, run.denoiser, run.objective, run.base_maps, logs)
-    record.update(evaluate_attacker(run.objective, run.attacker_roles or {}, run.denoiser, cfg.seed + 7 + progress.step))
+    with captions_fixed(run.denoiser):
+        record = evaluate_epoch(progress.epoch, progress.step, run.probe, run.denoiser, run.objective, run.base_maps, logs)
+        record.update(evaluate_attacker(run.objective, run.attacker_roles or {}, run.denoiser,
+                                        cfg.seed + 7 + progress.step))
     run.unet.train()
     keep_best_attacker(run, progress, record)
     progress.history.append(record)
@@ -251,8 +254,9 @@ def setup(cfg: TrainConfig) -> Run:
     denoiser = Denoiser(base, device=device, generator=noise, clip_skip=cfg.clip_skip, noise_offset=cfg.noise_offset,
                         min_snr_gamma=cfg.min_snr_gamma, autocast=accelerator.autocast)
     denoiser.unet = unet
+    configure_captions(denoiser, cfg, accelerator.process_index)
     probe = FixedNoiseProbe(probe_roles(roles, cfg), cfg.seed + 3)
-    with adapters_disabled(base):
+    with adapters_disabled(base), captions_fixed(denoiser):
         base_maps = probe.maps(denoiser)
     base_losses = {r: m.mean().item() for r, m in base_maps.items()}
     accelerator.init_trackers("privlora", config={k: v for k, v in to_dict(cfg).items()
@@ -262,6 +266,13 @@ def setup(cfg: TrainConfig) -> Run:
               aux, objective, denoiser, probe, base_maps, base_losses, lora_metadata(cfg, base), max_steps)
     run.attacker_roles = eval_roles(roles, cfg.attacker_eval_samples, cfg.seed + 6)
     return run
+
+
+def configure_captions(denoiser: Denoiser, cfg: TrainConfig, rank: int) -> None:
+    """kohya's max_token_length and (seeded, per-step) shuffle_caption on the denoiser's text encoding."""
+    denoiser.max_token_length = cfg.max_token_length
+    if cfg.shuffle_caption:
+        denoiser.caption_shuffle = CaptionShuffler(cfg.keep_tokens, cfg.seed + 11 + 10 * rank)
 
 
 def inject_lora(cfg: TrainConfig, base, device) -> tuple[list, list[dict]]:
@@ -370,7 +381,7 @@ def lora_hessian_top_eig(run) -> float:
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
         # the math attention kernel: the fused ones have no double backward
-        with torch.random.fork_rng(devices=devices), sdpa_kernel(SDPBackend.MATH):  # fork: LoRA dropout's RNG
+        with torch.random.fork_rng(devices=devices), sdpa_kernel(SDPBackend.MATH), captions_fixed(run.denoiser):  # fork: LoRA dropout's RNG
             torch.manual_seed(run.cfg.seed + 10)
             return top_eigenvalue(loss, run.trainable, run.cfg.hessian_iters,
                                   torch.Generator().manual_seed(run.cfg.seed + 9))
@@ -500,7 +511,7 @@ def save_state(run: Run, progress: Progress) -> Path:
         "aux_served": {r: it.served for r, it in run.aux.items()},
         "config": {k: getattr(run.cfg, k) for k in RESUME_MUST_MATCH},
     }
-    rank_payload = {"rng": checkpoint.rng_state(), "noise": run.noise.get_state(),
+    rank_payload = {"rng": checkpoint.rng_state(), "noise": run.noise.get_state(), **caption_state(run.denoiser),
                     "order": run.loader_order.get_state(), "epoch_start_order": run.epoch_start_order}
     return checkpoint.save_state(run.out, progress.step, payload, rank_payload, run.accelerator)
 
@@ -526,10 +537,17 @@ def restore(run: Run, path: Path) -> Progress:
     progress = Progress(**state["progress"])
     checkpoint.set_rng_state(rank_state["rng"])
     run.noise.set_state(rank_state["noise"])
+    if "caption_shuffle" in rank_state and run.denoiser.caption_shuffle is not None:
+        run.denoiser.caption_shuffle.generator.set_state(rank_state["caption_shuffle"])
     run.epoch_start_order = rank_state["epoch_start_order"]
     # Mid-epoch: replay this epoch's data order (the loop then skips the batches already seen).
     run.loader_order.set_state(rank_state["epoch_start_order"] if progress.batch_in_epoch else rank_state["order"])
     return progress
+
+
+def caption_state(denoiser: Denoiser) -> dict:
+    shuffle = denoiser.caption_shuffle
+    return {} if shuffle is None else {"caption_shuffle": shuffle.generator.get_state()}
 
 
 class InterruptFlag:

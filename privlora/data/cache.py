@@ -67,10 +67,12 @@ def encode_latents(base, examples: list[Example], resolution: int, center_crop: 
 
 
 @torch.no_grad()
-def encode_texts(base, captions: list[str], clip_skip: int | None, device, batch_size: int = 64) -> torch.Tensor:
+def encode_texts(base, captions: list[str], clip_skip: int | None, device, batch_size: int = 64,
+                 max_token_length: int | None = None) -> torch.Tensor:
     from privlora.models.loading import encode_prompt
 
-    out = [encode_prompt(base, captions[s:s + batch_size], clip_skip=clip_skip).float().cpu()
+    out = [encode_prompt(base, captions[s:s + batch_size], clip_skip=clip_skip,
+                         max_token_length=max_token_length).float().cpu()
            for s in range(0, len(captions), batch_size)]
     return torch.cat(out)
 
@@ -100,6 +102,7 @@ class Cache:
     def _lookup_text(self, captions: list[str]) -> torch.Tensor:
         todo = [c for c in dict.fromkeys(captions) if c not in self._text]
         if todo:
-            enc = encode_texts(self.base, todo, self.cfg.clip_skip, self.device)
+            enc = encode_texts(self.base, todo, self.cfg.clip_skip, self.device,
+                               max_token_length=self.cfg.max_token_length)
             self._text.update(dict(zip(todo, enc)))
         return torch.stack([self._text[c] for c in captions])
