@@ -3,6 +3,11 @@
     python benchmarks/privacy_bench.py --out runs/bench [--quick] [--seed 1337] [--epochs 60] \
         [--n_member_test 200 --n_nonmember_test 200] [--smp_alpha 1 --smp_beta 1 --attacker_lr 1e-3 --k_steps 1]
 
+Reference step vs fused step, same seed and budget (one protocol run per step, in <out>/<step>/, then a
+side-by-side table of the MP-/SMP-LoRA rows in <out>/adv_steps.md):
+
+    python benchmarks/privacy_bench.py --out runs/bench-steps --adv_steps reference fused [--attacker_dropout_in_adv]
+
 Writes <out>/table.json (every number, settings, date, machine), table.md, frontier.png, curves.png and the
 audit report under <out>/audit/.
 """
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from privlora.io import write_text
 from privlora.protocol import ProtocolSettings, format_table, quick_settings, run_protocol
 
 
@@ -31,6 +37,9 @@ def main() -> None:
     p.add_argument("--attacker_lr", type=float)
     p.add_argument("--k_steps", type=int)
     p.add_argument("--adv_step", choices=["fused", "reference"])
+    p.add_argument("--adv_steps", nargs="+", choices=["fused", "reference"],
+                   help="run the whole protocol once per step (same seed and budget) and compare")
+    p.add_argument("--attacker_dropout_in_adv", action="store_true", help="L_adv with dropout active (the reference)")
     p.add_argument("--attacker_input", choices=["loss_map", "calibrated"])
     p.add_argument("--defences", nargs="+", help="a subset of the defence runs (default: all of them)")
     args = p.parse_args()
@@ -38,6 +47,16 @@ def main() -> None:
 
     quiet_libraries()
 
+    if not args.adv_steps:
+        print(format_table(run_protocol(settings(args, args.adv_step), Path(args.out))))
+        return
+    tables = {step: run_protocol(settings(args, step), Path(args.out) / step) for step in args.adv_steps}
+    text = "\n\n".join(f"## adv_step = {step}\n\n{format_table(t)}" for step, t in tables.items())
+    write_text(Path(args.out) / "adv_steps.md", f"# SMP-/MP-LoRA: adv_step compared, same seed and budget\n\n{text}\n")
+    print(text)
+
+
+def settings(args: argparse.Namespace, adv_step: str | None) -> ProtocolSettings:
     s = quick_settings() if args.quick else ProtocolSettings()
     for key in ("seed", "data_seed", "epochs", "n_member_test", "n_nonmember_test", "n_member_aux", "n_nonmember_aux",
                 "quality_samples", "budgets", "attacks"):
@@ -46,16 +65,15 @@ def main() -> None:
     overrides = {"mp_lora": {"privacy_alpha": args.mp_alpha},
                  "smp_lora": {"privacy_alpha": args.smp_alpha, "privacy_beta": args.smp_beta}}
     for method in ("mp_lora", "smp_lora"):
-        shared = {"attacker_lr": args.attacker_lr, "k_steps": args.k_steps, "adv_step": args.adv_step,
-                  "attacker_input": args.attacker_input}
+        shared = {"attacker_lr": args.attacker_lr, "k_steps": args.k_steps, "adv_step": adv_step,
+                  "attacker_input": args.attacker_input, "attacker_dropout_in_adv": args.attacker_dropout_in_adv or None}
         s.method_overrides[method].update({k: v for k, v in {**overrides[method], **shared}.items() if v is not None})
     if args.defences:
         unknown = set(args.defences) - set(s.method_overrides)
         if unknown:
-            p.error(f"unknown defence {sorted(unknown)[0]!r} (choose from {', '.join(s.method_overrides)})")
+            raise SystemExit(f"unknown defence {sorted(unknown)[0]!r} (choose from {', '.join(s.method_overrides)})")
         s.method_overrides = {k: v for k, v in s.method_overrides.items() if k in args.defences}
-    table = run_protocol(s, Path(args.out))
-    print(format_table(table))
+    return s
 
 
 if __name__ == "__main__":

@@ -13,6 +13,11 @@ def _train(args: argparse.Namespace, overrides: dict) -> int:
     from privlora.train import train
 
     cfg = build_config(args.config, overrides)
+    if getattr(args, "print_config", False):
+        from privlora.config import resolved_toml
+
+        print(resolved_toml(cfg), end="")
+        return 0
     path = train(cfg)
     print(f"saved {path}")
     return 0
@@ -171,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a LoRA (plain, MP-LoRA or SMP-LoRA) from a TOML preset and flags",
                            argument_default=argparse.SUPPRESS)
     train.add_argument("--config", default=None, help="TOML preset; flags override its keys")
+    train.add_argument("--print_config", action="store_true",
+                       help="print every resolved setting (after inherit and flags) as TOML and exit")
     add_config_flags(train)
     train.set_defaults(handler=_train)
     _add_audit_parser(sub)
@@ -188,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
-    reserved = {"command", "handler", "config", "allow_network"}
+    reserved = {"command", "handler", "config", "allow_network", "print_config"}
     overrides = {k: v for k, v in vars(args).items() if k not in reserved}
     try:
         return args.handler(args, overrides)

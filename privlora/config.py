@@ -93,6 +93,14 @@ class TrainConfig:
     dp_accountant: str = "prv"  # prv | rdp (Opacus' accountants)
     dp_micro_batch_size: int = 16  # per-image gradients are formed this many images at a time (memory bound)
     dp_noise_draws: int = 1  # noise/timestep draws averaged per image before clipping (DPDM's noise multiplicity)
+    # fidelity to the reference implementation (docs/fidelity.md)
+    attacker_dropout_in_adv: bool = False  # L_adv runs the attacker with dropout active (the reference); seeded masks
+    shuffle_caption: bool = False  # kohya: shuffle comma-separated tags every step (seeded); no text caching then
+    keep_tokens: int = 0  # kohya: the first N tags stay in place when shuffling
+    max_token_length: int | None = None  # kohya: 75 | 150 | 225 tokens in 75-token windows; None: one window
+    attacker_eval_samples: int | None = None  # per role, for the co-trained attacker's evaluation; None: all
+    hessian_every_n_steps: int = 0  # >0: estimate the top Hessian eigenvalue of the LoRA loss every N steps
+    hessian_iters: int = 10  # power-iteration steps per estimate
     collapse_patience: int = 3  # evaluations with member_test loss above the base model's before warning
     # evaluation during training
     eval_samples: int = 64  # per test role, for the per-epoch held-out losses and attacker accuracy
@@ -137,6 +145,7 @@ class TrainConfig:
             raise bad(f"optimizer_type {self.optimizer_type!r} is not AdamW or AdamW8bit")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise bad(f"prediction_type {self.prediction_type!r} is not epsilon or v_prediction")
+        self._validate_fidelity(bad)
         if not (self.max_train_epochs or self.max_train_steps):
             raise bad("set max_train_epochs or max_train_steps")
         for key in ("network_dim", "train_batch_size", "gradient_accumulation_steps", "k_steps", "attacker_pool",
@@ -153,10 +162,21 @@ class TrainConfig:
             read_prompts(self.sample_prompts)  # a bad line fails before training
         return self
 
+    def _validate_fidelity(self, bad) -> None:
+        if self.max_token_length not in (None, 75, 150, 225):
+            raise bad(f"max_token_length {self.max_token_length} is not 75, 150 or 225")
+        if self.keep_tokens < 0 or self.hessian_every_n_steps < 0 or self.hessian_iters < 1:
+            raise bad("keep_tokens and hessian_every_n_steps must be ≥ 0, hessian_iters ≥ 1")
+        if self.attacker_eval_samples is not None and self.attacker_eval_samples < 1:
+            raise bad("attacker_eval_samples must be ≥ 1")
+        if self.shuffle_caption and self.cache_text_encoder_outputs:
+            raise bad("shuffle_caption changes the caption every step, so text encoder outputs cannot be cached; "
+                      "turn off cache_text_encoder_outputs or shuffle_caption")
+
     @property
     def caches_text(self) -> bool:
         if self.cache_text_encoder_outputs is None:
-            return not self.train_text_encoder
+            return not (self.train_text_encoder or self.shuffle_caption)
         return self.cache_text_encoder_outputs and not self.train_text_encoder
 
 
@@ -257,3 +277,36 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+RESOLVED_NAME = "resolved_config.toml"
+
+
+def resolved_toml(cfg: TrainConfig) -> str:
+    """Every key of ``cfg`` after inherit and flags, as a flat TOML preset that ``build_config`` reads back.
+
+    TOML has no null: an unset key (None) is written as a comment, which reads back as its default (None).
+    """
+    lines = ["# privlora: the fully resolved training settings (every key, after inherit and flags)"]
+    for f in fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        lines.append(f"# {f.name} = (unset)" if value is None else f"{f.name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def write_resolved_config(cfg: TrainConfig, out: str | Path) -> Path:
+    from privlora.io import write_text
+
+    return write_text(Path(out) / RESOLVED_NAME, resolved_toml(cfg))

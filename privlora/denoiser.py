@@ -15,6 +15,8 @@ class Denoiser:
         self.clip_skip, self.noise_offset, self.min_snr_gamma = clip_skip, noise_offset, min_snr_gamma
         self.autocast = autocast or contextlib.nullcontext
         self.unet = base.unet  # may be replaced by the accelerate-wrapped module
+        self.max_token_length: int | None = None  # kohya's long prompts (privlora.captions)
+        self.caption_shuffle = None  # a CaptionShuffler when shuffle_caption is on
 
     def latents(self, batch: dict) -> torch.Tensor:
         if "latents" in batch:
@@ -30,7 +32,10 @@ class Denoiser:
             return batch["text_emb"].to(self.device)
         from privlora.models.loading import encode_prompt
 
-        return encode_prompt(self.base, list(batch["caption"]), clip_skip=self.clip_skip)
+        captions = list(batch["caption"])
+        if self.caption_shuffle is not None:  # kohya's shuffle_caption, per step (privlora.captions)
+            captions = self.caption_shuffle(captions)
+        return encode_prompt(self.base, captions, clip_skip=self.clip_skip, max_token_length=self.max_token_length)
 
     def loss_map(self, batch: dict, *, generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
                  timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -282,8 +282,10 @@ def curves_png(runs: dict) -> bytes:
     import matplotlib.pyplot as plt
 
     keys = [("L_ada", "L_ada (last step)"), ("L_adv", "L_adv (last step)"), ("attacker_test_acc", "attacker test acc"),
-            ("member_gap", "held-out gap (nonmember − member loss)")]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
+            ("member_gap", "held-out gap (nonmember − member loss)"), ("grad_norm", "LoRA grad norm (last step)")]
+    with_hessian = any(run["history"].get("hessian") for run in runs.values())
+    panels = len(keys) + with_hessian
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4))
     for ax, (key, title) in zip(axes, keys):
         for method, run in runs.items():
             epochs = run["history"]["epochs"]
@@ -292,6 +294,12 @@ def curves_png(runs: dict) -> bytes:
                 ax.plot(xs, [e[key] for e in epochs if key in e], label=method)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+    if with_hessian:  # sharpness: the top Hessian eigenvalue of each run's LoRA loss (hessian_every_n_steps)
+        for method, run in runs.items():
+            points = run["history"].get("hessian", [])
+            axes[-1].plot([h["step"] for h in points], [h["hessian_top_eig"] for h in points], label=method)
+        axes[-1].set_title("top Hessian eigenvalue")
+        axes[-1].set_xlabel("step")
     axes[0].legend()
     fig.tight_layout()
     buf = io.BytesIO()

@@ -19,7 +19,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from privlora import checkpoint
-from privlora.config import TrainConfig, to_dict
+from privlora.attacker_eval import BEST_SUFFIX, eval_roles, evaluate_attacker
+from privlora.captions import CaptionShuffler, captions_fixed
+from privlora.config import TrainConfig, to_dict, write_resolved_config
 from privlora.data.cache import Cache, RoleData
 from privlora.data.prepare import prepare_splits, write_run_files
 from privlora.denoiser import Denoiser, adapters_disabled
@@ -48,6 +50,8 @@ class Progress:
     batch_in_epoch: int = 0  # batches consumed in the epoch under way
     collapsed_epochs: int = 0
     history: list = field(default_factory=list)
+    best_attacker_acc: float = -1.0  # the co-trained attacker's best fresh-noise test accuracy so far
+    hessian: list = field(default_factory=list)  # {"step", "hessian_top_eig"} every hessian_every_n_steps
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -97,17 +101,21 @@ def train_step(run, batch: dict, step: int) -> dict | None:
             # DDP wraps the UNet only; the text encoder's LoRA gradients are averaged here.
             average_gradients(acc, run.base.text_encoder.parameters())
         if acc.sync_gradients:
-            run.objective.clip(run.trainable, run.cfg.max_grad_norm, acc.clip_grad_norm_)
+            grad_norm = run.objective.clip(run.trainable, run.cfg.max_grad_norm, acc.clip_grad_norm_)
         run.optimizer.step()
         run.lr_scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
     if not acc.sync_gradients:
         return None
-    return {**result.logs, **run.objective.after_lora_step(run.denoiser), "lr": run.lr_scheduler.get_last_lr()[0]}
+    logs = {**result.logs, **run.objective.after_lora_step(run.denoiser), "lr": run.lr_scheduler.get_last_lr()[0]}
+    return logs if grad_norm is None else {**logs, "grad_norm": grad_norm}
 
 
 def after_step(run, progress: Progress, logs: dict, bar) -> None:
     cfg = run.cfg
+    if cfg.hessian_every_n_steps and progress.step % cfg.hessian_every_n_steps == 0:
+        logs = {**logs, "hessian_top_eig": lora_hessian_top_eig(run)}
+        progress.hessian.append({"step": progress.step, "hessian_top_eig": logs["hessian_top_eig"]})
     if progress.step % cfg.log_every_n_steps == 0:
         run.accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=progress.step)
     bar.update(1)
@@ -149,8 +157,12 @@ def save_point(run, progress: Progress, name: str) -> None:
 def evaluate_and_log(run, progress: Progress, logs: dict, bar) -> None:
     cfg, acc = run.cfg, run.accelerator
     run.unet.eval()
-    record = evaluate_epoch(progress.epoch, progress.step, run.probe, run.denoiser, run.objective, run.base_maps, logs)
+    with captions_fixed(run.denoiser):
+        record = evaluate_epoch(progress.epoch, progress.step, run.probe, run.denoiser, run.objective, run.base_maps, logs)
+        record.update(evaluate_attacker(run.objective, run.attacker_roles or {}, run.denoiser,
+                                        cfg.seed + 7 + progress.step))
     run.unet.train()
+    keep_best_attacker(run, progress, record)
     progress.history.append(record)
     acc.log({f"epoch/{k}": v for k, v in record.items() if k not in ("epoch", "step")}, step=progress.step)
     worse = record["member_test_loss"] > run.base_losses["member_test"]
@@ -160,7 +172,8 @@ def evaluate_and_log(run, progress: Progress, logs: dict, bar) -> None:
                   f"({run.base_losses['member_test']:.4f}) for {progress.collapsed_epochs} evaluations: "
                   "utility collapse")
     if acc.is_main_process:
-        write_json(run.out / "history.json", {"base": run.base_losses, "epochs": progress.history})
+        write_json(run.out / "history.json", {"base": run.base_losses, "epochs": progress.history,
+                                              **({"hessian": progress.hessian} if progress.hessian else {})})
 
 
 # --- setup ---------------------------------------------------------------------------------------------------
@@ -187,6 +200,7 @@ class Run:
     metadata: dict
     max_steps: int
     epoch_start_order: torch.Tensor | None = None
+    attacker_roles: dict | None = None  # role -> RoleData for the co-trained attacker's evaluation
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -205,6 +219,8 @@ def setup(cfg: TrainConfig) -> Run:
                      prediction_type=cfg.prediction_type)
     if accelerator.is_main_process and not cfg.resume:
         write_run_files(out, splits, skipped)
+    if accelerator.is_main_process:
+        write_resolved_config(cfg, out)
     set_seed(cfg.seed)
     device = accelerator.device
     trainable, param_groups = inject_lora(cfg, base, device)
@@ -240,15 +256,25 @@ def setup(cfg: TrainConfig) -> Run:
     denoiser = Denoiser(base, device=device, generator=noise, clip_skip=cfg.clip_skip, noise_offset=cfg.noise_offset,
                         min_snr_gamma=cfg.min_snr_gamma, autocast=accelerator.autocast)
     denoiser.unet = unet
-    probe = FixedNoiseProbe({r: d.subset(min(cfg.eval_samples, len(d))) for r, d in roles.items()}, cfg.seed + 3)
-    with adapters_disabled(base):
+    configure_captions(denoiser, cfg, accelerator.process_index)
+    probe = FixedNoiseProbe(probe_roles(roles, cfg), cfg.seed + 3)
+    with adapters_disabled(base), captions_fixed(denoiser):
         base_maps = probe.maps(denoiser)
     base_losses = {r: m.mean().item() for r, m in base_maps.items()}
     accelerator.init_trackers("privlora", config={k: v for k, v in to_dict(cfg).items()
                                                   if isinstance(v, (int, float, str, bool))})
     unet.train()
-    return Run(cfg, out, accelerator, base, unet, trainable, optimizer, lr_scheduler, loader, loader_order, noise,
-               aux, objective, denoiser, probe, base_maps, base_losses, lora_metadata(cfg, base), max_steps)
+    run = Run(cfg, out, accelerator, base, unet, trainable, optimizer, lr_scheduler, loader, loader_order, noise,
+              aux, objective, denoiser, probe, base_maps, base_losses, lora_metadata(cfg, base), max_steps)
+    run.attacker_roles = eval_roles(roles, cfg.attacker_eval_samples, cfg.seed + 6)
+    return run
+
+
+def configure_captions(denoiser: Denoiser, cfg: TrainConfig, rank: int) -> None:
+    """kohya's max_token_length and (seeded, per-step) shuffle_caption on the denoiser's text encoding."""
+    denoiser.max_token_length = cfg.max_token_length
+    if cfg.shuffle_caption:
+        denoiser.caption_shuffle = CaptionShuffler(cfg.keep_tokens, cfg.seed + 11 + 10 * rank)
 
 
 def inject_lora(cfg: TrainConfig, base, device) -> tuple[list, list[dict]]:
@@ -335,8 +361,58 @@ def make_lr_scheduler(cfg: TrainConfig, optimizer, max_steps: int, num_processes
 
 # --- evaluation ------------------------------------------------------------------------------------------------
 
+def lora_hessian_top_eig(run) -> float:
+    """Top Hessian eigenvalue of the objective's LoRA loss w.r.t. the LoRA weights, on a fixed batch (the first
+    training examples) and fixed noise, timesteps and dropout masks, so successive values are comparable.
+    Every generator it touches is restored afterwards: the run continues exactly as without it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from privlora.hessian import top_eigenvalue
+
+    data = run.loader.dataset
+    batch = torch.utils.data.default_collate([data[i] for i in range(min(run.cfg.train_batch_size, len(data)))])
+    gens = [g for g in (run.denoiser.generator, getattr(run.objective, "dropout_generator", None)) if g is not None]
+    saved = [g.get_state() for g in gens]
+    fixed = torch.Generator().manual_seed(run.cfg.seed + 8)
+
+    def loss() -> torch.Tensor:
+        for g in gens:
+            g.set_state(fixed.get_state())
+        return run.objective.lora_loss(batch, run.denoiser).loss
+
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    try:
+        # the math attention kernel: the fused ones have no double backward
+        with torch.random.fork_rng(devices=devices), sdpa_kernel(SDPBackend.MATH), captions_fixed(run.denoiser):  # fork: LoRA dropout's RNG
+            torch.manual_seed(run.cfg.seed + 10)
+            return top_eigenvalue(loss, run.trainable, run.cfg.hessian_iters,
+                                  torch.Generator().manual_seed(run.cfg.seed + 9))
+    finally:
+        for g, state in zip(gens, saved):
+            g.set_state(state)
+
+
+def probe_roles(roles: dict[str, RoleData], cfg: TrainConfig) -> dict[str, RoleData]:
+    """The fixed-noise probe's samples: a random subset of eval_samples per role, drawn with the run's seed."""
+    gen = torch.Generator().manual_seed(cfg.seed + 4)
+    return {r: d.subset(min(cfg.eval_samples, len(d)), gen) for r, d in roles.items()}
+
+
+def keep_best_attacker(run, progress: Progress, record: dict) -> None:
+    """``<output_name>.attacker_best.safetensors``: the attacker with the best fresh-noise test accuracy so far."""
+    acc = record.get("attacker_test_acc_fresh")
+    if acc is None or acc <= progress.best_attacker_acc:
+        return
+    progress.best_attacker_acc = acc
+    save_modules(run, run.cfg.output_name, suffix=BEST_SUFFIX, extra={"privlora_attacker_test_acc_fresh": str(acc),
+                                                                          "privlora_step": str(progress.step)})
+
+
 class FixedNoiseProbe:
-    """Loss maps of fixed samples under fixed noise and timesteps: comparable from one epoch to the next."""
+    """Loss maps of fixed samples under fixed noise and timesteps: comparable from one epoch to the next.
+
+    The samples are a seeded random subset of each role (``probe_roles``), not the first ones in file order.
+    """
 
     def __init__(self, roles: dict[str, RoleData], seed: int, num_train_timesteps: int = 1000):
         self.roles, self.seed = roles, seed
@@ -411,11 +487,20 @@ def save_lora(run: Run, name: str) -> Path:
         te = base.text_encoder if cfg.train_text_encoder else None
         metadata = {**run.metadata, **run.objective.metadata()}
         (save_kohya if cfg.save_format == "kohya" else save_diffusers)(path, unet, te, metadata)
-        for mod_name, module in run.objective.modules().items():
-            meta = {"privlora_module": mod_name, "channels": str(base.unet.config.in_channels),
-                    "pool": str(cfg.attacker_pool), "hidden": json.dumps(cfg.attacker_hidden)}
-            save_safetensors(run.out / f"{name}.{mod_name}.safetensors", module.state_dict(), metadata=meta)
+    save_modules(run, name)
     return path
+
+
+def save_modules(run: Run, name: str, suffix: str = "", extra: dict[str, str] | None = None) -> None:
+    """The objective's trained modules (the attacker) as ``<name>.<module><suffix>.safetensors`` (main process)."""
+    cfg = run.cfg
+    if not run.accelerator.is_main_process:
+        return
+    for mod_name, module in run.objective.modules().items():
+        meta = {"privlora_module": mod_name, "channels": str(run.base.unet.config.in_channels),
+                "pool": str(cfg.attacker_pool), "hidden": json.dumps(cfg.attacker_hidden),
+                "dropout": str(cfg.attacker_dropout), "attacker_input": cfg.attacker_input, **(extra or {})}
+        save_safetensors(run.out / f"{name}.{mod_name}{suffix}.safetensors", module.state_dict(), metadata=meta)
 
 
 def lora_state(run: Run) -> dict[str, torch.Tensor]:
@@ -432,7 +517,7 @@ def save_state(run: Run, progress: Progress) -> Path:
         "aux_served": {r: it.served for r, it in run.aux.items()},
         "config": {k: getattr(run.cfg, k) for k in RESUME_MUST_MATCH},
     }
-    rank_payload = {"rng": checkpoint.rng_state(), "noise": run.noise.get_state(),
+    rank_payload = {"rng": checkpoint.rng_state(), "noise": run.noise.get_state(), **caption_state(run.denoiser),
                     "order": run.loader_order.get_state(), "epoch_start_order": run.epoch_start_order}
     return checkpoint.save_state(run.out, progress.step, payload, rank_payload, run.accelerator)
 
@@ -458,10 +543,17 @@ def restore(run: Run, path: Path) -> Progress:
     progress = Progress(**state["progress"])
     checkpoint.set_rng_state(rank_state["rng"])
     run.noise.set_state(rank_state["noise"])
+    if "caption_shuffle" in rank_state and run.denoiser.caption_shuffle is not None:
+        run.denoiser.caption_shuffle.generator.set_state(rank_state["caption_shuffle"])
     run.epoch_start_order = rank_state["epoch_start_order"]
     # Mid-epoch: replay this epoch's data order (the loop then skips the batches already seen).
     run.loader_order.set_state(rank_state["epoch_start_order"] if progress.batch_in_epoch else rank_state["order"])
     return progress
+
+
+def caption_state(denoiser: Denoiser) -> dict:
+    shuffle = denoiser.caption_shuffle
+    return {} if shuffle is None else {"caption_shuffle": shuffle.generator.get_state()}
 
 
 class InterruptFlag:

@@ -17,7 +17,7 @@ EPOCHS=${EPOCHS:-400}
 ALPHA=${ALPHA:-1.0}          # privacy weight α
 BETA=${BETA:-1.0}            # SMP-LoRA's β
 K_STEPS=${K_STEPS:-1}        # attacker steps per LoRA step
-ADV_STEP=${ADV_STEP:-fused}  # fused | reference
+ADV_STEP=${ADV_STEP:-reference}  # reference (the paper) | fused (faster, not the paper: docs/fidelity.md)
 NUM_GPUS=${NUM_GPUS:-1}      # >1: multi-GPU data parallel
 MIXED_PRECISION=${MIXED_PRECISION:-fp16}
 

@@ -109,7 +109,7 @@ def test_report_files_are_written_and_valid(env, tmp_path):
             assert len(model["scores"][name]["member_test"]) == 6
         assert model["results"]["mlp"]["fit"]["n_member"] == 4
     md = (out / "report.md").read_text()
-    assert "| attack | AUC | ASR | TPR@1%FPR | TPR@0.1%FPR | fit on aux |" in md
+    assert "| attack | AUC | ASR | TPR@5%FPR | TPR@1%FPR | TPR@0.1%FPR | fit on aux |" in md
     assert "| attack | queries/sample | `base` | `te` | `zero` |" in md
     for png in ("roc.png", "scores.png"):
         data = (out / png).read_bytes()

@@ -37,7 +37,7 @@ def test_all_equal_scores_are_chance():
 
 def test_perfect_and_inverted_separation():
     good = metrics.point_metrics(np.array([3.0, 4.0]), np.array([1.0, 2.0]))
-    assert good == {"auc": 1.0, "asr": 1.0, "tpr_at_1pct_fpr": 1.0, "tpr_at_0.1pct_fpr": 1.0}
+    assert good == {"auc": 1.0, "asr": 1.0, "tpr_at_5pct_fpr": 1.0, "tpr_at_1pct_fpr": 1.0, "tpr_at_0.1pct_fpr": 1.0}
     bad = metrics.point_metrics(np.array([1.0, 2.0]), np.array([3.0, 4.0]))
     assert bad["auc"] == 0.0 and bad["asr"] == 0.5 and bad["tpr_at_1pct_fpr"] == 0.0
 
@@ -71,10 +71,11 @@ def test_bootstrap_is_seeded_and_brackets_the_estimate():
 
 def test_small_sets_are_flagged():
     result = metrics.evaluate(np.arange(200.0), np.arange(200.0) - 5, seed=0, n_bootstrap=20)
-    assert result["reliable"] == {"tpr_at_1pct_fpr": True, "tpr_at_0.1pct_fpr": False}
+    assert result["reliable"] == {"tpr_at_5pct_fpr": True, "tpr_at_1pct_fpr": True, "tpr_at_0.1pct_fpr": False}
     assert len(result["notes"]) == 1 and "fewer" not in result["notes"][0] and "200 non-members" in result["notes"][0]
     big = metrics.evaluate(np.zeros(50), np.zeros(1000), seed=0, n_bootstrap=0)
-    assert big["reliable"] == {"tpr_at_1pct_fpr": True, "tpr_at_0.1pct_fpr": True} and big["notes"] == []
+    assert big["reliable"] == {"tpr_at_5pct_fpr": True, "tpr_at_1pct_fpr": True, "tpr_at_0.1pct_fpr": True}
+    assert big["notes"] == []
     assert "ci95" not in big
 
 
@@ -82,3 +83,16 @@ def test_non_finite_scores_count_as_least_member_like():
     result = metrics.evaluate(np.array([np.nan, 2.0, 3.0]), np.array([1.0, -np.inf]), seed=0, n_bootstrap=10)
     assert result["auc"] == pytest.approx(roc_auc_score([1, 1, 1, 0, 0], [-2, 2, 3, 1, -2]))
     assert any("non-finite" in n for n in result["notes"])
+
+
+def test_tpr_at_5pct_fpr_matches_a_hand_computed_roc():
+    # 20 non-members 0..19 and 4 members {18.5, 17.5, 10.5, 3}: one non-member (19) scores above every member.
+    # ROC: (0,0) → (.05,0) at τ=19 → (.05,.25) at 18.5 → (.10,.25) at 18 → (.10,.5) at 17.5 → … At FPR 0.05
+    # the ROC is vertical from 0 to 0.25: TPR@5%FPR = 0.25. (TPR@1%FPR is on the flat start: 0.)
+    member, nonmember = np.array([18.5, 17.5, 10.5, 3.0]), np.arange(20.0)
+    got = metrics.point_metrics(member, nonmember)
+    assert got["tpr_at_5pct_fpr"] == pytest.approx(0.25)
+    assert got["tpr_at_1pct_fpr"] == pytest.approx(0.0)
+    # Between ROC points: FPR 0.075 lies halfway from (.05,.25) to (.10,.25) — flat, still 0.25.
+    fpr, tpr, _ = metrics.roc(member, nonmember)
+    assert metrics.tpr_at_fpr(fpr, tpr, 0.075) == pytest.approx(0.25)

@@ -170,3 +170,74 @@ def test_calibrated_attacker_sees_maps_minus_the_base_models_and_only_the_lora_l
     obj.after_lora_step(den)
     assert torch.equal(den.theta.grad, grad)  # the attacker step added nothing to θ's gradient …
     assert all(p.grad is not None for p in obj.attacker.parameters())  # … and trained the attacker
+
+
+class RecordingDenoiser(FakeDenoiser):
+    """Records every batch it sees and whether the caller pinned the noise (unpinned = a fresh draw)."""
+
+    def __init__(self, seed=0):
+        super().__init__(seed)
+        self.seen, self.pinned = [], []
+
+    def loss_map(self, batch, **kw):
+        self.seen.append(batch["x"])
+        self.pinned.append(kw.get("noise") is not None or kw.get("timesteps") is not None)
+        return super().loss_map(batch, **kw)
+
+
+def test_reference_step_draws_fresh_aux_batches_and_noise_for_every_attacker_step():
+    obj, den = make(SMPLoraObjective, "reference", k_steps=3), RecordingDenoiser()
+    obj.lora_loss(next(batches(3)), den)
+    den.seen, den.pinned = [], []
+    obj.after_lora_step(den)
+    assert den.calls == 1 + 6 and not any(den.pinned)  # the doubled training forward, then one member + one non-member forward per attacker step
+    members, nonmembers = den.seen[0::2], den.seen[1::2]
+    expected_m, expected_n = batches(1), batches(2)  # the aux iterators' own order, one new batch per step
+    for m, n in zip(members, nonmembers):
+        assert torch.equal(m, next(expected_m)["x"]) and torch.equal(n, next(expected_n)["x"])
+    assert len({id(x) for x in den.seen}) == 6
+
+
+def test_fused_step_reuses_one_pair_of_maps_for_k_attacker_steps():
+    obj, den = make(SMPLoraObjective, "fused", k_steps=3), RecordingDenoiser()
+    obj.lora_loss(next(batches(3)), den)
+    obj.after_lora_step(den)
+    assert den.calls == 2  # the training forward + one non-member forward, whatever k
+
+
+def with_dropout_in_adv(obj, seed=11):
+    obj.dropout_generator = torch.Generator().manual_seed(seed)
+    return obj
+
+
+def test_dropout_in_adv_is_active_seeded_and_gives_the_attacker_no_gradient():
+    batch, den = next(batches(3)), FakeDenoiser()
+    plain = make(SMPLoraObjective, "reference").lora_loss(batch, den).logs["L_adv"]
+    a = with_dropout_in_adv(make(SMPLoraObjective, "reference"))
+    first, second = (a.lora_loss(batch, den) for _ in range(2))
+    assert first.logs["L_adv"] != pytest.approx(plain, rel=1e-6)  # dropout changes the attacker's output …
+    assert first.logs["L_adv"] != pytest.approx(second.logs["L_adv"], rel=1e-6)  # … with new masks every step
+    b = with_dropout_in_adv(make(SMPLoraObjective, "reference"))
+    assert b.lora_loss(batch, den).logs["L_adv"] == pytest.approx(first.logs["L_adv"], rel=1e-6)  # seeded
+    first.loss.backward()
+    assert den.theta.grad.abs().sum() > 0 and all(p.grad is None for p in a.attacker.parameters())
+    assert a.attacker.training  # its own mode is left alone
+
+
+def test_dropout_generator_state_travels_with_the_objective_state():
+    a = with_dropout_in_adv(make(SMPLoraObjective, "reference"))
+    den, batch = FakeDenoiser(), next(batches(3))
+    a.lora_loss(batch, den)
+    state = a.state_dict()
+    expected = a.lora_loss(batch, den).logs["L_adv"]
+    b = with_dropout_in_adv(make(SMPLoraObjective, "reference"), seed=99)
+    b.load_state_dict(state)
+    assert b.lora_loss(batch, den).logs["L_adv"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_build_objective_turns_dropout_in_adv_on_from_the_config():
+    cfg = TrainConfig(method="smp_lora", attacker_pool=8, attacker_hidden=[8], attacker_dropout_in_adv=True)
+    obj = build_objective(cfg, latent_channels=4, member_aux=batches(0), nonmember_aux=batches(1))
+    assert obj.dropout_generator is not None
+    cfg.attacker_dropout_in_adv = False
+    assert build_objective(cfg, latent_channels=4, member_aux=batches(0), nonmember_aux=batches(1)).dropout_generator is None

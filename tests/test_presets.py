@@ -70,3 +70,42 @@ def test_preset_split_layout_on_a_miniature_tree(preset, tmp_path):
         assert all(e.path in train_paths for e in splits.member_aux + splits.member_test)
         assert {e.repeats for e in splits.train} == {1, 2}
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("preset", DATASET_PRESETS, ids=str)
+def test_paper_presets_resolve_to_the_reference_method(preset):
+    cfg = build_config(str(preset), {})
+    assert (cfg.adv_step, cfg.attacker_dropout_in_adv, cfg.shuffle_caption, cfg.max_token_length) == \
+        ("reference", True, True, 225)
+    assert (cfg.network_dim, cfg.network_alpha, cfg.unet_lr, cfg.text_encoder_lr) == (64, 32, 1e-4, 1e-5)
+    assert (cfg.train_batch_size, cfg.max_train_epochs, cfg.clip_skip, cfg.seed, cfg.resolution) == (1, 400, 2, 1337, 512)
+    assert (cfg.privacy_alpha, cfg.privacy_beta, cfg.k_steps, cfg.attacker_lr, cfg.attacker_weight_decay) == \
+        (1.0, 1.0, 1, 1e-5, 1e-4)
+    assert (cfg.attacker_hidden, cfg.attacker_dropout, cfg.attacker_pool) == ([512, 256], 0.5, 64)
+    assert cfg.method == preset.stem and cfg.train_text_encoder and not cfg.caches_text
+
+
+def test_train_sh_launches_the_reference_step():
+    text = Path("scripts/train.sh").read_text()
+    assert "ADV_STEP=${ADV_STEP:-reference}" in text
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=str)
+def test_resolved_settings_read_back_to_the_same_config(preset, tmp_path):
+    from privlora.config import RESOLVED_NAME, write_resolved_config
+
+    cfg = build_config(str(preset), {"synthetic_images": 0, "train_data_dir": "/data/x", "splits_dir": None,
+                                     "splits": None, "keep_tokens": 2, "attacker_hidden": "8,4"})
+    again = build_config(str(write_resolved_config(cfg, tmp_path)), {})
+    assert again == cfg and (tmp_path / RESOLVED_NAME).is_file()
+
+
+def test_print_config_prints_every_key_after_inherit_and_flags(capsys):
+    from privlora.cli import main
+    from privlora.config import KEYS
+
+    assert main(["train", "--config", "configs/pokemon/smp_lora.toml", "--print_config", "--k_steps", "3"]) == 0
+    out = capsys.readouterr().out
+    printed = {line.lstrip("# ").split(" = ")[0] for line in out.splitlines()[1:]}
+    assert printed == KEYS
+    assert "k_steps = 3\n" in out and 'adv_step = "reference"\n' in out and "network_dim = 64\n" in out

@@ -176,3 +176,32 @@ def test_scale_lr_and_channels_last(model, tmp_path):
     assert run.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 8 * 2)
     conv = run.base.unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_reference_run_evaluates_the_cotrained_attacker_on_fresh_noise_and_keeps_the_best(model, tmp_path):
+    path = run(model, tmp_path / "r", method="smp_lora", adv_step="reference", attacker_dropout_in_adv=True,
+               max_train_epochs=2, k_steps=2)
+    history = json.loads((tmp_path / "r" / "history.json").read_text())["epochs"]
+    for record in history:
+        for key in ("attacker_test_acc_fresh", "attacker_aux_acc_fresh", "grad_norm"):
+            assert key in record and 0 <= record[key] < float("inf")
+    # the fresh-noise evaluation uses every test sample: (member_test + nonmember_test) accuracies are k/n
+    n_test = len(read_manifest(tmp_path / "r" / "splits.json").member_test) + 10
+    assert all(abs(r["attacker_test_acc_fresh"] * n_test - round(r["attacker_test_acc_fresh"] * n_test)) < 1e-4
+               for r in history)
+    best = tmp_path / "r" / f"{path.stem}.attacker_best.safetensors"
+    with safe_open(str(best), "pt") as f:
+        saved = float(f.metadata()["privlora_attacker_test_acc_fresh"])
+    assert saved == max(r["attacker_test_acc_fresh"] for r in history)
+    resolved = (tmp_path / "r" / "resolved_config.toml").read_text()
+    assert 'adv_step = "reference"' in resolved and "attacker_dropout_in_adv = true" in resolved
+
+
+def test_hessian_estimate_is_logged_on_schedule_and_leaves_the_run_unchanged(model, tmp_path):
+    plain = run(model, tmp_path / "a", method="smp_lora", max_train_steps=4, eval_every_n_epochs=1)
+    probed = run(model, tmp_path / "b", method="smp_lora", max_train_steps=4, hessian_every_n_steps=2, hessian_iters=3)
+    history = json.loads((tmp_path / "b" / "history.json").read_text())
+    assert [h["step"] for h in history["hessian"]] == [2, 4]
+    assert all(h["hessian_top_eig"] == h["hessian_top_eig"] and h["hessian_top_eig"] != 0 for h in history["hessian"])
+    with safe_open(str(plain), "pt") as fa, safe_open(str(probed), "pt") as fb:
+        assert all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys())

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import auc as area_under, roc_auc_score, roc_curve
 
-FPR_TARGETS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0.1pct_fpr": 0.001}
+# 5%: the MP-LoRA paper's tables; 1% and 0.1%: the low-FPR regime (Carlini et al.).
+FPR_TARGETS = {"tpr_at_5pct_fpr": 0.05, "tpr_at_1pct_fpr": 0.01, "tpr_at_0.1pct_fpr": 0.001}
 METRICS = ("auc", "asr", *FPR_TARGETS)
 
 

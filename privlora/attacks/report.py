@@ -8,7 +8,8 @@ import numpy as np
 
 from privlora.attacks.metrics import roc
 
-COLUMNS = (("auc", "AUC"), ("asr", "ASR"), ("tpr_at_1pct_fpr", "TPR@1%FPR"), ("tpr_at_0.1pct_fpr", "TPR@0.1%FPR"))
+COLUMNS = (("auc", "AUC"), ("asr", "ASR"), ("tpr_at_5pct_fpr", "TPR@5%FPR"), ("tpr_at_1pct_fpr", "TPR@1%FPR"),
+           ("tpr_at_0.1pct_fpr", "TPR@0.1%FPR"))
 
 
 def _cell(result: dict[str, Any], metric: str) -> str:

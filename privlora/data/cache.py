@@ -43,11 +43,13 @@ class RoleData(Dataset):
             item["caption"] = self.examples[j].caption
         return item
 
-    def subset(self, n: int) -> "RoleData":
-        """The first n examples (roles are already in a seeded random order)."""
-        sub = RoleData(self.examples[:n], resolution=self.resolution, center_crop=self.center_crop)
-        sub.latents = None if self.latents is None else self.latents[:n]
-        sub.text_emb = None if self.text_emb is None else self.text_emb[:n]
+    def subset(self, n: int, generator: torch.Generator) -> "RoleData":
+        """n examples drawn at random (without replacement) with ``generator``: a seeded random subset, not
+        the first n (roles come in file-path order)."""
+        picked = torch.randperm(len(self.examples), generator=generator)[:n].tolist()
+        sub = RoleData([self.examples[i] for i in picked], resolution=self.resolution, center_crop=self.center_crop)
+        sub.latents = None if self.latents is None else self.latents[picked]
+        sub.text_emb = None if self.text_emb is None else self.text_emb[picked]
         return sub
 
 
@@ -65,10 +67,12 @@ def encode_latents(base, examples: list[Example], resolution: int, center_crop: 
 
 
 @torch.no_grad()
-def encode_texts(base, captions: list[str], clip_skip: int | None, device, batch_size: int = 64) -> torch.Tensor:
+def encode_texts(base, captions: list[str], clip_skip: int | None, device, batch_size: int = 64,
+                 max_token_length: int | None = None) -> torch.Tensor:
     from privlora.models.loading import encode_prompt
 
-    out = [encode_prompt(base, captions[s:s + batch_size], clip_skip=clip_skip).float().cpu()
+    out = [encode_prompt(base, captions[s:s + batch_size], clip_skip=clip_skip,
+                         max_token_length=max_token_length).float().cpu()
            for s in range(0, len(captions), batch_size)]
     return torch.cat(out)
 
@@ -98,6 +102,7 @@ class Cache:
     def _lookup_text(self, captions: list[str]) -> torch.Tensor:
         todo = [c for c in dict.fromkeys(captions) if c not in self._text]
         if todo:
-            enc = encode_texts(self.base, todo, self.cfg.clip_skip, self.device)
+            enc = encode_texts(self.base, todo, self.cfg.clip_skip, self.device,
+                               max_token_length=self.cfg.max_token_length)
             self._text.update(dict(zip(todo, enc)))
         return torch.stack([self._text[c] for c in captions])

@@ -350,10 +350,23 @@ def tokenize(base: BaseModel, captions: list[str]) -> torch.Tensor:
     return ids.input_ids
 
 
-def encode_prompt(base: BaseModel, captions: list[str], clip_skip: int | None = None) -> torch.Tensor:
-    """CLIP embeddings (B, max_len, hidden). ``clip_skip=k`` takes hidden_states[-k] + final layer norm (A1111/kohya)."""
+def encode_prompt(base: BaseModel, captions: list[str], clip_skip: int | None = None,
+                  max_token_length: int | None = None) -> torch.Tensor:
+    """CLIP embeddings (B, max_len, hidden). ``clip_skip=k`` takes hidden_states[-k] + final layer norm (A1111/kohya).
+
+    ``max_token_length`` (75 | 150 | 225): kohya's long prompts in 75-token windows (privlora.captions).
+    """
+    if max_token_length:
+        from privlora.captions import encode_long
+
+        return encode_long(base, captions, max_token_length, clip_skip)
+    return encode_ids(base, tokenize(base, captions), clip_skip)
+
+
+def encode_ids(base: BaseModel, ids: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
+    """The text encoder's output for token ids (B, L), with kohya's clip_skip."""
     te = base.text_encoder
-    ids = tokenize(base, captions).to(te.device)
+    ids = ids.to(te.device)
     if not clip_skip or clip_skip == 1:
         return te(ids)[0]
     n_layers = te.config.num_hidden_layers

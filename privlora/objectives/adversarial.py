@@ -1,16 +1,23 @@
 """What MP-LoRA and SMP-LoRA share: a proxy attacker trained against the LoRA, step by step.
 
 Per LoRA step (``adv_step``):
-- ``reference``: L_ada from the batch's loss map; L_adv from a second UNet pass over the same batch with
-  fresh noise (run as one doubled batch, which is the same computation and lets DDP see one forward per
-  backward); the attacker then trains on no-grad maps of a member_aux and a nonmember_aux batch.
-- ``fused`` (default): the batch's own loss map gives both L_ada and L_adv; the attacker trains on that
-  (detached) member map plus one no-grad map of a nonmember_aux batch. One UNet fwd+bwd and one no-grad
-  forward per step instead of two fwd+bwd and two no-grad forwards.
+- ``reference`` (the paper presets): L_ada from the batch's loss map; L_adv from a second UNet pass over the
+  same batch with fresh noise and timesteps (run as one doubled batch, which is the same computation and lets
+  DDP see one forward per backward); then, for each of the k attacker steps, a fresh member_aux and a fresh
+  nonmember_aux batch, each through a fresh no-grad forward (fresh noise), and one attacker step on them.
+- ``fused`` (TrainConfig's default, an opt-in speed variant): the batch's own loss map gives both L_ada and
+  L_adv; the attacker trains on that (detached) member map plus one no-grad map of a nonmember_aux batch.
+  One UNet fwd+bwd and one no-grad forward per step instead of two fwd+bwd and 2k no-grad forwards. It is
+  not the paper's method: (1) the attacker's members are every training image, member_test included, so the
+  attacker's member_test accuracy is no longer held out; (2) member maps come from the weights before the
+  LoRA step, non-member maps from after it; (3) L_ada and L_adv share one noise draw and timestep. With
+  k > 1 it reuses that one pair of maps for all k attacker steps.
+``dropout_generator`` set: L_adv runs the attacker with dropout active (seeded masks), as the reference does.
 Subclasses only say how L_ada and L_adv combine into the LoRA's loss.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
@@ -29,18 +36,21 @@ def make_attacker(cfg: TrainConfig, latent_channels: int) -> LossMapAttacker:
 
 class AdversarialObjective(Objective):
     settings = ("privacy_alpha", "privacy_beta", "k_steps", "adv_step", "attacker_lr", "attacker_weight_decay",
-                "attacker_hidden", "attacker_dropout", "attacker_pool", "attacker_batch_size", "attacker_input")
+                "attacker_hidden", "attacker_dropout", "attacker_pool", "attacker_batch_size", "attacker_input",
+                "attacker_dropout_in_adv", "attacker_eval_samples")
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, ctx: BuildContext) -> AdversarialObjective:
         return cls(make_attacker(cfg, ctx.latent_channels), alpha=cfg.privacy_alpha, beta=cfg.privacy_beta,
                    k_steps=cfg.k_steps, adv_step=cfg.adv_step, lr=cfg.attacker_lr,
                    weight_decay=cfg.attacker_weight_decay, member_aux=ctx.member_aux,
-                   nonmember_aux=ctx.nonmember_aux, grad_sync=ctx.grad_sync, attacker_input=cfg.attacker_input)
+                   nonmember_aux=ctx.nonmember_aux, grad_sync=ctx.grad_sync, attacker_input=cfg.attacker_input,
+                   dropout_generator=dropout_generator_for(cfg))
 
     def __init__(self, attacker: LossMapAttacker, *, alpha: float, beta: float, k_steps: int, adv_step: str,
                  lr: float, weight_decay: float, member_aux: Iterator[dict], nonmember_aux: Iterator[dict],
-                 grad_sync: Callable[[torch.nn.Module], None] | None = None, attacker_input: str = "loss_map"):
+                 grad_sync: Callable[[torch.nn.Module], None] | None = None, attacker_input: str = "loss_map",
+                 dropout_generator: torch.Generator | None = None):
         self.attacker = attacker
         self.alpha, self.beta, self.k_steps, self.adv_step = alpha, beta, k_steps, adv_step
         self.optimizer = torch.optim.Adam(attacker.parameters(), lr=lr, weight_decay=weight_decay)
@@ -48,6 +58,7 @@ class AdversarialObjective(Objective):
         self.attacker_input = attacker_input
         self.grad_sync = grad_sync  # multi-process: average the attacker's gradients so every copy stays equal
         self._last_member_maps: torch.Tensor | None = None
+        self.dropout_generator = dropout_generator  # None: L_adv sees the attacker without dropout
 
     def combine(self, l_ada: torch.Tensor, l_adv: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -74,19 +85,35 @@ class AdversarialObjective(Objective):
             n = both.shape[0] // 2
             maps, adv_maps, t = both[:n], seen[n:], t2[:n]
         l_ada = denoiser.adaptation_loss(maps, t)
-        l_adv = adversarial_loss(self.attacker, adv_maps)
+        with getattr(denoiser, "autocast", contextlib.nullcontext)():  # the reference's mixed precision
+            l_adv = adversarial_loss(self.attacker, adv_maps, self.dropout_generator)
         self._last_member_maps = adv_maps.detach()
         loss = self.combine(l_ada, l_adv)
         return StepOutput(loss, {"L_ada": l_ada.item(), "L_adv": l_adv.item(), "loss": loss.item()})
 
     def after_lora_step(self, denoiser: DenoiserLike) -> dict[str, float]:
+        if self.adv_step == "fused":
+            return self._fused_attacker_update(denoiser)
+        logs: dict[str, float] = {}
+        for _ in range(self.k_steps):  # the reference: fresh aux batches and fresh noise for every attacker step
+            members, nonmembers = self._aux_views(denoiser)
+            logs = attacker_update(self.attacker, self.optimizer, members, nonmembers, 1, self.grad_sync)
+        return logs
+
+    def _fused_attacker_update(self, denoiser: DenoiserLike) -> dict[str, float]:
         with torch.no_grad():
-            if self.adv_step == "fused" and self._last_member_maps is not None:
+            if self._last_member_maps is not None:
                 members = self._last_member_maps
             else:
                 members = self.attacker_view(next(self.member_aux), denoiser)[1]
             nonmembers = self.attacker_view(next(self.nonmember_aux), denoiser)[1]
+        self._last_member_maps = None
         return attacker_update(self.attacker, self.optimizer, members, nonmembers, self.k_steps, self.grad_sync)
+
+    @torch.no_grad()
+    def _aux_views(self, denoiser: DenoiserLike) -> tuple[torch.Tensor, torch.Tensor]:
+        members = self.attacker_view(next(self.member_aux), denoiser)[1]
+        return members, self.attacker_view(next(self.nonmember_aux), denoiser)[1]
 
     def evaluate(self, maps: dict[str, torch.Tensor], reference: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         if self.attacker_input == "calibrated" and reference is not None:
@@ -102,11 +129,23 @@ class AdversarialObjective(Objective):
         return {"attacker": self.attacker}
 
     def state_dict(self) -> dict:
-        return {"attacker": self.attacker.state_dict(), "attacker_optimizer": self.optimizer.state_dict()}
+        state = {"attacker": self.attacker.state_dict(), "attacker_optimizer": self.optimizer.state_dict()}
+        if self.dropout_generator is not None:
+            state["dropout_generator"] = self.dropout_generator.get_state()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.attacker.load_state_dict(state["attacker"])
         self.optimizer.load_state_dict(state["attacker_optimizer"])
+        if self.dropout_generator is not None and "dropout_generator" in state:
+            self.dropout_generator.set_state(state["dropout_generator"])
+
+
+def dropout_generator_for(cfg) -> torch.Generator | None:
+    """The seeded source of L_adv's dropout masks when ``attacker_dropout_in_adv`` is on (else None)."""
+    if not getattr(cfg, "attacker_dropout_in_adv", False):
+        return None
+    return torch.Generator().manual_seed(cfg.seed + 5)
 
 
 def repeat_batch(batch: dict) -> dict:

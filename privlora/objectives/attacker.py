@@ -38,19 +38,34 @@ class LossMapAttacker(nn.Module):
         return self(maps).softmax(-1)[:, MEMBER]
 
 
-def adversarial_loss(attacker: LossMapAttacker, member_maps: torch.Tensor) -> torch.Tensor:
+def adversarial_loss(attacker: LossMapAttacker, member_maps: torch.Tensor,
+                     dropout_generator: torch.Generator | None = None) -> torch.Tensor:
     """L_adv: the attacker's cross-entropy against the label *member* on the training batch.
 
-    Its gradient flows into the loss maps (hence the LoRA) only: the attacker's weights are used as
-    constants and it runs without dropout, so the LoRA sees the attacker it will actually face.
+    Its gradient flows into the loss maps (hence the LoRA) only: the attacker's weights are used as constants.
+    Without ``dropout_generator`` the attacker runs without dropout (the attacker the LoRA will face); with one
+    it runs in train mode as the reference does, its dropout masks drawn from that (CPU, seeded) generator so
+    a resumed run draws the same masks.
     """
-    was_training = attacker.training
-    attacker.eval()
-    params = {n: p.detach() for n, p in attacker.named_parameters()}
-    logits = torch.func.functional_call(attacker, params, (member_maps,))
-    attacker.train(was_training)
+    logits = detached_forward(attacker, member_maps, dropout_generator)
     labels = torch.full((member_maps.shape[0],), MEMBER, dtype=torch.long, device=member_maps.device)
     return F.cross_entropy(logits, labels)
+
+
+def detached_forward(attacker: LossMapAttacker, maps: torch.Tensor,
+                     dropout_generator: torch.Generator | None = None) -> torch.Tensor:
+    """The attacker's logits with its weights as constants; dropout masks from ``dropout_generator`` if given."""
+    x = attacker.features(maps.float())
+    for layer in attacker.mlp:
+        if isinstance(layer, nn.Linear):
+            x = F.linear(x, layer.weight.detach(), layer.bias.detach())
+        elif isinstance(layer, nn.Dropout):
+            if dropout_generator is not None and layer.p > 0:
+                keep = torch.rand(x.shape, generator=dropout_generator) >= layer.p
+                x = x * keep.to(x.device, x.dtype) / (1.0 - layer.p)
+        else:
+            x = layer(x)
+    return x
 
 
 def attacker_update(attacker: LossMapAttacker, optimizer: torch.optim.Optimizer, member_maps: torch.Tensor,

@@ -76,10 +76,9 @@ class Objective:
 
     def clip(self, params: list[torch.nn.Parameter], max_norm: float | None,
              clip_fn: Callable[[list[torch.nn.Parameter], float], Any]) -> float | None:
-        """Global gradient-norm clipping before the optimizer step; returns the norm before clipping."""
-        if not max_norm:
-            return None
-        return float(clip_fn(params, max_norm))
+        """Global gradient-norm clipping before the optimizer step (none when ``max_norm`` is 0/None); returns the
+        gradient's total norm before clipping, logged every step."""
+        return float(clip_fn(params, max_norm or float("inf")))
 
     def after_lora_step(self, denoiser: DenoiserLike) -> dict[str, float]:
         return {}
