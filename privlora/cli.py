@@ -149,7 +149,8 @@ def _demo(args: argparse.Namespace, overrides: dict) -> int:
     if args.seed is not None:
         settings.seed = args.seed
     out = Path(args.out or f"runs/demo-{settings.label}")
-    print(f"privlora demo ({settings.label} variant): LoRA vs MP-LoRA vs SMP-LoRA on tiny-sd, outputs in {out}")
+    print(f"privlora demo ({settings.label} variant): plain LoRA vs {', '.join(settings.defences)} on tiny-sd, "
+          f"outputs in {out}")
     table = run_protocol(settings, out)
     print(f"\n{settings.label} variant — {table['date']}, {table['machine']}")
     print(format_table(table))
