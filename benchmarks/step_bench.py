@@ -1,10 +1,10 @@
-"""Per-step cost of plain LoRA vs SMP-LoRA (fused and reference pass structure), side by side in one run.
+"""Per-step cost of plain LoRA vs SMP-LoRA (fused and reference pass structure) vs DP-LoRA, side by side.
 
     python benchmarks/step_bench.py                      # embedded tiny-sd on the CPU
     python benchmarks/step_bench.py --arch sd15 --batch_sizes 1 8 32 --mixed_precision bf16   # CUDA GPU
 
 Each configuration runs in its own process (so CPU peak RSS is per configuration) and goes through the
-real training components: Denoiser, the objective's lora_loss / after_lora_step, AdamW. ``--arch sd15``
+real training components: Denoiser, the method's gradients / after_lora_step, AdamW. ``--arch sd15``
 builds SD1.5-shaped UNet/CLIP with random weights (no download) and uses random 64×64 latents (512²).
 Prints a table and writes JSON (``--out``).
 """
@@ -26,6 +26,7 @@ VARIANTS = {  # name: (method, adv_step)
     "lora": ("lora", "fused"),
     "smp_fused": ("smp_lora", "fused"),
     "smp_reference": ("smp_lora", "reference"),
+    "dp": ("dp_lora", "fused"),  # per-image gradients (torch.func), clipping, noise; micro-batches of 16
 }
 
 
@@ -69,7 +70,7 @@ def run_one(args) -> dict:
     from privlora.config import TrainConfig
     from privlora.denoiser import Denoiser
     from privlora.models.lora import LoraSpec, add_lora, text_encoder_lora_config, unet_lora_config
-    from privlora.objectives import build_objective
+    from privlora.objectives import BuildContext, build_objective
 
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
@@ -102,8 +103,10 @@ def run_one(args) -> dict:
             seed += 1
             yield batch(seed)
 
-    cfg = TrainConfig(method=method, adv_step=adv_step, attacker_pool=min(64, hw), attacker_lr=1e-5)
-    objective = build_objective(cfg, latent_channels=4, member_aux=stream(1000), nonmember_aux=stream(2000))
+    cfg = TrainConfig(method=method, adv_step=adv_step, attacker_pool=min(64, hw), attacker_lr=1e-5,
+                      dp_noise_multiplier=1.0)
+    context = BuildContext(4, stream(1000), stream(2000), num_train_images=max(1000, args.batch_size))
+    objective = build_objective(cfg, latent_channels=4, context=context)
     for mod in objective.modules().values():
         mod.to(device)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else None
@@ -111,8 +114,7 @@ def run_one(args) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
 
     def step(i):
-        out = objective.lora_loss(batch(i), den)
-        out.loss.backward()
+        objective.gradients(batch(i), den, params, lambda loss: loss.backward())
         opt.step()
         opt.zero_grad(set_to_none=True)
         objective.after_lora_step(den)

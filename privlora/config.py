@@ -306,7 +306,11 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid TOML basic string
 
 
-def write_resolved_config(cfg: TrainConfig, out: str | Path) -> Path:
+def write_resolved_config(cfg: TrainConfig, out: str | Path, derived: dict[str, str] | None = None) -> Path:
+    """``derived``: what the method worked out from the settings (DP-LoRA's noise multiplier, …), as comments."""
     from privlora.io import write_text
 
-    return write_text(Path(out) / RESOLVED_NAME, resolved_toml(cfg))
+    text = resolved_toml(cfg)
+    if derived:
+        text += "# derived by the method at the start of the run:\n" + "".join(f"# {k} = {v}\n" for k, v in derived.items())
+    return write_text(Path(out) / RESOLVED_NAME, text)

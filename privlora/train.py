@@ -219,8 +219,6 @@ def setup(cfg: TrainConfig) -> Run:
                      prediction_type=cfg.prediction_type)
     if accelerator.is_main_process and not cfg.resume:
         write_run_files(out, splits, skipped)
-    if accelerator.is_main_process:
-        write_resolved_config(cfg, out)
     set_seed(cfg.seed)
     device = accelerator.device
     trainable, param_groups = inject_lora(cfg, base, device)
@@ -250,6 +248,8 @@ def setup(cfg: TrainConfig) -> Run:
     steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or steps_per_epoch * cfg.max_train_epochs
     objective.plan(max_steps)
+    if accelerator.is_main_process:
+        write_resolved_config(cfg, out, objective.metadata())
     # accelerate steps a prepared scheduler once per process per optimizer step
     lr_scheduler = accelerator.prepare(make_lr_scheduler(cfg, optimizer, max_steps, accelerator.num_processes))
     noise = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)

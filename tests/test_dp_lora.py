@@ -161,6 +161,9 @@ def test_dp_run_records_epsilon_per_epoch_and_in_the_lora_metadata(model, tmp_pa
     assert meta["privlora_dp_delta"] == "0.001" and meta["privlora_dp_steps"] == "8"
     assert float(meta["privlora_dp_sample_rate"]) == pytest.approx(8 / 25)
     assert json.loads(meta["privlora_hyperparameters"])["dp_target_epsilon"] == 4.0
+    resolved = (tmp_path / "r" / "resolved_config.toml").read_text()
+    assert f"# privlora_dp_noise_multiplier = {meta['privlora_dp_noise_multiplier']}" in resolved
+    assert "# privlora_dp_planned_steps = 8" in resolved
 
 
 @pytest.mark.parametrize("setting,message", [

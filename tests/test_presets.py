@@ -11,6 +11,7 @@ from privlora.data.prepare import prepare_splits, role_sizes
 
 PRESETS = sorted(Path("configs").rglob("*.toml"))
 DATASET_PRESETS = [p for p in PRESETS if p.parent.name not in ("paper", "tiny")]
+PAPER_PRESETS = [p for p in DATASET_PRESETS if p.stem in ("lora", "mp_lora", "smp_lora")]  # the paper's methods
 
 
 def write_images(folder: Path, n: int, start: int) -> None:
@@ -34,7 +35,7 @@ def test_preset_parses(preset):
     assert values  # every key known (read_toml rejects unknown ones)
 
 
-@pytest.mark.parametrize("preset", DATASET_PRESETS, ids=str)
+@pytest.mark.parametrize("preset", PAPER_PRESETS, ids=str)
 def test_paper_presets_carry_the_reference_hyperparameters(preset):
     v = read_toml(preset)
     assert (v["network_dim"], v["network_alpha"], v["unet_lr"], v["text_encoder_lr"]) == (64, 32, 1e-4, 1e-5)
@@ -72,7 +73,7 @@ def test_preset_split_layout_on_a_miniature_tree(preset, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("preset", DATASET_PRESETS, ids=str)
+@pytest.mark.parametrize("preset", PAPER_PRESETS, ids=str)
 def test_paper_presets_resolve_to_the_reference_method(preset):
     cfg = build_config(str(preset), {})
     assert (cfg.adv_step, cfg.attacker_dropout_in_adv, cfg.shuffle_caption, cfg.max_token_length) == \
@@ -83,6 +84,18 @@ def test_paper_presets_resolve_to_the_reference_method(preset):
         (1.0, 1.0, 1, 1e-5, 1e-4)
     assert (cfg.attacker_hidden, cfg.attacker_dropout, cfg.attacker_pool) == ([512, 256], 0.5, 64)
     assert cfg.method == preset.stem and cfg.train_text_encoder and not cfg.caches_text
+
+
+@pytest.mark.parametrize("preset", ["configs/tiny/dp_lora.toml", "configs/pokemon/dp_lora.toml"])
+def test_dp_presets_keep_the_reference_settings_except_what_dp_sgd_forces(preset):
+    cfg = build_config(preset, {})
+    assert cfg.method == "dp_lora" and not cfg.train_text_encoder and cfg.dp_target_epsilon == 8.0
+    assert cfg.dp_noise_multiplier is None and cfg.dp_max_grad_norm == 1.0 and cfg.train_batch_size > 1
+    if "pokemon" in preset:
+        paper = build_config("configs/pokemon/lora.toml", {})
+        assert (cfg.network_dim, cfg.max_train_epochs, cfg.resolution, cfg.clip_skip, cfg.seed) == \
+            (paper.network_dim, paper.max_train_epochs, paper.resolution, paper.clip_skip, paper.seed)
+        assert cfg.train_data_dir == paper.train_data_dir and cfg.split_seed == paper.split_seed
 
 
 def test_train_sh_launches_the_reference_step():
@@ -109,3 +122,11 @@ def test_print_config_prints_every_key_after_inherit_and_flags(capsys):
     printed = {line.lstrip("# ").split(" = ")[0] for line in out.splitlines()[1:]}
     assert printed == KEYS
     assert "k_steps = 3\n" in out and 'adv_step = "reference"\n' in out and "network_dim = 64\n" in out
+
+
+def test_readme_documents_every_registered_method():
+    from privlora.objectives import METHODS
+
+    text = Path("README.md").read_text()
+    for name in METHODS:
+        assert f"| `{name}` |" in text, f"README's method table lacks {name}"

@@ -79,6 +79,7 @@ class DPLoraObjective(Objective):
         self.micro_batch_size, self.noise_draws = micro_batch_size, noise_draws
         self.noise = torch.Generator().manual_seed(seed)
         self._names: dict[int, str] | None = None
+        self.planned_steps, self.planned_epsilon = 0, math.nan  # set by plan()
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, ctx: BuildContext) -> DPLoraObjective:
@@ -120,6 +121,8 @@ class DPLoraObjective(Objective):
             self.noise_multiplier = accounting.noise_multiplier_for(
                 self.target_epsilon, self.delta, self.sample_rate, max_steps, self.accountant_kind)
         self.planned_steps = max_steps
+        self.planned_epsilon = (accounting.epsilon_for(self.noise_multiplier, self.sample_rate, max_steps, self.delta,
+                                                       self.accountant_kind) if self.noise_multiplier else math.inf)
 
     # --- data: Poisson sampling, the accountant's assumption ---
     def make_loader(self, data: Dataset, batch_size: int, generator: torch.Generator) -> DataLoader:
@@ -202,6 +205,8 @@ class DPLoraObjective(Objective):
                 "privlora_dp_max_grad_norm": f"{self.max_grad_norm:.6g}",
                 "privlora_dp_sample_rate": f"{self.sample_rate:.6g}", "privlora_dp_steps": str(steps),
                 "privlora_dp_accountant": self.accountant_kind,
+                "privlora_dp_planned_steps": str(self.planned_steps),
+                "privlora_dp_planned_epsilon": f"{self.planned_epsilon:.6g}",
                 "privlora_dp_unit": "one training image (with its caption)"}
 
     def state_dict(self) -> dict:
