@@ -283,7 +283,8 @@ def _check_ldm_layout(path: Path, state: dict) -> None:
     prefixes = {
         "UNet (model.diffusion_model.*)": "model.diffusion_model.",
         "VAE (first_stage_model.*)": "first_stage_model.",
-        "CLIP text encoder (cond_stage_model.transformer.*)": "cond_stage_model.transformer.",
+        "CLIP text encoder (cond_stage_model.transformer.* for SD1.x, cond_stage_model.model.* for SD2.x)":
+            ("cond_stage_model.transformer.", "cond_stage_model.model."),
     }
     missing = [what for what, p in prefixes.items() if not any(k.startswith(p) for k in state)]
     if missing:
