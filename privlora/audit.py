@@ -230,11 +230,13 @@ def loaded_loras(base, files: list[Path]) -> Iterator[tuple[AdapterSwitch, list[
 def _load_one(pipe, base, path: Path, adapter: str) -> str:
     from safetensors import safe_open
 
+    from privlora.models.lora import readable_lora_file
+
     with safe_open(str(path), framework="pt") as f:
         expected = lora_module_names(list(f.keys()))
     try:
-        with _quiet():
-            pipe.load_lora_weights(str(path), adapter_name=adapter)
+        with _quiet(), readable_lora_file(path) as readable:
+            pipe.load_lora_weights(str(readable), adapter_name=adapter)
     except (RuntimeError, ValueError, KeyError, OSError, TypeError) as e:
         raise PrivloraError(f"{path}: this LoRA does not fit the base model {base.name} ({_one_line(e)})") from None
     loaded = _adapted_modules(base.unet, adapter) + _adapted_modules(base.text_encoder, adapter)

@@ -99,9 +99,12 @@ def check_lora_file(path: str | Path) -> Path:
 
 def load_lora(pipe, path: str | Path) -> None:
     """Load a kohya- or diffusers-format LoRA with diffusers' own loader; refuse files that adapt nothing."""
+    from privlora.models.lora import readable_lora_file
+
     path = check_lora_file(path)
     try:
-        pipe.load_lora_weights(str(path), adapter_name=ADAPTER_NAME)
+        with readable_lora_file(path) as readable:
+            pipe.load_lora_weights(str(readable), adapter_name=ADAPTER_NAME)
     except Exception as e:  # diffusers/peft raise ValueError, KeyError, RuntimeError (shapes) or their own types
         text = " ".join(str(e).split())
         raise PrivloraError(f"{path}: cannot load the LoRA into this base model ({text[:300]})") from None

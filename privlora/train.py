@@ -27,7 +27,8 @@ from privlora.data.prepare import prepare_splits, write_run_files
 from privlora.denoiser import Denoiser, adapters_disabled
 from privlora.errors import PrivloraError
 from privlora.io import save_safetensors, write_json
-from privlora.models.loading import load_base
+from privlora.models.clip_layout import standard_name
+from privlora.models.loading import is_sd2, load_base
 from privlora.models.lora import LoraSpec, add_lora, save_diffusers, save_kohya, text_encoder_lora_config, unet_lora_config
 from privlora.objectives import BuildContext, build_objective
 
@@ -462,13 +463,14 @@ def lora_metadata(cfg: TrainConfig, base) -> dict[str, str]:
     from privlora.objectives import METHODS
 
     keys += tuple(k for k in METHODS[cfg.method].settings if k not in keys)
-    v2 = base.unet.config.cross_attention_dim == 1024
+    v2 = is_sd2(base.unet.config)
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(cfg.network_dim),
         "ss_network_alpha": str(cfg.network_alpha),
         "ss_base_model_version": "sd_v2" if v2 else "sd_v1",
         "ss_v2": str(v2),
+        "ss_v_parameterization": str(base.prediction_type == "v_prediction"),
         "ss_sd_model_name": Path(str(base.name)).name,
         "sshs_model_hash": base.sha256,
         "ss_training_started_at": str(int(time.time())),
@@ -503,11 +505,24 @@ def save_modules(run: Run, name: str, suffix: str = "", extra: dict[str, str] | 
         save_safetensors(run.out / f"{name}.{mod_name}{suffix}.safetensors", module.state_dict(), metadata=meta)
 
 
-def lora_state(run: Run) -> dict[str, torch.Tensor]:
+def lora_parameters(run: Run) -> dict[str, torch.nn.Parameter]:
+    """Trainable parameters by a name that does not depend on the transformers version (standard CLIP path)."""
     names = {}
     for prefix, model in (("unet", run.accelerator.unwrap_model(run.unet)), ("text_encoder", run.base.text_encoder)):
-        names.update({f"{prefix}.{n}": p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad})
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                names[state_name(f"{prefix}.{n}")] = p
     return names
+
+
+def state_name(name: str) -> str:
+    """``text_encoder.encoder…`` (transformers >= 5.6) and ``text_encoder.text_model.encoder…`` are one name."""
+    prefix, rest = name.split(".", 1)
+    return f"{prefix}.{standard_name(rest)}" if prefix == "text_encoder" else name
+
+
+def lora_state(run: Run) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in lora_parameters(run).items()}
 
 
 def save_state(run: Run, progress: Progress) -> Path:
@@ -527,14 +542,13 @@ def restore(run: Run, path: Path) -> Progress:
     changed = [k for k, v in state["config"].items() if getattr(run.cfg, k) != v]
     if changed:
         raise PrivloraError(f"{path}: saved with different {', '.join(changed)}; resume with the same settings")
-    params = lora_state(run)
-    if set(params) != set(state["lora"]):
+    params = lora_parameters(run)
+    saved = {state_name(n): v for n, v in state["lora"].items()}
+    if set(params) != set(saved):
         raise PrivloraError(f"{path}: its LoRA layers do not match this model and config")
-    models = {"unet": run.accelerator.unwrap_model(run.unet), "text_encoder": run.base.text_encoder}
     with torch.no_grad():
-        for name, value in state["lora"].items():
-            prefix, rest = name.split(".", 1)
-            models[prefix].get_parameter(rest).copy_(value)
+        for name, value in saved.items():
+            params[name].copy_(value)
     run.optimizer.load_state_dict(state["optimizer"])
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
     run.objective.load_state_dict(state["objective"])

@@ -36,6 +36,7 @@ from privlora.data import synthetic  # noqa: E402
 from privlora.diffusion import loss_map  # noqa: E402
 from privlora.io import write_json  # noqa: E402
 from privlora.models import tiny  # noqa: E402
+from privlora.models.clip_layout import save_text_encoder  # noqa: E402
 from privlora.models.tokenizer_build import build_clip_tokenizer_files, verify_tokenizer  # noqa: E402
 
 SETTINGS = {
@@ -259,7 +260,7 @@ def model_index() -> dict:
 def save_components(folder: Path, vae, unet, te, scheduler) -> None:
     for name, model in (("vae", vae), ("unet", unet)):
         copy.deepcopy(model).half().save_pretrained(folder / name, safe_serialization=True)
-    te.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    save_text_encoder(te, folder / "text_encoder")  # standard text_model.* keys: every transformers 5.x reads them
     scheduler.save_pretrained(folder / "scheduler")
     write_json(folder / "model_index.json", model_index())
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from privlora.models import tiny
+from privlora.models.clip_layout import save_text_encoder
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -107,6 +108,31 @@ SD15_TOPOLOGY_VAE = dict(
 )
 
 
+# The real SD1.5 / SD2.x structure — block types, layers per block, one transformer per attention, 12 (CLIP
+# ViT-L) / 23 (OpenCLIP-H as diffusers ships it) text-encoder layers, 4-level VAE — at toy widths. Module NAMES,
+# which is what LoRA files and their clients see, do not depend on widths, so they are exactly SD1.5's / SD2's.
+SD15_SHAPE = dict(
+    unet={**SD15_TOPOLOGY_UNET, "cross_attention_dim": 32, "sample_size": 64},
+    vae=SD15_TOPOLOGY_VAE,
+    text_encoder=dict(num_hidden_layers=12, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                      projection_dim=32),
+)
+SD2_SHAPE = dict(
+    # per-block head counts as SD2's [5, 10, 20, 20], scaled to the toy widths
+    unet={**SD15_SHAPE["unet"], "use_linear_projection": True, "attention_head_dim": [2, 4, 4, 4], "sample_size": 96},
+    vae=SD15_TOPOLOGY_VAE,
+    text_encoder={**SD15_SHAPE["text_encoder"], "num_hidden_layers": 23},
+)
+
+
+def make_sd_folder(path: str | Path, family: str, *, prediction_type: str | None = None, seed: int = 0) -> Path:
+    """A random-init diffusers folder with SD1.5's (``family="sd15"``) or SD2.x's (``"sd2"``) structure."""
+    shape = {"sd15": SD15_SHAPE, "sd2": SD2_SHAPE}[family]
+    return make_tiny_folder(path, sd2_style=family == "sd2", prediction_type=prediction_type, seed=seed,
+                            unet_overrides=shape["unet"], vae_overrides=shape["vae"],
+                            text_encoder_overrides=shape["text_encoder"])
+
+
 def _sd2_unet_overrides() -> dict:
     # SD2.x shape: linear proj_in/proj_out and a per-block head count (diffusers' attention_head_dim naming quirk).
     return dict(use_linear_projection=True, attention_head_dim=[4, 8, 8])
@@ -120,12 +146,14 @@ def make_tiny_folder(
     seed: int = 0,
     unet_overrides: dict | None = None,
     vae_overrides: dict | None = None,
+    text_encoder_overrides: dict | None = None,
 ) -> Path:
     """A random-init diffusers Stable Diffusion folder with the tiny configs.
 
     ``sd2_style`` mimics SD2.x (linear projections, per-block head counts, gelu text encoder) and
     defaults ``prediction_type`` to ``v_prediction``; otherwise it defaults to ``epsilon``.
-    ``unet_overrides`` / ``vae_overrides`` change the tiny configs (e.g. ``SD15_TOPOLOGY_UNET``).
+    ``unet_overrides`` / ``vae_overrides`` / ``text_encoder_overrides`` change the tiny configs (e.g.
+    ``SD15_TOPOLOGY_UNET``). The text encoder is saved in the standard layout (``text_model.*`` keys).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -139,10 +167,10 @@ def make_tiny_folder(
         unet_cfg = {**tiny.unet_config(), **(_sd2_unet_overrides() if sd2_style else {}), **(unet_overrides or {})}
         UNet2DConditionModel(**unet_cfg).save_pretrained(path / "unet")
         AutoencoderKL(**{**tiny.vae_config(), **(vae_overrides or {})}).save_pretrained(path / "vae")
-        te_cfg = tiny.text_encoder_config(vocab_size)
+        te_cfg = {**tiny.text_encoder_config(vocab_size), **(text_encoder_overrides or {})}
         if sd2_style:
             te_cfg["hidden_act"] = "gelu"
-        CLIPTextModel(CLIPTextConfig(**te_cfg)).save_pretrained(path / "text_encoder")
+        save_text_encoder(CLIPTextModel(CLIPTextConfig(**te_cfg)), path / "text_encoder")
     _write_json(path / "scheduler" / "scheduler_config.json", _scheduler_json(prediction_type))
     _write_json(path / "model_index.json", _model_index())
     return path
@@ -257,6 +285,39 @@ def clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {prefix + k.removeprefix("text_model."): v for k, v in state.items() if "position_ids" not in k}
 
 
+def open_clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIPTextModel's weights in SD2's original OpenCLIP layout (``cond_stage_model.model.*``).
+
+    q/k/v fuse into ``attn.in_proj_*``; ``fc1``/``fc2`` are ``mlp.c_fc``/``mlp.c_proj``. A 23-layer encoder gets
+    the 24th resblock and the ``text_projection`` that SD2 files carry and diffusers skips (random here).
+    """
+    p = "cond_stage_model.model."
+    s = {k.removeprefix("text_model."): v for k, v in state.items() if "position_ids" not in k}
+    out = {p + "token_embedding.weight": s["embeddings.token_embedding.weight"],
+           p + "positional_embedding": s["embeddings.position_embedding.weight"],
+           p + "ln_final.weight": s["final_layer_norm.weight"], p + "ln_final.bias": s["final_layer_norm.bias"]}
+    layers = sorted({int(m[1]) for k in s if (m := re.match(r"encoder\.layers\.(\d+)\.", k))})
+    for i in layers:
+        out.update(_open_clip_block(s, f"encoder.layers.{i}.", f"{p}transformer.resblocks.{i}."))
+    if len(layers) == 23:
+        g = torch.Generator().manual_seed(23)
+        unused = _open_clip_block(s, "encoder.layers.22.", f"{p}transformer.resblocks.23.")
+        out.update({k: torch.randn(v.shape, generator=g) for k, v in unused.items()})
+        width = s["final_layer_norm.weight"].shape[0]
+        out[p + "text_projection"] = torch.randn(width, width, generator=g)
+    return out
+
+
+def _open_clip_block(s: dict[str, torch.Tensor], src: str, dst: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for kind in ("weight", "bias"):
+        out[f"{dst}attn.in_proj_{kind}"] = torch.cat([s[f"{src}self_attn.{q}_proj.{kind}"] for q in "qkv"])
+        for ours, theirs in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+            out[f"{dst}{theirs}.{kind}"] = s[f"{src}{ours}.{kind}"]
+    return out
+
+
 def _weights(folder: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
     for name in names:
         if (folder / name).is_file():
@@ -264,15 +325,19 @@ def _weights(folder: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{folder}: none of {', '.join(names)}")
 
 
-def make_single_file(diffusers_folder: str | Path, out_path: str | Path) -> Path:
-    """Convert a diffusers SD folder (UNet, VAE, CLIP text encoder) into one original-LDM ``.safetensors``."""
+def make_single_file(diffusers_folder: str | Path, out_path: str | Path, *, open_clip: bool = False) -> Path:
+    """Convert a diffusers SD folder (UNet, VAE, CLIP text encoder) into one original-LDM ``.safetensors``.
+
+    ``open_clip``: the text encoder in SD2's OpenCLIP layout, as SD2.x single files have it.
+    """
     src, out_path = Path(diffusers_folder), Path(out_path)
     unet_cfg = json.loads((src / "unet" / "config.json").read_text())
     vae_cfg = json.loads((src / "vae" / "config.json").read_text())
     unet = _weights(src / "unet", ("diffusion_pytorch_model.safetensors",))
     vae = _weights(src / "vae", ("diffusion_pytorch_model.safetensors",))
     text = _weights(src / "text_encoder", ("model.safetensors",))
-    state = {**unet_to_ldm(unet, unet_cfg), **vae_to_ldm(vae, vae_cfg), **clip_to_ldm(text)}
+    text_state = open_clip_to_ldm(text) if open_clip else clip_to_ldm(text)
+    state = {**unet_to_ldm(unet, unet_cfg), **vae_to_ldm(vae, vae_cfg), **text_state}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out_path))
     return out_path

@@ -141,6 +141,18 @@ def test_single_file_round_trip_sd15_topology(tmp_path, no_network):
         _assert_same_weights(getattr(ref, name), getattr(got, name))
 
 
+def test_sd2_single_file_with_the_open_clip_text_encoder(tmp_path, no_network):
+    """SD2.x single files keep OpenCLIP's own names (cond_stage_model.model.*, fused q/k/v), not CLIP's."""
+    folder = make_tiny_folder(tmp_path / "sd2", sd2_style=True, text_encoder_overrides=dict(num_hidden_layers=23))
+    ckpt = make_single_file(folder, tmp_path / "sd2.safetensors", open_clip=True)
+    state = load_file(ckpt)
+    assert "cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight" in state
+    assert not any(k.startswith("cond_stage_model.transformer.") for k in state)
+    ref, got = load_base(str(folder)), load_base(str(ckpt), config_dir=str(folder))
+    for name in ("unet", "vae", "text_encoder"):
+        _assert_same_weights(getattr(ref, name), getattr(got, name))
+
+
 def test_pickle_checkpoint_with_allow_pickle_uses_weights_only(tmp_path, tiny_dir):
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": load_file(make_single_file(tiny_dir, tmp_path / "m.safetensors"))}, ckpt)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from privlora.errors import PrivloraError
+from privlora.models.clip_layout import own_name
 from privlora.models.tiny import TINY_ALIASES, TINY_SD_PATH
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".bin", ".pth")
@@ -196,12 +197,13 @@ def _load_scheduler(folder: Path, prediction_type: str | None):
     return sched
 
 
-def _from_pretrained(cls, folder: Path, component: str, dtype: torch.dtype, allow_pickle: bool):
+def _from_pretrained(cls, folder: Path, component: str, dtype: torch.dtype, allow_pickle: bool, **extra):
     files, variant = _weight_files(folder / component, component, allow_pickle)
     for f in files:
         if f.suffix == ".safetensors":
             _check_safetensors(f)
-    extra = {"variant": variant} if variant else {}
+    if variant:
+        extra["variant"] = variant
     try:
         model = cls.from_pretrained(str(folder), subfolder=component, local_files_only=True, dtype=dtype, **extra)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
@@ -209,14 +211,34 @@ def _from_pretrained(cls, folder: Path, component: str, dtype: torch.dtype, allo
     return model, files
 
 
+def _load_text_encoder(folder: Path, dtype: torch.dtype, allow_pickle: bool):
+    from transformers import CLIPTextModel
+
+    (model, info), files = _from_pretrained(CLIPTextModel, folder, "text_encoder", dtype, allow_pickle,
+                                            output_loading_info=True)
+    if info["missing_keys"]:
+        # transformers left those weights at random init: the file has the other CLIP spelling (transformers
+        # < 5.6 reads only text_model.*), or it is incomplete.
+        _load_in_own_spelling(model, files, allow_pickle)
+    return model
+
+
+def _load_in_own_spelling(model, files: list[Path], allow_pickle: bool) -> None:
+    state = {}
+    for f in files:
+        state.update({own_name(model, k): v for k, v in _read_checkpoint(f, allow_pickle).items()})
+    missing, _ = model.load_state_dict(state, strict=False)
+    if missing:
+        raise PrivloraError(f"{files[0]}: text encoder weights missing ({len(missing)} tensors, e.g. {missing[0]})")
+
+
 def _load_folder(folder: Path, dtype: torch.dtype, allow_pickle: bool, prediction_type: str | None) -> BaseModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
 
     _check_folder(folder)
     unet, unet_files = _from_pretrained(UNet2DConditionModel, folder, "unet", dtype, allow_pickle)
     vae, _ = _from_pretrained(AutoencoderKL, folder, "vae", dtype, allow_pickle)
-    text_encoder, _ = _from_pretrained(CLIPTextModel, folder, "text_encoder", dtype, allow_pickle)
+    text_encoder = _load_text_encoder(folder, dtype, allow_pickle)
     sched = _load_scheduler(folder, prediction_type)
     return BaseModel(
         unet=unet,
@@ -261,7 +283,8 @@ def _check_ldm_layout(path: Path, state: dict) -> None:
     prefixes = {
         "UNet (model.diffusion_model.*)": "model.diffusion_model.",
         "VAE (first_stage_model.*)": "first_stage_model.",
-        "CLIP text encoder (cond_stage_model.transformer.*)": "cond_stage_model.transformer.",
+        "CLIP text encoder (cond_stage_model.transformer.* for SD1.x, cond_stage_model.model.* for SD2.x)":
+            ("cond_stage_model.transformer.", "cond_stage_model.model."),
     }
     missing = [what for what, p in prefixes.items() if not any(k.startswith(p) for k in state)]
     if missing:
@@ -332,6 +355,12 @@ def _load_single_file(
         sha256=sha256_file(path),
         source_kind="single_file",
     )
+
+
+def is_sd2(unet_config) -> bool:
+    """SD2.x, as A1111 tells LoRAs apart (``ss_v2``): its UNet uses linear transformer projections for OpenCLIP-H's
+    1024-wide embeddings; every SD1.x UNet uses 1×1-conv projections for CLIP-L's 768."""
+    return bool(unet_config.use_linear_projection) or unet_config.cross_attention_dim == 1024
 
 
 # ---------------------------------------------------------------- encoders used by training and the audit

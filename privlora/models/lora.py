@@ -2,18 +2,26 @@
 
 Kohya key layout, per adapted module ``a.b.c``:
   ``lora_unet_a_b_c.lora_down.weight`` (peft ``lora_A``), ``.lora_up.weight`` (``lora_B``), ``.alpha``
-  (scalar; effective scale = alpha / rank, the same as peft's ``lora_alpha / r``). Text encoder: ``lora_te_``.
+  (scalar; effective scale = alpha / rank, the same as peft's ``lora_alpha / r``). Text encoder: ``lora_te_``
+  plus the standard CLIP path (``lora_te_text_model_encoder_layers_0_mlp_fc1``) whatever transformers is
+  installed — ComfyUI, A1111 and kohya sd-scripts drop text-encoder modules spelt without ``text_model``.
+Files are read through diffusers' loader after ``readable_lora_file`` has put them in that spelling.
 """
 from __future__ import annotations
 
+import contextlib
 import re
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
 from privlora.io import save_safetensors
+from privlora.models.clip_layout import standard_lora_key, standard_name
 
 ADAPTER = "default"
 UNET_ATTN_FF = r".*(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|.*\.(proj_in|proj_out)|.*\.ff\.net\.(0\.proj|2)"
@@ -75,6 +83,7 @@ def kohya_state_dict(model, prefix: str) -> dict[str, torch.Tensor]:
     """Kohya keys for every peft LoRA layer of ``model`` (``prefix`` is ``lora_unet`` or ``lora_te``)."""
     out: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model).items():
+        name = standard_name(name) if prefix == "lora_te" else name
         key = f"{prefix}_{name.replace('.', '_')}"
         down = layer.lora_A[ADAPTER].weight
         up = layer.lora_B[ADAPTER].weight
@@ -100,7 +109,7 @@ def diffusers_state_dict(unet, text_encoder=None) -> dict[str, torch.Tensor]:
     out = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER).items()}
     if text_encoder is not None and lora_layers(text_encoder):
         te = get_peft_model_state_dict(text_encoder, adapter_name=ADAPTER)
-        out.update({f"text_encoder.{k}": v for k, v in te.items()})
+        out.update({f"text_encoder.{standard_name(k)}": v for k, v in te.items()})
     return {k: v.detach().float().cpu().clone() for k, v in out.items()}
 
 
@@ -122,3 +131,26 @@ def _adapter_metadata(unet, text_encoder) -> dict:
     if text_encoder is not None and lora_layers(text_encoder):
         meta.update({f"text_encoder.{k}": v for k, v in cfg(text_encoder).items()})
     return meta
+
+
+@contextlib.contextmanager
+def readable_lora_file(path: str | Path) -> Iterator[Path]:
+    """``path``, or a temporary copy with text-encoder keys in the standard spelling when it has the other one.
+
+    diffusers under transformers < 5.6 cannot place ``lora_te_encoder_…`` / ``text_encoder.encoder…`` keys
+    (files written by privlora before the fix under transformers >= 5.6); a copy keeps the file's metadata,
+    which diffusers needs for diffusers-format files (their alphas live there).
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as f:
+        renamed = {k: standard_lora_key(k) for k in f.keys()}
+        changed = any(k != v for k, v in renamed.items())
+        tensors = {new: f.get_tensor(old) for old, new in renamed.items()} if changed else {}
+        metadata = f.metadata()
+    if not changed:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="privlora-lora-") as tmp:
+        yield save_safetensors(Path(tmp) / path.name, tensors, metadata=metadata)
