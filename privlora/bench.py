@@ -54,6 +54,7 @@ class BenchSpec:
     max_tpr_at_1fpr: float = 0.05
     select_attacks: list[str] = field(default_factory=lambda: ["loss", "ref_loss"])
     jobs: int = 1
+    threads_per_job: int | None = None  # torch threads of each parallel training; default: cores // jobs
     label: str = "bench"
 
 
@@ -222,7 +223,7 @@ def train_all(spec: BenchSpec, jobs: list[Job], log: Callable[[str], None]) -> N
         for job in todo:
             train_here(spec, job, log)
         return
-    threads = max(1, (os.cpu_count() or 1) // spec.jobs)
+    threads = spec.threads_per_job or max(1, (os.cpu_count() or 1) // spec.jobs)
     with ThreadPoolExecutor(spec.jobs) as pool:
         for future in [pool.submit(train_in_child, spec, job, threads, log) for job in todo]:
             future.result()
@@ -486,7 +487,8 @@ def bench_spec_from_args(args: dict[str, Any]) -> BenchSpec:
     for key in ("budgets", "attacks", "seeds", "select_attacks"):
         if key in args:
             bench[key] = _list_flag(key, args.pop(key))
-    for key in ("n_bootstrap", "quality_samples", "quality_steps", "guidance", "max_auc", "max_tpr_at_1fpr", "jobs"):
+    for key in ("n_bootstrap", "quality_samples", "quality_steps", "guidance", "max_auc", "max_tpr_at_1fpr", "jobs",
+                "threads_per_job"):
         if key in args:
             bench[key] = args.pop(key)
     preset = args.pop("preset", None) or file["preset"]

@@ -206,6 +206,8 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--seeds", help="comma-separated training seeds: each run is trained with each; the first "
                                    "makes the table, all make the spread")
     p.add_argument("--jobs", type=int, help="trainings in parallel processes (one torch thread per core share)")
+    p.add_argument("--threads_per_job", type=int, help="torch threads of each parallel training (default: cores "
+                                                       "// jobs); a serial run matches it at the same thread count")
     p.add_argument("--max_auc", type=float, help="recommendation bound on the best-attack AUC (default 0.6)")
     p.add_argument("--max_tpr_at_1fpr", type=float, help="recommendation bound on TPR@1%%FPR (default 0.05)")
     p.add_argument("--select_attacks", help="attacks of the aux-only checkpoint selection (default loss,ref_loss)")
