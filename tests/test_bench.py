@@ -203,7 +203,7 @@ def test_bench_on_five_folders_end_to_end(toy, tmp_path, capsys):
     tree = five_folders(tmp_path / "tree", toy["kohya"])
     out = tmp_path / "bench"
     code = main(["bench", "--out", str(out), "--splits_dir", str(tree), "--preset", toy["preset"],
-                 "--methods", "lora,smp_lora", *TOY])
+                 "--methods", "lora,smp_lora", *TOY, "--seeds", "3,4"])
     assert code == 0, capsys.readouterr().err
     table = json.loads((out / "table.json").read_text())
     assert list(table["rows"]) == ["base", "lora-e0002", "lora", "smp_lora"]
@@ -218,6 +218,9 @@ def test_bench_on_five_folders_end_to_end(toy, tmp_path, capsys):
                  "lora/select.json"):
         assert (out / name).stat().st_size > 0, name
     assert "Recommendation" in (out / "table.md").read_text()
+    assert set(table["seed_rows"]) == {"lora-seed4", "smp_lora-seed4"}
+    assert table["seed_spread"]["smp_lora"]["n_seeds"] == 2
+    assert "Spread over training seeds" in (out / "table.md").read_text()
     history = json.loads((out / "smp_lora" / "history.json").read_text())
     assert "L_ada_mean" in history["epochs"][-1]
 
@@ -240,3 +243,21 @@ def test_bench_on_a_kohya_folder_reuses_finished_pieces(toy, tmp_path, capsys):
     assert lora.stat().st_mtime_ns == stamp
     again = json.loads((out / "table.json").read_text())
     assert again["rows"]["lora"]["auc"] == first["rows"]["lora"]["auc"]
+
+
+@pytest.mark.slow
+def test_parallel_trainings_give_the_serial_table(toy, tmp_path, capsys):
+    tables = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}"
+        args = ["bench", "--out", str(out), "--train_data_dir", str(toy["kohya"]), "--preset", toy["preset"],
+                "--methods", "lora,smp_lora", *TOY, "--quality_samples", "0", "--max_train_epochs", "2",
+                "--budgets", "none", "--jobs", jobs, "--threads_per_job", "1"]
+        assert main(args) == 0, capsys.readouterr().err
+        tables[jobs] = json.loads((out / "table.json").read_text())
+    serial, parallel = tables["1"], tables["2"]
+    numbers = ("auc", "best_auc", "best_tpr_at_1pct_fpr", "heldout_loss")
+    for name in serial["rows"]:
+        assert {k: serial["rows"][name][k] for k in numbers} == {k: parallel["rows"][name][k] for k in numbers}, name
+    assert list(serial["rows"]) == ["base", "lora", "smp_lora"]
+    assert (tmp_path / "jobs2" / "smp_lora" / "train.log").is_file()  # trained in a child process
