@@ -1,4 +1,4 @@
-"""The ``privlora`` command: train, audit, sample, quality, demo."""
+"""The ``privlora`` command: train, audit, sample, quality, demo, bench, select."""
 from __future__ import annotations
 
 import argparse
@@ -143,28 +143,103 @@ def _add_audit_parser(sub) -> None:
 def _demo(args: argparse.Namespace, overrides: dict) -> int:
     from pathlib import Path
 
-    from privlora.protocol import ProtocolSettings, format_table, quick_settings, run_protocol
+    from privlora.protocol import ProtocolSettings, quick_settings, run_protocol
 
     settings = quick_settings() if args.quick else ProtocolSettings()
     if args.seed is not None:
-        settings.seed = args.seed
+        settings.train.update(seed=args.seed, split_seed=args.seed)
+    settings.bench["jobs"] = args.jobs
     out = Path(args.out or f"runs/demo-{settings.label}")
-    print(f"privlora demo ({settings.label} variant): plain LoRA vs {', '.join(settings.defences)} on tiny-sd, "
-          f"outputs in {out}")
+    print(f"privlora demo ({settings.label} variant): privlora bench with {settings.bench_file} on generated "
+          f"private sprites, outputs in {out}")
     table = run_protocol(settings, out)
-    print(f"\n{settings.label} variant — {table['date']}, {table['machine']}")
-    print(format_table(table))
-    print(f"\naudit report: {out / 'audit' / 'report.md'}; plots: {out / 'frontier.png'}, {out / 'curves.png'}")
+    _print_bench(table, out)
     return 0
 
 
+def _print_bench(table: dict, out) -> None:
+    from privlora.benchtable import format_extras, format_table
+
+    print(f"\n{table['date']}, {table['machine']}")
+    print(format_table(table))
+    print("\n" + format_extras(table))
+    print(f"\ntable: {out / 'table.md'}; audit report: {out / 'audit' / 'report.md'}; "
+          f"plots: {out / 'frontier.png'}, {out / 'curves.png'}")
+
+
 def _add_demo_parser(sub) -> None:
-    demo = sub.add_parser("demo", help="the whole claim on the embedded tiny-sd: train LoRA / MP-LoRA / SMP-LoRA, "
-                                       "audit them all, measure utility, print one table")
+    demo = sub.add_parser("demo", help="the whole claim on the embedded tiny-sd: privlora bench with configs/demo "
+                                       "on generated private sprites (LoRA, MP-, SMP-, DP-LoRA, audit, one table)")
     demo.add_argument("--out", default=None, help="output folder (default: runs/demo-full or runs/demo-quick)")
     demo.add_argument("--quick", action="store_true", help="fewer epochs and samples (a few minutes)")
-    demo.add_argument("--seed", type=int, default=None)
+    demo.add_argument("--seed", type=int, default=None, help="training and split seed (default: the presets')")
+    demo.add_argument("--jobs", type=int, default=1, help="trainings in parallel processes")
     demo.set_defaults(handler=_demo)
+
+
+def _bench(args: argparse.Namespace, overrides: dict) -> int:
+    from pathlib import Path
+
+    from privlora.bench import bench_spec_from_args, run_bench
+
+    spec = bench_spec_from_args(vars(args))
+    print(f"privlora bench: {', '.join(spec.runs)}; outputs in {spec.out}")
+    table = run_bench(spec)
+    _print_bench(table, Path(spec.out))
+    return 0
+
+
+def _add_bench_parser(sub) -> None:
+    from privlora.config import add_config_flags
+
+    p = sub.add_parser("bench", argument_default=argparse.SUPPRESS,
+                       help="privacy–utility comparison of methods on your data and model (the demo's protocol)")
+    p.add_argument("--out", required=True, help="output folder (re-running it reuses what is finished)")
+    p.add_argument("--preset", help="train preset (TOML) with the settings every run shares")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--methods", help="comma-separated runs: method[:key=value...], e.g. "
+                                         "lora,smp_lora,smp_lora:privacy_alpha=5")
+    which.add_argument("--runs", help="bench file (TOML): preset = ..., [bench] settings, [runs.NAME] tables")
+    p.add_argument("--budgets", help="plain LoRA checkpoints as fractions of its epochs, e.g. 0.1,0.25,0.5; "
+                                     "'none' for no train-less points but the base model")
+    p.add_argument("--attacks", help="comma-separated audit attacks (default: all six)")
+    p.add_argument("--seeds", help="comma-separated training seeds: each run is trained with each; the first "
+                                   "makes the table, all make the spread")
+    p.add_argument("--jobs", type=int, help="trainings in parallel processes (one torch thread per core share)")
+    p.add_argument("--threads_per_job", type=int, help="torch threads of each parallel training (default: cores "
+                                                       "// jobs); a serial run matches it at the same thread count")
+    p.add_argument("--max_auc", type=float, help="recommendation bound on the best-attack AUC (default 0.6)")
+    p.add_argument("--max_tpr_at_1fpr", type=float, help="recommendation bound on TPR@1%%FPR (default 0.05)")
+    p.add_argument("--select_attacks", help="attacks of the aux-only checkpoint selection (default loss,ref_loss)")
+    p.add_argument("--n_bootstrap", type=int, help="bootstrap resamples of the audit (default 500)")
+    p.add_argument("--quality_samples", type=int, help="images per model for the proxy FID (default 200; 0: none)")
+    p.add_argument("--quality_steps", type=int, help="sampler steps of those images (default 20)")
+    p.add_argument("--guidance", type=float, help="guidance scale of those images (default 3)")
+    add_config_flags(p.add_argument_group("training settings, over every run (as in privlora train)"))
+    p.set_defaults(handler=_bench)
+
+
+def _select(args: argparse.Namespace, overrides: dict) -> int:
+    from privlora.select import SelectConfig, format_selection, select
+
+    result = select(SelectConfig(args.run_dir, args.max_auc, args.max_tpr_at_1fpr, args.attacks.split(","),
+                                 args.seed, args.n_bootstrap, not args.no_base, args.out))
+    print(format_selection(result))
+    return 0
+
+
+def _add_select_parser(sub) -> None:
+    p = sub.add_parser("select", help="privacy-aware checkpoint selection: the most useful checkpoint of a run "
+                                      "whose leakage, estimated on the aux roles only, is under a bound")
+    p.add_argument("run_dir", help="a training run's output folder (its -eNNNN/-stepNNNNNN and final LoRA files)")
+    p.add_argument("--max_auc", type=float, default=0.6, help="bound on the estimated best-attack AUC")
+    p.add_argument("--max_tpr_at_1fpr", type=float, default=1.0, help="bound on the estimated TPR@1%%FPR")
+    p.add_argument("--attacks", default="loss,ref_loss", help="comma-separated; loss is always added (utility)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the aux halves, noise draws and fits")
+    p.add_argument("--n_bootstrap", type=int, default=200)
+    p.add_argument("--no_base", action="store_true", help="do not offer the base model as a candidate")
+    p.add_argument("--out", default=None, help="where to write the choice (default: RUN_DIR/select.json)")
+    p.set_defaults(handler=_select)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample_parser(sub)
     _add_quality_parser(sub)
     _add_demo_parser(sub)
+    _add_bench_parser(sub)
+    _add_select_parser(sub)
     return parser
 
 

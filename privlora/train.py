@@ -67,19 +67,21 @@ def train(cfg: TrainConfig) -> Path:
             if progress.batch_in_epoch == 0:
                 run.epoch_start_order = run.loader_order.get_state()
             logs: dict = {}
+            means = EpochMeans()
             for batch in itertools.islice(run.loader, progress.batch_in_epoch, None):
                 progress.batch_in_epoch += 1
                 logs = train_step(run, batch, progress.step) or logs
                 if not run.accelerator.sync_gradients:
                     continue
                 progress.step += 1
+                means.add(logs)
                 after_step(run, progress, logs, bar)
                 if interrupt.requested:
                     path = save_state(run, progress)
                     raise Interrupted(f"interrupted at step {progress.step}; resume with --resume {path}")
                 if progress.step >= run.max_steps:
                     break
-            end_epoch(run, progress, logs, bar)
+            end_epoch(run, progress, {**logs, **means.result()}, bar)
     bar.close()
     run.metadata.update(ss_steps=str(progress.step), ss_epoch=str(progress.epoch),
                         privlora_train_seconds=f"{time.time() - started:.1f}")
@@ -88,6 +90,25 @@ def train(cfg: TrainConfig) -> Path:
         save_state(run, progress)
     run.accelerator.end_training()
     return final
+
+
+class EpochMeans:
+    """Per-epoch means of the step logs (``L_ada_mean`` …) for history.json: a last-step value is one noisy draw.
+
+    A run resumed mid-epoch averages that epoch's resumed steps only."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, logs: dict) -> None:
+        for key, value in logs.items():
+            if key != "lr" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.sums[key] = self.sums.get(key, 0.0) + float(value)
+                self.counts[key] = self.counts.get(key, 0) + 1
+
+    def result(self) -> dict[str, float]:
+        return {f"{k}_mean": self.sums[k] / self.counts[k] for k in self.sums}
 
 
 def train_step(run, batch: dict, step: int) -> dict | None:

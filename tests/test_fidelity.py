@@ -49,11 +49,11 @@ def test_hessian_top_eigenvalue_matches_the_exact_one_of_a_quadratic(seed):
 
 
 def test_curves_plot_adds_a_hessian_panel_only_when_a_run_has_estimates():
-    from privlora.protocol import curves_png
+    from privlora.benchplots import curves_png
 
     epochs = [{"epoch": e, "L_ada": 1.0 / e, "grad_norm": 0.5, "member_gap": 0.0} for e in (1, 2)]
-    without = curves_png({"lora": {"history": {"epochs": epochs}}})
-    with_h = curves_png({"lora": {"history": {"epochs": epochs, "hessian": [{"step": 2, "hessian_top_eig": 3.0}]}}})
+    without = curves_png({"lora": {"epochs": epochs}})
+    with_h = curves_png({"lora": {"epochs": epochs, "hessian": [{"step": 2, "hessian_top_eig": 3.0}]}})
     from PIL import Image
     import io
     assert Image.open(io.BytesIO(with_h)).width > Image.open(io.BytesIO(without)).width

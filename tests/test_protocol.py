@@ -18,19 +18,19 @@ def test_frontier_is_the_best_auc_at_that_utility_or_better():
 
 @pytest.mark.slow
 def test_miniature_protocol_has_every_method_attack_and_sane_numbers(tmp_path):
-    s = ProtocolSettings(n_member_test=12, n_nonmember_test=12, n_member_aux=8, n_nonmember_aux=8, epochs=8,
-                         budgets=[0.25, 0.5], n_bootstrap=20, quality_samples=8, sample_steps=2, label="test")
-    s.train.update(train_batch_size=8, unet_lr=3e-3)
-    for name in ("dp_lora_eps8", "dp_lora_eps1"):
-        s.method_overrides[name]["train_batch_size"] = 8
+    s = ProtocolSettings(train={"n_member_test": 12, "n_nonmember_test": 12, "n_member_aux": 8, "n_nonmember_aux": 8,
+                                "max_train_epochs": 8, "train_batch_size": 8, "unet_lr": 3e-3},
+                         bench={"budgets": [0.25, 0.5], "n_bootstrap": 20, "quality_samples": 8, "quality_steps": 2},
+                         label="test")
     table = run_protocol(s, tmp_path, log=lambda *_: None)
     rows = table["rows"]
-    assert set(s.run_names) | {"base", "lora-e0002", "lora-e0004"} <= set(rows)
-    assert {"dp_lora_eps8", "dp_lora_eps1"} <= set(s.defences)
+    defences = ["mp_lora", "smp_lora", "dp_lora_eps8", "dp_lora_eps1"]
+    assert list(rows) == ["base", "lora-e0002", "lora-e0004", "lora", *defences]
+    attacks = table["settings"]["attacks"]
     for row in rows.values():
-        assert set(row["auc"]) == set(s.attacks)
+        assert set(row["auc"]) == set(attacks) == {"loss", "ref_loss", "mlp", "secmi", "pia", "clid"}
         assert all(0.0 <= a <= 1.0 for a in row["auc"].values())
-    for name in s.defences:
+    for name in defences:
         assert {"above_frontier", "frontier_auc_at_same_loss"} <= set(rows[name])
     dp = next(m for m in json.loads((tmp_path / "audit" / "report.json").read_text())["models"]
               if m["name"] == "dp_lora_eps1")

@@ -1,0 +1,516 @@
+"""``privlora bench``: the privacy–utility comparison of ``privlora demo`` on the user's own data and model.
+
+Every run (a registered method with its settings) trains with the same preset, data, split and seed; plain
+LoRA's intermediate checkpoints (and the base model) form the "train less" baseline; every model is audited
+with every attack on identical queries; utility is the held-out denoising loss on nonmember_test (and a proxy
+FID of generated samples); each defence gets a verdict against the baseline, and the most useful model under
+a leakage bound is recommended. Finished pieces (trainings, the audit, samples) are reused when the bench is
+run again, so an interrupted bench resumes.
+
+Settings of one run, lowest to highest priority: the preset, the run's own settings, the train flags given to
+bench, and what the bench controls (data source, output folder and name, training seed with ``--seeds``, the
+baseline's checkpoint interval).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from privlora.benchtable import add_verdicts, format_extras, format_table, model_row, recommend, seed_spread
+from privlora.errors import PrivloraError
+from privlora.io import write_bytes, write_json, write_text
+
+DATA_KEYS = ("train_data_dir", "splits_dir", "splits")
+BENCH_KEYS = ("budgets", "attacks", "n_bootstrap", "quality_samples", "quality_steps", "guidance", "seeds",
+              "max_auc", "max_tpr_at_1fpr", "select_attacks")
+RUN_CONTROLLED = ("train_data_dir", "splits_dir", "splits", "synthetic_images", "output_dir", "output_name",
+                  "overwrite", "resume")
+
+
+@dataclass
+class BenchSpec:
+    out: Path
+    runs: dict[str, dict]  # run name → its settings on top of the preset ("method" defaults to the name)
+    data: dict[str, str] = field(default_factory=dict)  # one of DATA_KEYS; empty: the preset's data source
+    preset: str | None = None  # a train preset: the settings every run shares
+    train_overrides: dict[str, Any] = field(default_factory=dict)  # train flags given to bench: over every run
+    budgets: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5])  # of plain LoRA's epochs
+    attacks: list[str] = field(default_factory=lambda: ["loss", "ref_loss", "mlp", "secmi", "pia", "clid"])
+    n_bootstrap: int = 500
+    quality_samples: int = 200  # generated images per model for the proxy FID; 0: no samples
+    quality_steps: int = 20  # sampler steps of those images
+    guidance: float = 3.0
+    seeds: list[int] | None = None  # training seeds; the first is the table's, all give the spread
+    max_auc: float = 0.6  # the recommendation's leakage bound
+    max_tpr_at_1fpr: float = 0.05
+    select_attacks: list[str] = field(default_factory=lambda: ["loss", "ref_loss"])
+    jobs: int = 1
+    threads_per_job: int | None = None  # torch threads of each parallel training; default: cores // jobs
+    label: str = "bench"
+
+
+@dataclass
+class Job:
+    name: str  # the run's name in the table (the output name: <out>/<name>/<name>.safetensors)
+    run: str  # the run it belongs to
+    seed_index: int
+    overrides: dict[str, Any]
+
+    @property
+    def out(self) -> Path:
+        return Path(self.overrides["output_dir"])
+
+
+# --- the runs ---------------------------------------------------------------------------------------------
+
+def parse_methods(text: str) -> dict[str, dict]:
+    """``lora,smp_lora:privacy_alpha=5:privacy_beta=2`` → runs; a run with settings is named after them
+    (``smp_lora_privacy_alpha5_privacy_beta2``). Values are read as TOML values (numbers, true/false, strings)."""
+    runs: dict[str, dict] = {}
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        method, *pairs = item.split(":")
+        settings: dict[str, Any] = {"method": method}
+        for pair in pairs:
+            key, eq, value = pair.partition("=")
+            if not eq or not key:
+                raise PrivloraError(f"--methods: {pair!r} in {item!r} is not key=value")
+            settings[key] = _toml_value(value)
+        name = method + "".join(f"_{k}{v}" for k, v in list(settings.items())[1:])
+        if name in runs:
+            raise PrivloraError(f"--methods: run {name!r} is given twice")
+        runs[name] = settings
+    if not runs:
+        raise PrivloraError("--methods: no method given")
+    return runs
+
+
+def _toml_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def read_bench_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A bench file: ``preset = "train.toml"``, a ``[bench]`` table and ``[runs.NAME]`` tables; ``inherit``
+    reads another bench file first (its [bench] keys are updated, its runs replaced if this file has any)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PrivloraError(f"{path}: bench file not found")
+    if path.resolve() in _seen:
+        raise PrivloraError(f"{path}: inherit loop")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PrivloraError(f"{path}: not valid TOML ({e})") from None
+    unknown = set(data) - {"inherit", "preset", "bench", "runs"}
+    if unknown:
+        raise PrivloraError(f"{path}: unknown key {sorted(unknown)[0]!r} (a bench file has inherit, preset, [bench], [runs.NAME])")
+    bad = set(data.get("bench", {})) - set(BENCH_KEYS)
+    if bad:
+        raise PrivloraError(f"{path}: unknown [bench] key {sorted(bad)[0]!r} (choose from {', '.join(BENCH_KEYS)})")
+    result = {"preset": None, "bench": {}, "runs": {}}
+    if "inherit" in data:
+        result = read_bench_file(path.parent / data["inherit"], (*_seen, path.resolve()))
+    if "preset" in data:
+        result["preset"] = str(path.parent / data["preset"])
+    result["bench"] = {**result["bench"], **data.get("bench", {})}
+    if data.get("runs"):
+        result["runs"] = {name: dict(settings) for name, settings in data["runs"].items()}
+    return result
+
+
+def check_runs(runs: dict[str, dict], source: str) -> dict[str, dict]:
+    """Every run names a registered method and only training keys the bench does not control."""
+    from privlora.config import KEYS
+    from privlora.objectives import METHODS
+
+    checked = {}
+    for name, settings in runs.items():
+        if not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
+            raise PrivloraError(f"{source}: run name {name!r} may only hold letters, digits, _ - .")
+        settings = {"method": name, **settings}
+        if settings["method"] not in METHODS:
+            raise PrivloraError(f"{source}: run {name!r}: method {settings['method']!r} is not one of {', '.join(METHODS)}"
+                                + ("" if "method" in runs[name] else " (set method = ... for this run)"))
+        for key in settings:
+            if key not in KEYS or key in RUN_CONTROLLED:
+                raise PrivloraError(f"{source}: run {name!r}: {key!r} is not a training setting a run may set")
+        checked[name] = settings
+    return checked
+
+
+def baseline_name(spec: BenchSpec) -> str:
+    """The plain-LoRA run whose checkpoints are the train-less baseline: "lora", else the first lora run."""
+    plain = [n for n, s in spec.runs.items() if s.get("method", n) == "lora"]
+    if not plain:
+        raise PrivloraError("the train-less frontier needs a plain LoRA run: add lora to --methods or a "
+                            "[runs.lora] table")
+    return "lora" if "lora" in plain else plain[0]
+
+
+def jobs_for(spec: BenchSpec) -> list[Job]:
+    """Every training of the bench with its complete settings, validated before anything is trained."""
+    from privlora.config import build_config
+
+    base = baseline_name(spec)
+    seeds = spec.seeds or [None]
+    jobs = []
+    for name, settings in spec.runs.items():
+        for i, seed in enumerate(seeds):
+            out_name = name if i == 0 else f"{name}-seed{seed}"
+            controlled: dict[str, Any] = {"output_dir": str(spec.out / out_name), "output_name": out_name,
+                                          "overwrite": True}
+            if spec.data:
+                controlled.update({k: None for k in DATA_KEYS}, synthetic_images=0, **spec.data)
+            if seed is not None:
+                controlled["seed"] = seed
+            overrides = {**settings, **spec.train_overrides, **controlled}
+            if name == base and i == 0 and spec.budgets:
+                epochs = build_config(spec.preset, overrides).max_train_epochs
+                overrides["save_every_n_epochs"] = budget_interval(spec.budgets, epochs)
+            try:  # a bad setting stops the bench here, before any training
+                build_config(spec.preset, overrides)
+            except PrivloraError as e:
+                raise PrivloraError(f"run {name}: {e}") from None
+            jobs.append(Job(out_name, name, i, overrides))
+    return jobs
+
+
+def budget_interval(budgets: list[float], epochs: int | None) -> int:
+    if not epochs:
+        raise PrivloraError("--budgets: the plain LoRA run needs max_train_epochs (budgets are fractions of its epochs)")
+    points = [round(f * epochs) for f in budgets]
+    if any(e < 1 or e >= epochs for e in points):
+        raise PrivloraError(f"--budgets {budgets} of {epochs} epochs must fall strictly inside the run")
+    return math.gcd(*points)
+
+
+def budget_files(spec: BenchSpec, job: Job) -> list[Path]:
+    epochs = job_config(spec, job).max_train_epochs
+    return [job.out / f"{job.name}-e{round(f * epochs):04d}.safetensors" for f in spec.budgets]
+
+
+def job_config(spec: BenchSpec, job: Job):
+    from privlora.config import build_config
+
+    return build_config(spec.preset, job.overrides)
+
+
+# --- training ---------------------------------------------------------------------------------------------
+
+def is_finished(job: Job) -> bool:
+    return (job.out / f"{job.name}.safetensors").is_file() and (job.out / "train_time.json").is_file()
+
+
+def train_all(spec: BenchSpec, jobs: list[Job], log: Callable[[str], None]) -> None:
+    todo = [j for j in jobs if not is_finished(j)]
+    for j in jobs:
+        if j not in todo:
+            log(f"{j.name}: finished earlier, reused")
+    if spec.jobs <= 1:
+        for job in todo:
+            train_here(spec, job, log)
+        return
+    threads = spec.threads_per_job or max(1, (os.cpu_count() or 1) // spec.jobs)
+    with ThreadPoolExecutor(spec.jobs) as pool:
+        for future in [pool.submit(train_in_child, spec, job, threads, log) for job in todo]:
+            future.result()
+
+
+def train_here(spec: BenchSpec, job: Job, log: Callable[[str], None]) -> None:
+    from privlora.train import train
+
+    cfg = job_config(spec, job)
+    log(f"training {job.name} ({cfg.method}, {cfg.max_train_epochs or cfg.max_train_steps} "
+        f"{'epochs' if cfg.max_train_epochs else 'steps'}, seed {cfg.seed})")
+    started = time.time()
+    train(cfg)
+    write_json(job.out / "train_time.json", {"seconds": time.time() - started})
+
+
+def train_in_child(spec: BenchSpec, job: Job, threads: int, log: Callable[[str], None]) -> None:
+    """``privlora train`` in a fresh process with its own torch thread count (set before torch is imported)."""
+    import privlora
+    from privlora.config import resolved_toml
+
+    cfg = job_config(spec, job)
+    job.out.mkdir(parents=True, exist_ok=True)
+    config_file = write_text(job.out / "bench_job.toml", resolved_toml(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join([str(Path(privlora.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    log(f"training {job.name} ({cfg.method}) in a child process, {threads} thread(s); log: {job.out / 'train.log'}")
+    started = time.time()
+    with open(job.out / "train.log", "w") as out:
+        code = subprocess.call([sys.executable, "-m", "privlora", "train", "--config", str(config_file)],
+                               env=env, stdout=out, stderr=subprocess.STDOUT)
+    if code != 0:
+        raise PrivloraError(f"{job.out / 'train.log'}: training run {job.name} failed (exit status {code})")
+    write_json(job.out / "train_time.json", {"seconds": time.time() - started, "threads": threads})
+
+
+def check_same_split(jobs: list[Job]) -> None:
+    """Every run must have trained on the baseline's split, or the comparison compares different data."""
+    def roles(job: Job) -> dict:
+        manifest = json.loads((job.out / "splits.json").read_text())
+        return {r: sorted(e["sha256"] for e in entries) for r, entries in manifest["roles"].items()}
+
+    first = roles(jobs[0])
+    for job in jobs[1:]:
+        if roles(job) != first:
+            raise PrivloraError(f"{job.out / 'splits.json'}: run {job.name} was split differently from "
+                                f"{jobs[0].name} (a run setting changes n_* or split_seed?)")
+
+
+# --- the bench --------------------------------------------------------------------------------------------
+
+def run_bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict:
+    if spec.jobs < 1:
+        raise PrivloraError(f"--jobs must be ≥ 1, got {spec.jobs}")
+    from privlora.attacks import parse_attack_names
+
+    spec.runs = check_runs(spec.runs, "runs")
+    spec.attacks = parse_attack_names(spec.attacks)
+    spec.select_attacks = parse_attack_names(spec.select_attacks)
+    base = baseline_name(spec)
+    jobs = jobs_for(spec)
+    spec.out.mkdir(parents=True, exist_ok=True)
+    train_all(spec, jobs, log)
+    main_jobs = [j for j in jobs if j.seed_index == 0]
+    baseline = next(j for j in main_jobs if j.run == base)
+    check_same_split([baseline, *(j for j in jobs if j is not baseline)])
+    budgets = budget_files(spec, baseline) if spec.budgets else []
+    canonical = [j.out / f"{j.name}.safetensors" for j in main_jobs]
+    extra = [j.out / f"{j.name}.safetensors" for j in jobs if j.seed_index > 0]
+    cfg = job_config(spec, baseline)
+    loras = canonical + budgets + extra
+    log(f"auditing {len(loras)} LoRAs and the base model with {', '.join(spec.attacks)}")
+    report = audit(spec, cfg, baseline.out / "splits.json", loras)
+    quality = utility_quality(spec, cfg, baseline.out / "splits.json", canonical + budgets)
+    selection = aux_selection(spec, baseline, report, log)
+    table = build_table(spec, jobs, report, quality, budgets, selection)
+    write_outputs(spec, table, {j.run: history(j) for j in sorted(main_jobs, key=lambda j: j.run != base)})
+    return table
+
+
+def history(job: Job) -> dict:
+    return json.loads((job.out / "history.json").read_text())
+
+
+def audit(spec: BenchSpec, cfg, splits: Path, loras: list[Path]) -> dict:
+    """The audit of every model, reused when it was run with exactly these inputs."""
+    from privlora.audit import AuditConfig, run_audit
+
+    folder = spec.out / "audit"
+    inputs = {"loras": [[str(p), _stamp(p)] for p in loras], "attacks": list(spec.attacks), "seed": cfg.seed,
+              "n_bootstrap": spec.n_bootstrap, "model": cfg.pretrained_model_name_or_path,
+              "splits": str(splits)}
+    done = folder / "inputs.json"
+    if (folder / "report.json").is_file() and done.is_file() and json.loads(done.read_text()) == inputs:
+        return json.loads((folder / "report.json").read_text())
+    report = run_audit(AuditConfig(splits=str(splits), out=str(folder), pretrained_model_name_or_path=cfg.pretrained_model_name_or_path,
+                                   loras=[str(p) for p in loras], attacks=list(spec.attacks), include_base=True,
+                                   seed=cfg.seed, n_bootstrap=spec.n_bootstrap, config_dir=cfg.config_dir,
+                                   clip_skip=cfg.clip_skip))
+    write_json(done, inputs)
+    return report
+
+
+def _stamp(path: Path) -> str:
+    """Identifies one version of a file: a re-trained run's new LoRA invalidates what was computed from the old."""
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def utility_quality(spec: BenchSpec, cfg, splits_file: Path, loras: list[Path]) -> dict[str, dict]:
+    """Proxy FID (tiny-sd VAE features) of samples from nonmember_test captions against those images; each
+    model's result is cached in quality.json and reused while the sampling settings stay the same."""
+    if spec.quality_samples <= 0:
+        return {}
+    import torch
+
+    from privlora.data.images import open_rgb
+    from privlora.data.splits import read_manifest
+    from privlora.models.loading import load_base
+    from privlora.quality import score
+    from privlora.sample import build_pipeline, load_lora
+
+    cache = spec.out / "quality.json"
+    settings = {"quality_samples": spec.quality_samples, "quality_steps": spec.quality_steps,
+                "guidance": spec.guidance, "seed": cfg.seed, "model": cfg.pretrained_model_name_or_path}
+    stored = json.loads(cache.read_text()) if cache.is_file() else {}
+    results = stored.get("models", {}) if stored.get("settings") == settings else {}
+    stamps = {"base": "", **{p.stem: _stamp(p) for p in loras}}
+    results = {n: r for n, r in results.items() if stored.get("stamps", {}).get(n) == stamps.get(n)}
+    todo = [lora for lora in [None, *loras] if ("base" if lora is None else lora.stem) not in results]
+    if not todo:
+        return results
+    test = read_manifest(splits_file).nonmember_test[: spec.quality_samples]
+    real = [open_rgb(e.path) for e in test]
+    prompts = [e.caption for e in test]
+    for lora in todo:
+        name = "base" if lora is None else lora.stem
+        base = load_base(cfg.pretrained_model_name_or_path, config_dir=cfg.config_dir)
+        pipe = build_pipeline(base.unet, base.vae, base.text_encoder, base.tokenizer, base.noise_scheduler.config)
+        if lora is not None:
+            load_lora(pipe, lora)
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        images = pipe(prompts, num_inference_steps=spec.quality_steps, guidance_scale=spec.guidance,
+                      generator=generator).images
+        results[name] = score(real, images, metrics=["fid"], feature_extractor="tiny", seed=cfg.seed)
+        write_bytes(spec.out / f"samples_{name}.png", _png(_sheet(images[:16])))
+        write_json(cache, {"settings": settings, "models": results, "stamps": {n: stamps[n] for n in results}})  # each model's result survives an interrupt
+    write_bytes(spec.out / "samples_real_nonmembers.png", _png(_sheet(real[:16])))
+    return results
+
+
+def _sheet(images: list):
+    from privlora.sample import contact_sheet
+
+    return contact_sheet(images, columns=8)
+
+
+def _png(image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def aux_selection(spec: BenchSpec, baseline: Job, report: dict, log) -> dict | None:
+    """``privlora select`` on the baseline's checkpoints, compared with the test-role audit of the same models."""
+    from privlora.select import SelectConfig, select
+
+    done = baseline.out / "select.json"
+    settings = {"max_auc": spec.max_auc, "max_tpr_at_1fpr": spec.max_tpr_at_1fpr,
+                "attacks": ["loss", *[a for a in spec.select_attacks if a != "loss"]], "seed": job_seed(spec, baseline),
+                "n_bootstrap": spec.n_bootstrap, "include_base": True}
+    result = json.loads(done.read_text()) if done.is_file() else None
+    final = baseline.out / f"{baseline.name}.safetensors"
+    if result is None or result["settings"] != settings or done.stat().st_mtime_ns < final.stat().st_mtime_ns:
+        log(f"privacy-aware selection of {baseline.name}'s checkpoints on the aux roles")
+        result = select(SelectConfig(str(baseline.out), spec.max_auc, spec.max_tpr_at_1fpr, list(spec.select_attacks),
+                                     settings["seed"], spec.n_bootstrap, True), log=log)
+    test = {m["name"]: m for m in report["models"]}
+    rows = {}
+    for name, est in result["checkpoints"].items():
+        if name not in test:
+            continue
+        t = model_row(test[name], {})
+        same = [t["auc"][a] for a in result["settings"]["attacks"] if a in t["auc"]]
+        rows[name] = {"aux_best_auc": est["best_auc"], "aux_best_attack": est["best_attack"],
+                      "aux_heldout_loss": est["heldout_loss"], "test_auc_same_attacks": max(same) if same else None,
+                      "test_best_auc": t["best_auc"], "test_heldout_loss": t["heldout_loss"]}
+    return {"attacks": result["settings"]["attacks"], "choice": result["choice"], "rows": rows}
+
+
+def job_seed(spec: BenchSpec, job: Job) -> int:
+    return job_config(spec, job).seed
+
+
+def build_table(spec: BenchSpec, jobs: list[Job], report: dict, quality: dict, budgets: list[Path],
+                selection: dict | None) -> dict:
+    rows = {m["name"]: model_row(m, quality) for m in report["models"]}
+    base = baseline_name(spec)
+    main = [j for j in jobs if j.seed_index == 0]
+    frontier_names = ["base", *(p.stem for p in budgets), base]
+    defences = [j.name for j in main if j.run != base]
+    add_verdicts(rows, frontier_names, defences)
+    for j in jobs:
+        rows[j.name]["train_seconds"] = json.loads((j.out / "train_time.json").read_text())["seconds"]
+    shown = {n: rows[n] for n in ["base", *frontier_names[1:], *defences]}
+    table = {"settings": {**{k: v for k, v in asdict(spec).items() if k not in ("out", "runs")},
+                          "out": str(spec.out), "runs": spec.runs,
+                          "resolved": {j.name: _resolved(spec, j) for j in jobs}},
+             "rows": shown, "frontier": frontier_names, "audit": str(Path("audit") / "report.md"),
+             "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+             "recommendation": recommend(shown, spec.max_auc, spec.max_tpr_at_1fpr),
+             "selection": selection}
+    if spec.seeds and len(spec.seeds) > 1:
+        by_run = {run: [rows[j.name] for j in jobs if j.run == run] for run in spec.runs}
+        table["seed_spread"] = seed_spread(by_run)
+        table["seed_rows"] = {j.name: rows[j.name] for j in jobs if j.seed_index > 0}
+    return table
+
+
+def _resolved(spec: BenchSpec, job: Job) -> dict:
+    from privlora.config import to_dict
+
+    return to_dict(job_config(spec, job))
+
+
+def machine() -> str:
+    import platform
+
+    import torch
+
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def write_outputs(spec: BenchSpec, table: dict, histories: dict[str, dict]) -> None:
+    write_json(spec.out / "table.json", table)
+    title = f"privlora privacy benchmark ({spec.label}, {table['date']}, {table['machine']})"
+    extras = format_extras(table)
+    write_text(spec.out / "table.md", f"# {title}\n\n{format_table(table)}\n" + (f"\n{extras}\n" if extras else ""))
+    from privlora.benchplots import curves_png, frontier_png
+
+    write_bytes(spec.out / "curves.png", curves_png(histories))
+    write_bytes(spec.out / "frontier.png", frontier_png(table))
+
+
+# --- the command line -------------------------------------------------------------------------------------
+
+def bench_spec_from_args(args: dict[str, Any]) -> BenchSpec:
+    """``privlora bench`` flags → a spec: bench file values first, then the bench's own flags; every other
+    flag is a training setting over every run."""
+    from privlora.config import KEYS
+
+    args = {k: v for k, v in args.items() if k not in ("command", "handler", "allow_network")}
+    file = read_bench_file(args.pop("runs")) if "runs" in args else {"preset": None, "bench": {}, "runs": {}}
+    runs = parse_methods(args.pop("methods")) if "methods" in args else file["runs"]
+    if not runs:
+        raise PrivloraError("--runs: the bench file has no [runs.NAME] table")
+    bench = dict(file["bench"])
+    for key in ("budgets", "attacks", "seeds", "select_attacks"):
+        if key in args:
+            bench[key] = _list_flag(key, args.pop(key))
+    for key in ("n_bootstrap", "quality_samples", "quality_steps", "guidance", "max_auc", "max_tpr_at_1fpr", "jobs",
+                "threads_per_job"):
+        if key in args:
+            bench[key] = args.pop(key)
+    preset = args.pop("preset", None) or file["preset"]
+    out = Path(args.pop("out"))
+    data = {k: args.pop(k) for k in DATA_KEYS if k in args}
+    if len(data) > 1:
+        raise PrivloraError(f"give one data source, not {' and '.join('--' + k for k in data)}")
+    unknown = set(args) - KEYS
+    if unknown:
+        raise PrivloraError(f"command line: unknown option --{sorted(unknown)[0]}")
+    return BenchSpec(out=out, runs=runs, data=data, preset=preset, train_overrides=args, **bench)
+
+
+def _list_flag(key: str, text: str) -> list:
+    if key == "budgets" and text.strip().lower() == "none":
+        return []
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        if key == "budgets":
+            return [float(t) for t in items]
+        if key == "seeds":
+            return [int(t) for t in items]
+    except ValueError:
+        raise PrivloraError(f"--{key}: {text!r} is not a comma-separated list of numbers") from None
+    return items

@@ -1,0 +1,142 @@
+"""The privacy–utility table of ``privlora bench`` / ``demo``: rows, the train-less frontier, the verdicts,
+the recommendation under a leakage bound, the spread over seeds, and the table's Markdown."""
+from __future__ import annotations
+
+import math
+import statistics
+
+import numpy as np
+
+FRONTIER_MARGIN = 0.01  # AUC differences this small are noise at 200 vs 200 (one standard error ≈ 0.03)
+
+
+def model_row(model: dict, quality: dict) -> dict:
+    """One audited model (an entry of the audit's report.json) as a table row."""
+    results = model["results"]
+    aucs = {a: r["auc"] for a, r in results.items()}
+    best = max(aucs, key=aucs.get)
+    held_out = -float(np.mean(model["scores"]["loss"]["nonmember_test"])) if "loss" in model["scores"] else None
+    return {"model": model["name"], "auc": aucs, "best_attack": best, "best_auc": aucs[best],
+            "best_tpr_at_1pct_fpr": max(r["tpr_at_1pct_fpr"] for r in results.values()),
+            "heldout_loss": held_out, "proxy_fid": quality.get(model["name"], {}).get("fid_proxy_tiny")}
+
+
+def frontier_verdict(best_auc: float, frontier: float) -> str:
+    """"above" only when clearly more private than training less; within the margin is a tie ("on")."""
+    if best_auc < frontier - FRONTIER_MARGIN:
+        return "above"
+    return "on" if best_auc <= frontier + FRONTIER_MARGIN else "below"
+
+
+def frontier_auc(points: list[tuple[float, float]], loss: float) -> float:
+    """Best-attack AUC the "train less" baseline reaches at this held-out loss or better.
+
+    Any baseline point with a held-out loss ≤ ``loss`` is at least as useful, so the frontier is the lowest
+    AUC among them, with straight lines between neighbouring points; ``inf`` where no point is that useful.
+    """
+    pts = sorted(points)
+    best = min((auc for l, auc in pts if l <= loss), default=float("inf"))
+    for (l0, a0), (l1, a1) in zip(pts, pts[1:]):
+        if l0 < loss < l1:
+            best = min(best, a0 + (a1 - a0) * (loss - l0) / (l1 - l0))
+    return float(best)
+
+
+def add_verdicts(rows: dict[str, dict], frontier_names: list[str], defences: list[str]) -> None:
+    frontier = [(rows[n]["heldout_loss"], rows[n]["best_auc"]) for n in frontier_names]
+    for name in defences:
+        r = rows[name]
+        r["frontier_auc_at_same_loss"] = frontier_auc(frontier, r["heldout_loss"])
+        r["frontier_verdict"] = frontier_verdict(r["best_auc"], r["frontier_auc_at_same_loss"])
+        r["above_frontier"] = r["frontier_verdict"] == "above"
+
+
+def recommend(rows: dict[str, dict], max_auc: float, max_tpr_at_1fpr: float) -> dict:
+    """The most useful model (lowest held-out loss) whose best-attack AUC ≤ ``max_auc`` and best TPR@1%FPR
+    ≤ ``max_tpr_at_1fpr``; ties go to the lower AUC. ``model`` is None when no model meets the bound."""
+    ok = [r for r in rows.values() if r["heldout_loss"] is not None
+          and r["best_auc"] <= max_auc and r["best_tpr_at_1pct_fpr"] <= max_tpr_at_1fpr]
+    bound = f"best-attack AUC ≤ {max_auc:g} and TPR@1%FPR ≤ {max_tpr_at_1fpr:g}"
+    if not ok:
+        return {"model": None, "max_auc": max_auc, "max_tpr_at_1fpr": max_tpr_at_1fpr,
+                "reason": f"no model meets {bound}"}
+    best = min(ok, key=lambda r: (r["heldout_loss"], r["best_auc"], r["model"]))
+    return {"model": best["model"], "max_auc": max_auc, "max_tpr_at_1fpr": max_tpr_at_1fpr,
+            "best_auc": best["best_auc"], "best_tpr_at_1pct_fpr": best["best_tpr_at_1pct_fpr"],
+            "heldout_loss": best["heldout_loss"],
+            "reason": f"the lowest held-out loss among the {len(ok)} model(s) with {bound}"}
+
+
+def seed_spread(rows_by_seed: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per run: mean and sample standard deviation of best AUC, loss AUC and held-out loss over its seeds."""
+    out = {}
+    for name, rows in rows_by_seed.items():
+        stats = {"n_seeds": len(rows)}
+        for key, get in (("best_auc", lambda r: r["best_auc"]), ("loss_auc", lambda r: r["auc"].get("loss")),
+                         ("heldout_loss", lambda r: r["heldout_loss"])):
+            xs = [get(r) for r in rows if get(r) is not None]
+            if xs:
+                stats[key] = {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+                              "values": xs}
+        out[name] = stats
+    return out
+
+
+def format_table(table: dict) -> str:
+    rows = table["rows"]
+    order = ["base", *table["frontier"][1:], *(n for n, r in rows.items() if "frontier_verdict" in r)]
+    head = ("| model | loss AUC | ref_loss AUC | best-attack AUC (attack) | best TPR@1%FPR | held-out loss "
+            "| proxy FID (tiny) | train s | vs. train-less frontier |")
+    lines = [head, "|" + "---|" * 9]
+    for name in order:
+        r = rows[name]
+        auc = r["auc"]
+        frontier = ""
+        if "above_frontier" in r:
+            frontier = f"{r['frontier_verdict']} (frontier AUC {r['frontier_auc_at_same_loss']:.3f})"
+        if "above_frontier" in r and math.isinf(r["frontier_auc_at_same_loss"]):
+            frontier = "above (more useful than every baseline point)"
+        lines.append(
+            f"| {name} | {auc.get('loss', float('nan')):.3f} | {auc.get('ref_loss', float('nan')):.3f} "
+            f"| {r['best_auc']:.3f} ({r['best_attack']}) | {r['best_tpr_at_1pct_fpr']:.3f} | {r['heldout_loss']:.4f} "
+            f"| {_num(r['proxy_fid'])} | {_num(r.get('train_seconds'), '.0f')} | {frontier} |")
+    return "\n".join(lines)
+
+
+def format_extras(table: dict) -> str:
+    """The recommendation, the spread over seeds and the aux-only selection estimate, as Markdown."""
+    parts = []
+    rec = table.get("recommendation")
+    if rec:
+        what = f"**{rec['model']}**" if rec["model"] else "**none**"
+        parts.append(f"Recommendation: {what} — {rec['reason']}.")
+    spread = table.get("seed_spread")
+    if spread:
+        lines = ["| run | seeds | best-attack AUC mean ± sd | loss AUC mean ± sd | held-out loss mean ± sd |",
+                 "|---|---|---|---|---|"]
+        for name, s in spread.items():
+            cells = [_mean_sd(s.get(k), f) for k, f in (("best_auc", ".3f"), ("loss_auc", ".3f"),
+                                                        ("heldout_loss", ".4f"))]
+            lines.append(f"| {name} | {s['n_seeds']} | " + " | ".join(cells) + " |")
+        parts.append("Spread over training seeds:\n\n" + "\n".join(lines))
+    selection = table.get("selection")
+    if selection:
+        lines = ["| checkpoint | aux-only best AUC | test AUC, same attacks | test best-attack AUC "
+                 "| aux-only held-out loss | test held-out loss |", "|---|---|---|---|---|---|"]
+        for name, r in selection["rows"].items():
+            lines.append(f"| {name} | {r['aux_best_auc']:.3f} | {_num(r['test_auc_same_attacks'])} "
+                         f"| {_num(r['test_best_auc'])} | {_num(r['aux_heldout_loss'], '.4f')} "
+                         f"| {_num(r['test_heldout_loss'], '.4f')} |")
+        choice = selection["choice"]["model"] or "none"
+        parts.append(f"Privacy-aware checkpoint selection on the aux roles only ({', '.join(selection['attacks'])}; "
+                     f"`privlora select`), against the test-role audit of the same checkpoints; "
+                     f"choice under the bound: **{choice}**:\n\n" + "\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def _mean_sd(stat: dict | None, fmt: str) -> str:
+    return "" if not stat else f"{format(stat['mean'], fmt)} ± {format(stat['sd'], fmt)}"
+
+
+def _num(x, fmt=".3f") -> str:
+    return "" if x is None else format(x, fmt)

@@ -1,0 +1,263 @@
+"""``privlora bench``: runs and bench files, the demo's settings pinned to its presets, the recommendation, and
+seconds-scale end-to-end benches on a five-folder tree and on a kohya folder."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from privlora.bench import BenchSpec, check_runs, jobs_for, job_config, parse_methods, read_bench_file
+from privlora.benchtable import recommend, seed_spread
+from privlora.cli import main
+from privlora.config import build_config
+from privlora.data import synthetic
+from privlora.errors import PrivloraError
+from privlora.protocol import ProtocolSettings, bench_spec, quick_settings
+from tests.fixtures import make_tiny_folder
+
+# --- the demo's settings: what the demo trained with before its settings moved to configs/demo -------------
+
+LEGACY_TRAIN = {"network_dim": 16, "network_alpha": 16, "conv_dim": 16, "conv_alpha": 16, "unet_lr": 1e-3,
+                "train_batch_size": 16, "resolution": 32}
+LEGACY_RUNS = {
+    "lora": {},
+    "mp_lora": {"privacy_alpha": 1.0, "attacker_lr": 1e-3, "k_steps": 1, "attacker_pool": 8},
+    "smp_lora": {"privacy_alpha": 1.0, "privacy_beta": 1.0, "attacker_lr": 1e-3, "k_steps": 1, "attacker_pool": 8},
+    "dp_lora_eps8": {"method": "dp_lora", "dp_target_epsilon": 8.0, "train_batch_size": 64},
+    "dp_lora_eps1": {"method": "dp_lora", "dp_target_epsilon": 1.0, "train_batch_size": 64},
+}
+LEGACY_VARIANTS = {  # label: (roles m_test, nm_test, m_aux, nm_aux), epochs, eval_every, save_every of lora
+    "full": ((200, 200, 64, 64), 100, 5, 5),
+    "quick": ((100, 100, 32, 32), 30, 3, 1),
+}
+
+
+def legacy_config(name: str, out: Path, variant: str):
+    (m_te, nm_te, m_aux, nm_aux), epochs, every, save = LEGACY_VARIANTS[variant]
+    own = {"method": name, **LEGACY_RUNS[name]}
+    return build_config(None, {
+        **LEGACY_TRAIN, **own, "train_data_dir": str(out / "data"), "output_dir": str(out / name), "output_name": name,
+        "max_train_epochs": epochs, "seed": 1337, "n_member_aux": m_aux, "n_member_test": m_te,
+        "n_nonmember_aux": nm_aux, "n_nonmember_test": nm_te, "split_seed": 1337,
+        "pretrained_model_name_or_path": "tiny-sd", "eval_samples": 64, "eval_every_n_epochs": every,
+        "save_every_n_epochs": save if name == "lora" else None, "overwrite": True})
+
+
+@pytest.mark.parametrize("settings,variant", [(ProtocolSettings(), "full"), (quick_settings(), "quick")])
+def test_the_demo_trains_with_exactly_its_former_settings_which_now_come_from_the_presets(tmp_path, settings, variant):
+    spec = bench_spec(settings, tmp_path)
+    spec.runs = check_runs(spec.runs, "demo")
+    jobs = jobs_for(spec)
+    assert [j.name for j in jobs] == list(LEGACY_RUNS)
+    for job in jobs:
+        assert job_config(spec, job) == legacy_config(job.name, tmp_path, variant), job.name
+    bench = read_bench_file(settings.bench_file)["bench"]
+    assert (spec.budgets, spec.attacks) == (bench["budgets"], bench["attacks"]) == (
+        [0.1, 0.25, 0.5], ["loss", "ref_loss", "mlp", "secmi", "pia", "clid"])
+    assert (spec.n_bootstrap, spec.quality_samples, spec.quality_steps) == {
+        "full": (500, 200, 20), "quick": (200, 100, 10)}[variant]
+
+
+def test_configs_demo_is_the_packaged_demo_folder():
+    repo = Path(__file__).parents[1]
+    assert (repo / "configs" / "demo" / "full.toml").read_text() == ProtocolSettings().bench_file.read_text()
+
+
+# --- runs -------------------------------------------------------------------------------------------------
+
+def test_methods_flag_names_each_setting_of_a_method():
+    runs = parse_methods("lora, smp_lora, smp_lora:privacy_alpha=5:privacy_beta=0.5,dp_lora:dp_target_epsilon=8")
+    assert runs == {"lora": {"method": "lora"}, "smp_lora": {"method": "smp_lora"},
+                    "smp_lora_privacy_alpha5_privacy_beta0.5": {"method": "smp_lora", "privacy_alpha": 5,
+                                                                "privacy_beta": 0.5},
+                    "dp_lora_dp_target_epsilon8": {"method": "dp_lora", "dp_target_epsilon": 8}}
+    with pytest.raises(PrivloraError, match="is not key=value"):
+        parse_methods("smp_lora:privacy_alpha")
+    with pytest.raises(PrivloraError, match="given twice"):
+        parse_methods("lora,lora")
+
+
+def test_runs_must_name_a_method_and_only_training_settings():
+    with pytest.raises(PrivloraError, match="'nope'.*set method"):
+        check_runs({"nope": {}}, "f.toml")
+    with pytest.raises(PrivloraError, match="output_dir"):
+        check_runs({"lora": {"output_dir": "x"}}, "f.toml")
+    with pytest.raises(PrivloraError, match="privacy_alhpa"):
+        check_runs({"smp_lora": {"privacy_alhpa": 1}}, "f.toml")
+
+
+def test_bench_file_inherit_and_errors(tmp_path):
+    (tmp_path / "a.toml").write_text('preset = "p.toml"\n[bench]\nbudgets = [0.5]\nn_bootstrap = 9\n[runs.lora]\n')
+    (tmp_path / "b.toml").write_text('inherit = "a.toml"\n[bench]\nn_bootstrap = 3\n')
+    b = read_bench_file(tmp_path / "b.toml")
+    assert b == {"preset": str(tmp_path / "p.toml"), "bench": {"budgets": [0.5], "n_bootstrap": 3},
+                 "runs": {"lora": {}}}
+    (tmp_path / "c.toml").write_text("[bench]\nbudget = [0.5]\n")
+    with pytest.raises(PrivloraError, match="c.toml: unknown \\[bench\\] key 'budget'"):
+        read_bench_file(tmp_path / "c.toml")
+
+
+def test_a_bad_run_setting_stops_the_bench_before_any_training(tmp_path, capsys):
+    code = main(["bench", "--out", str(tmp_path / "o"), "--methods", "lora,smp_lora:privacy_alpha=abc",
+                 "--synthetic_images", "40", "--max_train_epochs", "2", "--resolution", "32", "--budgets", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and "run smp_lora_privacy_alphaabc" in err and "privacy_alpha" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "lora").exists()
+
+
+def test_budgets_must_fall_inside_the_run(tmp_path):
+    spec = BenchSpec(out=tmp_path, runs=check_runs({"lora": {}}, "t"), budgets=[0.01],
+                     train_overrides={"synthetic_images": 40, "max_train_epochs": 10})
+    with pytest.raises(PrivloraError, match="strictly inside"):
+        jobs_for(spec)
+
+
+# --- the recommendation -----------------------------------------------------------------------------------
+
+def row(name, auc, tpr, loss):
+    return {"model": name, "best_auc": auc, "best_tpr_at_1pct_fpr": tpr, "heldout_loss": loss, "auc": {"loss": auc}}
+
+
+ROWS = {r["model"]: r for r in [
+    row("base", 0.50, 0.01, 0.130),
+    row("lora-e0010", 0.55, 0.03, 0.083),
+    row("lora-e0025", 0.59, 0.06, 0.071),  # useful and under the AUC bound, but over the TPR bound
+    row("lora", 0.83, 0.14, 0.070),
+    row("smp_lora", 0.58, 0.04, 0.075),  # the most useful model under both bounds
+    row("mp_lora", 0.57, 0.02, 0.124),
+]}
+
+
+def test_recommendation_is_the_most_useful_model_under_both_bounds():
+    assert recommend(ROWS, 0.6, 0.05)["model"] == "smp_lora"
+    assert recommend(ROWS, 0.6, 1.0)["model"] == "lora-e0025"  # without the TPR bound
+    assert recommend(ROWS, 0.56, 0.05)["model"] == "lora-e0010"
+    none = recommend(ROWS, 0.4, 0.05)
+    assert none["model"] is None and "no model" in none["reason"]
+
+
+def test_seed_spread_is_mean_and_sample_sd():
+    spread = seed_spread({"lora": [row("lora", 0.8, 0.1, 0.07), row("lora-seed2", 0.7, 0.1, 0.08)]})["lora"]
+    assert spread["n_seeds"] == 2 and spread["best_auc"]["mean"] == pytest.approx(0.75)
+    assert spread["best_auc"]["sd"] == pytest.approx(0.0707107, rel=1e-5)
+
+
+def test_curves_use_epoch_means_where_logged_and_one_colour_per_run():
+    from privlora.benchplots import curve, run_colours
+
+    epochs = [{"epoch": 1, "L_ada": 9.0, "L_ada_mean": 1.0}, {"epoch": 2, "L_ada": 8.0, "L_ada_mean": 2.0}]
+    assert curve(epochs, "L_ada") == ([1, 2], [1.0, 2.0], True)
+    assert curve([{"epoch": 1, "L_ada": 9.0}], "L_ada") == ([1], [9.0], False)
+    assert run_colours(["lora", "smp_lora"]) == {"lora": "C0", "smp_lora": "C1"}
+
+
+# --- end to end at toy size -------------------------------------------------------------------------------
+
+PRESET = """\
+resolution = 32
+network_dim = 4
+network_alpha = 4
+unet_lr = 1e-3
+train_batch_size = 8
+eval_samples = 6
+attacker_pool = 8
+attacker_hidden = [32]
+attacker_lr = 1e-3
+n_member_aux = 6
+n_member_test = 6
+n_nonmember_aux = 6
+n_nonmember_test = 6
+max_train_epochs = 60
+seed = 3
+"""
+TOY = ["--attacks", "loss", "--budgets", "0.5", "--n_bootstrap", "10", "--quality_samples", "4",
+       "--quality_steps", "2", "--max_train_epochs", "4", "--max_auc", "0.99", "--max_tpr_at_1fpr", "1"]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    model = make_tiny_folder(root / "model")
+    (root / "preset.toml").write_text(PRESET + f'pretrained_model_name_or_path = "{model}"\n')
+    kohya = synthetic.write_folder(root / "kohya", 30, seed=4, resolution=32, layout="kohya", repeats=1)
+    return {"root": root, "model": str(model), "preset": str(root / "preset.toml"), "kohya": kohya}
+
+
+def five_folders(root: Path, images: Path) -> Path:
+    """D_tr (18), D^m_aux and D^m_te (copies of 6 training images each), D^nm_aux and D^nm_te (6 each)."""
+    files = sorted(images.rglob("*.png"))
+    folders = {n: root / n for n in ("D_tr", "D^m_aux", "D^m_te", "D^nm_aux", "D^nm_te")}
+    for f in folders.values():
+        f.mkdir(parents=True)
+    for i, png in enumerate(files):
+        target = folders["D_tr"] if i < 18 else folders["D^nm_aux" if i < 24 else "D^nm_te"]
+        shutil.copy(png, target / png.name)
+        shutil.copy(png.with_suffix(".txt"), target / png.with_suffix(".txt").name)
+        if i < 12:
+            shutil.copy(png, folders["D^m_aux" if i < 6 else "D^m_te"] / png.name)
+    return root
+
+
+@pytest.mark.slow
+def test_bench_on_five_folders_end_to_end(toy, tmp_path, capsys):
+    tree = five_folders(tmp_path / "tree", toy["kohya"])
+    out = tmp_path / "bench"
+    code = main(["bench", "--out", str(out), "--splits_dir", str(tree), "--preset", toy["preset"],
+                 "--methods", "lora,smp_lora", *TOY, "--seeds", "3,4"])
+    assert code == 0, capsys.readouterr().err
+    table = json.loads((out / "table.json").read_text())
+    assert list(table["rows"]) == ["base", "lora-e0002", "lora", "smp_lora"]
+    assert table["rows"]["smp_lora"]["frontier_verdict"] in ("above", "on", "below")
+    rec = table["recommendation"]["model"]
+    assert rec in table["rows"]
+    assert all(r["heldout_loss"] >= table["rows"][rec]["heldout_loss"] for r in table["rows"].values())
+    assert table["settings"]["resolved"]["smp_lora"]["max_train_epochs"] == 4  # the flag beat the preset's 60
+    assert table["settings"]["resolved"]["lora"]["splits_dir"] == str(tree)
+    assert set(table["selection"]["rows"]) == {"base", "lora-e0002", "lora"}
+    for name in ("table.md", "frontier.png", "curves.png", "samples_smp_lora.png", "audit/report.md",
+                 "lora/select.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert "Recommendation" in (out / "table.md").read_text()
+    assert set(table["seed_rows"]) == {"lora-seed4", "smp_lora-seed4"}
+    assert table["seed_spread"]["smp_lora"]["n_seeds"] == 2
+    assert "Spread over training seeds" in (out / "table.md").read_text()
+    history = json.loads((out / "smp_lora" / "history.json").read_text())
+    assert "L_ada_mean" in history["epochs"][-1]
+
+
+@pytest.mark.slow
+def test_bench_on_a_kohya_folder_reuses_finished_pieces(toy, tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["bench", "--out", str(out), "--train_data_dir", str(toy["kohya"]), "--preset", toy["preset"],
+            "--methods", "lora,mp_lora:privacy_alpha=0.5", *TOY]
+    assert main(args) == 0, capsys.readouterr().err
+    first = json.loads((out / "table.json").read_text())
+    assert "mp_lora_privacy_alpha0.5" in first["rows"]
+    lora = out / "lora" / "lora.safetensors"
+    stamp = lora.stat().st_mtime_ns
+    (out / "mp_lora_privacy_alpha0.5" / "mp_lora_privacy_alpha0.5.safetensors").unlink()  # an interrupted run
+    capsys.readouterr()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "lora: finished earlier, reused" in printed and "training mp_lora_privacy_alpha0.5" in printed
+    assert lora.stat().st_mtime_ns == stamp
+    again = json.loads((out / "table.json").read_text())
+    assert again["rows"]["lora"]["auc"] == first["rows"]["lora"]["auc"]
+
+
+@pytest.mark.slow
+def test_parallel_trainings_give_the_serial_table(toy, tmp_path, capsys):
+    tables = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}"
+        args = ["bench", "--out", str(out), "--train_data_dir", str(toy["kohya"]), "--preset", toy["preset"],
+                "--methods", "lora,smp_lora", *TOY, "--quality_samples", "0", "--max_train_epochs", "2",
+                "--budgets", "none", "--jobs", jobs, "--threads_per_job", "1"]
+        assert main(args) == 0, capsys.readouterr().err
+        tables[jobs] = json.loads((out / "table.json").read_text())
+    serial, parallel = tables["1"], tables["2"]
+    numbers = ("auc", "best_auc", "best_tpr_at_1pct_fpr", "heldout_loss")
+    for name in serial["rows"]:
+        assert {k: serial["rows"][name][k] for k in numbers} == {k: parallel["rows"][name][k] for k in numbers}, name
+    assert list(serial["rows"]) == ["base", "lora", "smp_lora"]
+    assert (tmp_path / "jobs2" / "smp_lora" / "train.log").is_file()  # trained in a child process

@@ -1,0 +1,72 @@
+"""``privlora select``: checkpoints of a run, leakage estimated on the aux roles only, never the test roles."""
+import json
+from pathlib import Path
+
+import PIL.Image
+import pytest
+
+from privlora.cli import main
+from privlora.config import build_config
+from privlora.select import aux_manifest, list_checkpoints
+from privlora.train import train
+from tests.fixtures import make_tiny_folder
+
+RUN = dict(synthetic_images=30, n_member_aux=6, n_member_test=6, n_nonmember_aux=6, n_nonmember_test=6,
+           resolution=32, train_batch_size=8, eval_samples=6, network_dim=4, network_alpha=4, unet_lr=3e-3,
+           max_train_epochs=4, save_every_n_epochs=2, seed=5)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sel")
+    model = make_tiny_folder(root / "model")
+    train(build_config(None, {**RUN, "pretrained_model_name_or_path": str(model), "output_dir": str(root / "run"),
+                              "output_name": "toy"}))
+    return root / "run"
+
+
+def test_checkpoints_are_listed_in_training_order(tmp_path):
+    for name in ("x.safetensors", "x-e0010.safetensors", "x-e0002.safetensors", "x.attacker.safetensors",
+                 "xy.safetensors", "x-step000004.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in list_checkpoints(tmp_path, "x")] == [
+        "x-e0002.safetensors", "x-step000004.safetensors", "x-e0010.safetensors", "x.safetensors"]
+
+
+def test_aux_manifest_halves_the_aux_roles_and_lists_no_test_image(run_dir, tmp_path):
+    out = aux_manifest(run_dir / "splits.json", tmp_path / "aux.json", seed=0)
+    original = json.loads((run_dir / "splits.json").read_text())["roles"]
+    derived = json.loads(out.read_text())["roles"]
+    key = lambda entries: sorted(e["sha256"] for e in entries)  # noqa: E731
+    assert key(derived["member_aux"] + derived["member_test"]) == key(original["member_aux"])
+    assert key(derived["nonmember_aux"] + derived["nonmember_test"]) == key(original["nonmember_aux"])
+    assert not set(key(derived["member_aux"])) & set(key(derived["member_test"]))
+    every = {e["sha256"] for entries in derived.values() for e in entries}
+    assert not every & {e["sha256"] for r in ("member_test", "nonmember_test") for e in original[r]}
+
+
+@pytest.mark.slow
+def test_select_never_reads_a_test_image_and_picks_the_most_useful_checkpoint_under_the_bound(run_dir, monkeypatch,
+                                                                                             capsys):
+    manifest = json.loads((run_dir / "splits.json").read_text())
+    root = Path(manifest["root"])
+    aux = {(root / e["path"]).resolve() for r in ("member_aux", "nonmember_aux") for e in manifest["roles"][r]}
+    test = {(root / e["path"]).resolve() for r in ("member_test", "nonmember_test") for e in manifest["roles"][r]}
+    opened = []
+    original = PIL.Image.open
+    monkeypatch.setattr(PIL.Image, "open", lambda fp, *a, **k: (opened.append(Path(fp).resolve()), original(fp, *a, **k))[1])
+    for path in test - aux:
+        path.rename(path.with_suffix(".hidden"))  # select must not even need them
+    try:
+        assert main(["select", str(run_dir), "--max_auc", "1.0", "--attacks", "loss,mlp"]) == 0, capsys.readouterr().err
+    finally:
+        for path in test - aux:
+            path.with_suffix(".hidden").rename(path)
+    assert opened and not set(opened) & test
+    result = json.loads((run_dir / "select.json").read_text())
+    est = result["checkpoints"]
+    assert list(est) == ["base", "toy-e0002", "toy"]
+    assert result["choice"]["model"] == min(est, key=lambda n: est[n]["heldout_loss"])  # every model under AUC 1.0
+    tight = min(r["best_auc"] for r in est.values())
+    assert main(["select", str(run_dir), "--max_auc", str(tight), "--attacks", "loss,mlp"]) == 0
+    assert json.loads((run_dir / "select.json").read_text())["choice"]["best_auc"] <= tight
