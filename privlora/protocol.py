@@ -273,6 +273,12 @@ def write_outputs(s: ProtocolSettings, out: Path, table: dict, runs: dict) -> No
     write_bytes(out / "frontier.png", frontier_png(table))
 
 
+def _per_step_mean_or_last(epochs: list[dict], key: str) -> str:
+    """A per-step log is shown as its mean over each evaluation period when history.json has it (older runs:
+    the last step's value); evaluation measurements are shown as they are."""
+    return f"{key}_mean" if any(f"{key}_mean" in e for e in epochs) else key
+
+
 def curves_png(runs: dict) -> bytes:
     import io
 
@@ -281,18 +287,21 @@ def curves_png(runs: dict) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("L_ada", "L_ada (last step)"), ("L_adv", "L_adv (last step)"), ("attacker_test_acc", "attacker test acc"),
-            ("member_gap", "held-out gap (nonmember − member loss)"), ("grad_norm", "LoRA grad norm (last step)")]
+    keys = [("L_ada", "L_ada"), ("L_adv", "L_adv"), ("attacker_test_acc", "attacker test acc"),
+            ("member_gap", "held-out gap (nonmember − member loss)"), ("grad_norm", "LoRA grad norm")]
     with_hessian = any(run["history"].get("hessian") for run in runs.values())
     panels = len(keys) + with_hessian
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4))
     for ax, (key, title) in zip(axes, keys):
+        as_mean = False
         for method, run in runs.items():
             epochs = run["history"]["epochs"]
-            xs = [e["epoch"] for e in epochs if key in e]
+            shown = _per_step_mean_or_last(epochs, key)
+            as_mean |= shown != key
+            xs = [e["epoch"] for e in epochs if shown in e]
             if xs:
-                ax.plot(xs, [e[key] for e in epochs if key in e], label=method)
-        ax.set_title(title)
+                ax.plot(xs, [e[shown] for e in epochs if shown in e], label=method)
+        ax.set_title(title + (" (period mean)" if as_mean else ""))
         ax.set_xlabel("epoch")
     if with_hessian:  # sharpness: the top Hessian eigenvalue of each run's LoRA loss (hessian_every_n_steps)
         for method, run in runs.items():

@@ -52,6 +52,7 @@ class Progress:
     history: list = field(default_factory=list)
     best_attacker_acc: float = -1.0  # the co-trained attacker's best fresh-noise test accuracy so far
     hessian: list = field(default_factory=list)  # {"step", "hessian_top_eig"} every hessian_every_n_steps
+    period: dict = field(default_factory=dict)  # per-step log key -> [sum, count, max] since the last evaluation
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -113,6 +114,7 @@ def train_step(run, batch: dict, step: int) -> dict | None:
 
 def after_step(run, progress: Progress, logs: dict, bar) -> None:
     cfg = run.cfg
+    add_to_period(progress.period, logs)
     if cfg.hessian_every_n_steps and progress.step % cfg.hessian_every_n_steps == 0:
         logs = {**logs, "hessian_top_eig": lora_hessian_top_eig(run)}
         progress.hessian.append({"step": progress.step, "hessian_top_eig": logs["hessian_top_eig"]})
@@ -162,6 +164,8 @@ def evaluate_and_log(run, progress: Progress, logs: dict, bar) -> None:
         record.update(evaluate_attacker(run.objective, run.attacker_roles or {}, run.denoiser,
                                         cfg.seed + 7 + progress.step))
     run.unet.train()
+    record.update(period_summary(progress.period))
+    progress.period = {}
     keep_best_attacker(run, progress, record)
     progress.history.append(record)
     acc.log({f"epoch/{k}": v for k, v in record.items() if k not in ("epoch", "step")}, step=progress.step)
@@ -390,6 +394,26 @@ def lora_hessian_top_eig(run) -> float:
     finally:
         for g, state in zip(gens, saved):
             g.set_state(state)
+
+
+PERIOD_SKIP = ("lr",)  # schedules, not measurements
+PERIOD_MAXIMA = ("grad_norm",)  # spikes matter here, so history.json also gets <key>_max
+
+
+def add_to_period(period: dict, logs: dict) -> None:
+    """Add one step's numeric logs to the running [sum, count, max] of the current evaluation period."""
+    for key, value in logs.items():
+        if key in PERIOD_SKIP or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        total, count, high = period.get(key, (0.0, 0, float(value)))
+        period[key] = [total + float(value), count + 1, max(high, float(value))]
+
+
+def period_summary(period: dict) -> dict[str, float]:
+    """``<key>_mean`` of every per-step log over the period (and ``<key>_max`` for PERIOD_MAXIMA)."""
+    out = {f"{key}_mean": total / count for key, (total, count, _) in period.items() if count}
+    out.update({f"{key}_max": period[key][2] for key in PERIOD_MAXIMA if key in period})
+    return out
 
 
 def probe_roles(roles: dict[str, RoleData], cfg: TrainConfig) -> dict[str, RoleData]:

@@ -205,3 +205,23 @@ def test_hessian_estimate_is_logged_on_schedule_and_leaves_the_run_unchanged(mod
     assert all(h["hessian_top_eig"] == h["hessian_top_eig"] and h["hessian_top_eig"] != 0 for h in history["hessian"])
     with safe_open(str(plain), "pt") as fa, safe_open(str(probed), "pt") as fb:
         assert all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys())
+
+
+def test_history_has_per_evaluation_means_of_the_per_step_logs(model, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(model, tmp_path / "r", method="smp_lora", max_train_epochs=4, eval_every_n_epochs=2, log_every_n_steps=1)
+    history = json.loads((tmp_path / "r" / "history.json").read_text())["epochs"]
+    events = EventAccumulator(str(next((tmp_path / "r" / "logs").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    start = 0
+    for record in history:  # every step of the period (start, record["step"]], as TensorBoard logged it
+        for key in ("L_ada", "L_adv", "attacker_loss", "grad_norm"):
+            steps = [e for e in events.Scalars(f"train/{key}") if start < e.step <= record["step"]]
+            assert len(steps) == record["step"] - start > 1
+            assert record[f"{key}_mean"] == pytest.approx(sum(e.value for e in steps) / len(steps), rel=1e-5)
+            assert record[key] == pytest.approx(steps[-1].value, rel=1e-5)  # the last step's value is kept
+        norms = [e.value for e in events.Scalars("train/grad_norm") if start < e.step <= record["step"]]
+        assert record["grad_norm_max"] == pytest.approx(max(norms), rel=1e-5)
+        assert "lr_mean" not in record
+        start = record["step"]
