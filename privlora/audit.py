@@ -28,6 +28,8 @@ from privlora.attacks import (AUX_ROLES, DEFAULT_ATTACKS, TEST_ROLES, Attack, Ba
 from privlora.attacks import metrics, report as render
 from privlora.attacks.dp_audit import dp_check
 from privlora.attacks.target import stable_seed
+from privlora.captions import (TextEncoding, check_encoding_flags, lora_hyperparameters, read_lora_metadata,
+                               text_encoding)
 from privlora.data.readers import Example
 from privlora.data.splits import Splits, read_manifest
 from privlora.errors import PrivloraError
@@ -52,7 +54,8 @@ class AuditConfig:
     max_samples: int | None = None  # per role, a seeded subset
     n_bootstrap: int = 1000
     config_dir: str | None = None
-    clip_skip: int | None = None
+    clip_skip: int | None = None  # default: each LoRA's training setting (its metadata), else none
+    max_token_length: int | None = None  # 75 | 150 | 225; default as clip_skip
     device: str | None = None
     attack_params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -66,6 +69,7 @@ class _Model:
     adapter: str | None
     metadata: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    encoding: TextEncoding = field(default_factory=TextEncoding)  # captions encoded as in the model's training
 
 
 def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -89,7 +93,7 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
     chosen = select_samples(splits, roles, cfg.max_samples, cfg.seed)
 
     with loaded_loras(base, lora_files) as (switch, adapters):
-        models = _models(base, lora_files, adapters, cfg.include_base, resolution)
+        models = _models(base, lora_files, adapters, cfg, resolution)
         batches = encode_batches(base, splits, chosen, resolution, cfg.center_crop, device, cfg.batch_size)
         targets = _targets(base, models, switch, cfg, device)
         log("UNet queries per sample: " + ", ".join(f"{a.name} {a.queries_per_sample()}" for a in attacks)
@@ -125,6 +129,7 @@ def _check_settings(cfg: AuditConfig) -> Path:
         raise PrivloraError(f"--resolution {cfg.resolution} is not a positive multiple of 8")
     if cfg.n_bootstrap < 0:
         raise PrivloraError(f"--n_bootstrap must be ≥ 0, got {cfg.n_bootstrap}")
+    check_encoding_flags(cfg.clip_skip, cfg.max_token_length)
     if not cfg.splits:
         raise PrivloraError("--splits: give the split manifest (splits.json in the training run's output folder)")
     out = Path(cfg.out)
@@ -253,29 +258,37 @@ def _adapted_modules(model, adapter: str) -> int:
 
 
 def _lora_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = read_lora_metadata(path)
     keep = ("privlora_method", "ss_network_dim", "ss_network_alpha", "ss_base_model_version", "ss_sd_model_name",
             "sshs_model_hash", "ss_steps", "ss_epoch", "privlora_prediction_type", "privlora_hyperparameters")
     return {k: v for k, v in meta.items() if k in keep or k.startswith("privlora_dp_")}
 
 
-def _models(base, files: list[Path], adapters: list[str], include_base: bool, resolution: int) -> list[_Model]:
+def _models(base, files: list[Path], adapters: list[str], cfg: AuditConfig, resolution: int) -> list[_Model]:
     from privlora.models.loading import sha256_file
 
-    models = []
-    if include_base or not files:
-        models.append(_Model("base", "base", None, base.sha256, None))
+    loras = []
     seen = {"base"}
     for i, (path, adapter) in enumerate(zip(files, adapters), 1):
         name = path.stem if path.stem not in seen else f"{path.stem}-{i}"
         seen.add(name)
         model = _Model(name, "lora", path, sha256_file(path), adapter, _lora_metadata(path))
         model.warnings = _lora_warnings(model, base, resolution)
-        models.append(model)
-    return models
+        model.encoding = text_encoding(lora_hyperparameters(model.metadata), cfg.clip_skip, cfg.max_token_length,
+                                       str(path))
+        loras.append(model)
+    if not (cfg.include_base or not files):
+        return loras
+    return [_Model("base", "base", None, base.sha256, None, encoding=_base_encoding(loras, cfg)), *loras]
+
+
+def _base_encoding(loras: list[_Model], cfg: AuditConfig) -> TextEncoding:
+    """The flags; else the encoding every audited LoRA was trained with, when they agree; else the plain one."""
+    shared = {m.encoding for m in loras}
+    if len(shared) == 1:
+        only = loras[0].encoding
+        return TextEncoding(only.clip_skip, only.max_token_length, "as every audited LoRA: " + only.origin)
+    return text_encoding({}, cfg.clip_skip, cfg.max_token_length, "base model")
 
 
 def _lora_warnings(model: _Model, base, resolution: int) -> list[str]:
@@ -283,28 +296,28 @@ def _lora_warnings(model: _Model, base, resolution: int) -> list[str]:
     trained_on = meta.get("sshs_model_hash")
     if trained_on and trained_on != base.sha256:
         out.append(f"trained on a base model with UNet hash {trained_on[:12]}…, auditing on {base.sha256[:12]}…")
-    try:
-        hyperparameters = json.loads(meta.get("privlora_hyperparameters", "{}"))
-    except ValueError:
-        hyperparameters = {}
-    trained_res = hyperparameters.get("resolution") if isinstance(hyperparameters, dict) else None
+    trained_res = lora_hyperparameters(meta).get("resolution")
     if trained_res and trained_res != resolution:
         out.append(f"trained at resolution {trained_res}, audited at {resolution}")
     return out
 
 
 def _targets(base, models: list[_Model], switch: AdapterSwitch, cfg: AuditConfig, device) -> dict[str, Target]:
-    from privlora.models.loading import encode_prompt
+    """One target per model; the base model once per text encoding (each LoRA's reference uses its encoding)."""
 
-    def target(name: str, adapter: str | None, reference: Target | None) -> Target:
-        return Target(name, base.unet, base.noise_scheduler,
-                      lambda captions: encode_prompt(base, captions, clip_skip=cfg.clip_skip),
+    def target(name: str, model: _Model | None, encoding: TextEncoding, reference: Target | None) -> Target:
+        adapter = model.adapter if model else None
+        return Target(name, base.unet, base.noise_scheduler, lambda captions: encoding.encode(base, captions),
                       seed=cfg.seed, batch_size=cfg.batch_size, device=device,
-                      activate=lambda: switch.use(adapter), reference=reference)
+                      activate=lambda: switch.use(adapter), reference=reference,
+                      source=model.path if model else None)
 
-    base_target = target("base", None, None)
-    out = {m.name: base_target if m.kind == "base" else target(m.name, m.adapter, base_target) for m in models}
-    return out
+    base_targets: dict[TextEncoding, Target] = {}
+    for m in models:
+        if m.encoding not in base_targets:
+            base_targets[m.encoding] = target("base", None, m.encoding, None)
+    return {m.name: base_targets[m.encoding] if m.kind == "base" else
+            target(m.name, m, m.encoding, base_targets[m.encoding]) for m in models}
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -416,14 +429,15 @@ def build_report(cfg: AuditConfig, base, splits: Splits, chosen: dict, models: l
         "data": {"manifest": str(cfg.splits), "roles_in_manifest": {r: len(e) for r, e in splits.items()},
                  "used": {r: len(e) for r, e in chosen.items()}, "max_samples": cfg.max_samples},
         "settings": {"resolution": resolution, "center_crop": cfg.center_crop, "batch_size": cfg.batch_size,
-                     "n_bootstrap": cfg.n_bootstrap, "clip_skip": cfg.clip_skip, "device": str(device),
+                     "n_bootstrap": cfg.n_bootstrap, "clip_skip": cfg.clip_skip,
+                     "max_token_length": cfg.max_token_length, "device": str(device),
                      "vae_latents": "posterior mean (deterministic)",
                      "noise": "per sample: seeded by (seed, image sha256, draw) — identical across models"},
         "attacks": specs,
         "unet_queries": {"per_sample": per_sample, "total_run": queries_run},
         "models": [
             {"name": m.name, "kind": m.kind, "path": str(m.path) if m.path else None, "sha256": m.sha256,
-             "lora_metadata": m.metadata, "warnings": m.warnings,
+             "lora_metadata": m.metadata, "warnings": m.warnings, "text_encoding": m.encoding.as_dict(),
              "results": {a: {**results[m.name][a], **timing[m.name][a]} for a in names},
              "dp_bound": dp_check(scores[m.name], m.metadata,
                                   {a: results[m.name][a]["tpr_at_1pct_fpr"] for a in names}),

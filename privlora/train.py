@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from privlora import checkpoint
 from privlora.attacker_eval import BEST_SUFFIX, eval_roles, evaluate_attacker
-from privlora.captions import CaptionShuffler, captions_fixed
+from privlora.captions import CaptionShuffler, TextEncoding, captions_fixed
 from privlora.config import TrainConfig, to_dict, write_resolved_config
 from privlora.data.cache import Cache, RoleData
 from privlora.data.prepare import prepare_splits, write_run_files
@@ -144,7 +144,8 @@ def end_epoch(run, progress: Progress, logs: dict, bar) -> None:
 
         sample_during_training(run.base, cfg.sample_prompts, progress.epoch, run.out,
                                acc.get_tracker("tensorboard", unwrap=True), sampler=cfg.sample_sampler,
-                               steps=cfg.sample_steps, seed=cfg.seed)
+                               steps=cfg.sample_steps, seed=cfg.seed,
+                               encoding=TextEncoding(cfg.clip_skip, cfg.max_token_length))
     if cfg.save_every_n_epochs and progress.epoch % cfg.save_every_n_epochs == 0 and progress.step < run.max_steps:
         save_point(run, progress, f"{cfg.output_name}-e{progress.epoch:04d}")
 
@@ -482,7 +483,8 @@ def lora_metadata(cfg: TrainConfig, base) -> dict[str, str]:
             "text_encoder_lr", "optimizer_type", "lr_scheduler", "lr_warmup_steps", "train_batch_size",
             "gradient_accumulation_steps", "max_train_epochs", "max_train_steps", "resolution", "mixed_precision",
             "clip_skip", "noise_offset", "min_snr_gamma", "seed", "privacy_alpha", "privacy_beta", "k_steps",
-            "adv_step", "attacker_lr", "attacker_pool", "attacker_input")
+            "adv_step", "attacker_lr", "attacker_pool", "attacker_input", "max_token_length", "shuffle_caption",
+            "keep_tokens")
     from privlora.objectives import METHODS
 
     keys += tuple(k for k in METHODS[cfg.method].settings if k not in keys)

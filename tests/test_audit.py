@@ -39,7 +39,8 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def make_lora(folder: Path, out: Path, *, text_encoder: bool = False, zero: bool = False) -> Path:
+def make_lora(folder: Path, out: Path, *, text_encoder: bool = False, zero: bool = False,
+              hyperparameters: dict | None = None) -> Path:
     base = load_base(str(folder))
     add_lora(base.unet, unet_lora_config(LoraSpec(rank=4, alpha=4.0), base.unet))
     if text_encoder:
@@ -49,8 +50,10 @@ def make_lora(folder: Path, out: Path, *, text_encoder: bool = False, zero: bool
         for layer in lora_layers(model).values():
             w = layer.lora_B["default"].weight
             w.data = torch.zeros_like(w) if zero else torch.randn(w.shape, generator=g) * 0.1
-    return save_kohya(out, base.unet, base.text_encoder if text_encoder else None,
-                      metadata={"sshs_model_hash": base.sha256, "privlora_method": "lora"})
+    metadata = {"sshs_model_hash": base.sha256, "privlora_method": "lora"}
+    if hyperparameters is not None:
+        metadata["privlora_hyperparameters"] = json.dumps(hyperparameters)
+    return save_kohya(out, base.unet, base.text_encoder if text_encoder else None, metadata=metadata)
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +127,34 @@ def test_a_zero_lora_gets_exactly_the_base_models_queries_and_scores(env, tmp_pa
             continue  # fitted attacks: same inputs, but a fresh fit (equal too, yet not the point here)
         assert base["scores"][name] == zero["scores"][name], name
     assert set(zero["scores"]["ref_loss"]["member_test"]) == {0.0}
+
+
+def test_captions_are_encoded_as_each_lora_was_trained(env, tmp_path, monkeypatch):
+    import privlora.models.loading as loading
+
+    lora = make_lora(Path(env["model"]), tmp_path / "long.safetensors", zero=True,
+                     hyperparameters={"max_token_length": 225, "clip_skip": 2})
+    calls = []
+    encode = loading.encode_prompt
+
+    def spy(base, captions, clip_skip=None, max_token_length=None):
+        out = encode(base, captions, clip_skip=clip_skip, max_token_length=max_token_length)
+        calls.append((clip_skip, max_token_length, out.shape[1]))
+        return out
+
+    monkeypatch.setattr(loading, "encode_prompt", spy)
+    long = run_audit(config(env, tmp_path / "a", loras=[str(lora)], include_base=True, attacks=["loss"]), log=quiet)
+    assert set(calls) == {(2, 225, 3 * 30 + 2)}  # every caption, base model included: 3 windows of 30 + 2
+    calls.clear()
+    one = run_audit(config(env, tmp_path / "b", loras=[str(lora)], include_base=True, attacks=["loss"],
+                           max_token_length=75), log=quiet)
+    assert set(calls) == {(2, None, 32)}
+    base, zero = long["models"]
+    assert zero["text_encoding"] == {"clip_skip": 2, "max_token_length": 225,
+                                     "from": "clip_skip: LoRA metadata; max_token_length: LoRA metadata"}
+    assert base["text_encoding"]["max_token_length"] == 225 and base["text_encoding"]["from"].startswith("as every")
+    assert base["scores"] == zero["scores"]  # a zero LoRA is the base model under the same encoding
+    assert zero["scores"] != one["models"][1]["scores"]
 
 
 def test_no_test_sample_ever_reaches_fitting(env, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,8 +54,10 @@ class Target:
         device: str | torch.device = "cpu",
         activate: Callable[[], None] | None = None,
         reference: "Target | None" = None,
+        source: Path | None = None,
     ):
         self.name, self.unet, self.scheduler = name, unet, scheduler
+        self.source = source  # the audited LoRA file; None for the base model
         self.seed, self.batch_size, self.device = seed, batch_size, torch.device(device)
         self.prediction_type = scheduler.config.prediction_type
         self.num_train_timesteps = scheduler.config.num_train_timesteps
