@@ -119,13 +119,14 @@ def _audit(args: argparse.Namespace, overrides: dict) -> int:
                       loras=args.lora, attacks=args.attacks, include_base=args.include_base, seed=args.seed,
                       resolution=args.resolution, batch_size=args.batch_size, max_samples=args.max_samples,
                       n_bootstrap=args.n_bootstrap, config_dir=args.config_dir, clip_skip=args.clip_skip,
-                      max_token_length=args.max_token_length, device=args.device)
+                      max_token_length=args.max_token_length, device=args.device,
+                      attack_params={"proxy": {"attacker": args.proxy_attacker}})
     run_audit(cfg)
     return 0
 
 
 def _add_audit_parser(sub) -> None:
-    from privlora.attacks import DEFAULT_ATTACKS
+    from privlora.attacks import ATTACKS, DEFAULT_ATTACKS
 
     audit = sub.add_parser("audit", help="membership-inference audit of a base model and/or LoRA files")
     audit.add_argument("--pretrained_model_name_or_path", default="tiny-sd", help="base model (default: tiny-sd)")
@@ -133,7 +134,11 @@ def _add_audit_parser(sub) -> None:
                        help="LoRA .safetensors file(s) to audit and compare; none: audit the base model")
     audit.add_argument("--splits", required=True, help="split manifest (splits.json of the training run)")
     audit.add_argument("--out", required=True, help="folder for report.json, report.md, roc.png, scores.png")
-    audit.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS), help="comma-separated (default: all)")
+    audit.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS),
+                       help=f"comma-separated, from {', '.join(ATTACKS)} (default: all but proxy)")
+    audit.add_argument("--proxy_attacker", default="final", choices=("final", "best"),
+                       help="proxy attack: the co-trained attacker saved at the end of training (<name>.attacker) "
+                            "or the one with the best test accuracy (<name>.attacker_best)")
     audit.add_argument("--include_base", action="store_true", help="with --lora: also audit the base model")
     audit.add_argument("--seed", type=int, default=0, help="seeds every noise draw, fit and bootstrap")
     audit.add_argument("--resolution", type=int, default=None, help="default: the base model's native resolution")

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from privlora.captions import TextEncoding, check_encoding_flags, lora_hyperparameters, read_lora_metadata, text_encoding
+from privlora.captions import (TextEncoding, check_encoding_flags, lora_hyperparameters, read_lora_metadata,
+                               text_encoding)
 from privlora.errors import PrivloraError
 from privlora.io import write_bytes, write_json
 from privlora.prompts import PromptLine, read_prompts

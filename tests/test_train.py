@@ -225,3 +225,22 @@ def test_history_has_per_evaluation_means_of_the_per_step_logs(model, tmp_path):
         assert record["grad_norm_max"] == pytest.approx(max(norms), rel=1e-5)
         assert "lr_mean" not in record
         start = record["step"]
+
+
+@pytest.mark.slow
+def test_the_saved_attackers_load_into_the_audits_proxy_attack(model, tmp_path):
+    from privlora.audit import AuditConfig, run_audit
+
+    path = run(model, tmp_path / "r", method="mp_lora", adv_step="reference", attacker_input="calibrated",
+               max_train_epochs=2, max_token_length=150, clip_skip=2)
+    for which, file in (("final", "attacker"), ("best", "attacker_best")):
+        report = run_audit(AuditConfig(splits=str(tmp_path / "r" / "splits.json"), out=str(tmp_path / which),
+                                       pretrained_model_name_or_path=model, loras=[str(path)], attacks=["loss", "proxy"],
+                                       n_bootstrap=0, attack_params={"proxy": {"attacker": which}}), log=lambda _: None)
+        [lora] = report["models"]
+        details = lora["results"]["proxy"]["details"]
+        assert details["attacker_file"] == f"{path.stem}.{file}.safetensors" and details["attacker_input"] == "calibrated"
+        assert details["held_out"] is (which == "final")
+        assert lora["text_encoding"] == {"clip_skip": 2, "max_token_length": 150,
+                                         "from": "clip_skip: LoRA metadata; max_token_length: LoRA metadata"}
+        assert 0 <= lora["results"]["proxy"]["decision_accuracy"] <= 1
