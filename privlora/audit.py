@@ -23,11 +23,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from privlora.attacks import (AUX_ROLES, DEFAULT_ATTACKS, TEST_ROLES, Attack, Batch, Target, build_attacks,
-                              parse_attack_names)
+from privlora.attacks import (ATTACKS, AUX_ROLES, DEFAULT_ATTACKS, TEST_ROLES, Attack, Batch, Target,
+                              build_attacks, parse_attack_names)
 from privlora.attacks import metrics, report as render
 from privlora.attacks.dp_audit import dp_check
 from privlora.attacks.target import stable_seed
+from privlora.captions import (TextEncoding, check_encoding_flags, lora_hyperparameters, read_lora_metadata,
+                               text_encoding)
 from privlora.data.readers import Example
 from privlora.data.splits import Splits, read_manifest
 from privlora.errors import PrivloraError
@@ -52,7 +54,8 @@ class AuditConfig:
     max_samples: int | None = None  # per role, a seeded subset
     n_bootstrap: int = 1000
     config_dir: str | None = None
-    clip_skip: int | None = None
+    clip_skip: int | None = None  # default: each LoRA's training setting (its metadata), else none
+    max_token_length: int | None = None  # 75 | 150 | 225; default as clip_skip
     device: str | None = None
     attack_params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -66,6 +69,7 @@ class _Model:
     adapter: str | None
     metadata: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    encoding: TextEncoding = field(default_factory=TextEncoding)  # captions encoded as in the model's training
 
 
 def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -89,23 +93,23 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
     chosen = select_samples(splits, roles, cfg.max_samples, cfg.seed)
 
     with loaded_loras(base, lora_files) as (switch, adapters):
-        models = _models(base, lora_files, adapters, cfg.include_base, resolution)
+        models = _models(base, lora_files, adapters, cfg, resolution)
         batches = encode_batches(base, splits, chosen, resolution, cfg.center_crop, device, cfg.batch_size)
         targets = _targets(base, models, switch, cfg, device)
         log("UNet queries per sample: " + ", ".join(f"{a.name} {a.queries_per_sample()}" for a in attacks)
             + " (loss, ref_loss and mlp share theirs; ref_loss's base half is run once per audit)")
-        scores, fits, timing = run_attacks(models, targets, names, cfg, batches)
+        runs = run_attacks(models, targets, names, cfg, batches)
         queries_run = sum(t.unet_queries for t in {id(t): t for x in targets.values() for t in (x, x.reference)}.values())
 
-    results = {m.name: {a: _metrics(scores[m.name][a], fits[m.name][a], cfg, m.name, a) for a in names}
-               for m in models}
-    report = build_report(cfg, base, splits, chosen, models, attacks, results, scores, timing, queries_run,
+    results = {m.name: {a: _metrics(runs, cfg, m.name, a) for a in runs.scores[m.name]} for m in models}
+    _log_decisions(results, log)
+    report = build_report(cfg, base, splits, chosen, models, attacks, results, runs, queries_run,
                           resolution, device, time.time() - started)
     files = {
         "report.json": (json.dumps(report, indent=2) + "\n").encode("utf-8"),
         "report.md": render.markdown(report).encode("utf-8"),
-        "roc.png": render.roc_png(scores, results),
-        "scores.png": render.scores_png(scores),
+        "roc.png": render.roc_png(runs.scores, results),
+        "scores.png": render.scores_png(runs.scores, runs.skipped),
     }
     for name, data in files.items():  # only now, with every input checked and every number computed
         write_bytes(out / name, data)
@@ -125,6 +129,7 @@ def _check_settings(cfg: AuditConfig) -> Path:
         raise PrivloraError(f"--resolution {cfg.resolution} is not a positive multiple of 8")
     if cfg.n_bootstrap < 0:
         raise PrivloraError(f"--n_bootstrap must be ≥ 0, got {cfg.n_bootstrap}")
+    check_encoding_flags(cfg.clip_skip, cfg.max_token_length)
     if not cfg.splits:
         raise PrivloraError("--splits: give the split manifest (splits.json in the training run's output folder)")
     out = Path(cfg.out)
@@ -255,29 +260,37 @@ def _adapted_modules(model, adapter: str) -> int:
 
 
 def _lora_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = read_lora_metadata(path)
     keep = ("privlora_method", "ss_network_dim", "ss_network_alpha", "ss_base_model_version", "ss_sd_model_name",
             "sshs_model_hash", "ss_steps", "ss_epoch", "privlora_prediction_type", "privlora_hyperparameters")
     return {k: v for k, v in meta.items() if k in keep or k.startswith("privlora_dp_")}
 
 
-def _models(base, files: list[Path], adapters: list[str], include_base: bool, resolution: int) -> list[_Model]:
+def _models(base, files: list[Path], adapters: list[str], cfg: AuditConfig, resolution: int) -> list[_Model]:
     from privlora.models.loading import sha256_file
 
-    models = []
-    if include_base or not files:
-        models.append(_Model("base", "base", None, base.sha256, None))
+    loras = []
     seen = {"base"}
     for i, (path, adapter) in enumerate(zip(files, adapters), 1):
         name = path.stem if path.stem not in seen else f"{path.stem}-{i}"
         seen.add(name)
         model = _Model(name, "lora", path, sha256_file(path), adapter, _lora_metadata(path))
         model.warnings = _lora_warnings(model, base, resolution)
-        models.append(model)
-    return models
+        model.encoding = text_encoding(lora_hyperparameters(model.metadata), cfg.clip_skip, cfg.max_token_length,
+                                       str(path))
+        loras.append(model)
+    if not (cfg.include_base or not files):
+        return loras
+    return [_Model("base", "base", None, base.sha256, None, encoding=_base_encoding(loras, cfg)), *loras]
+
+
+def _base_encoding(loras: list[_Model], cfg: AuditConfig) -> TextEncoding:
+    """The flags; else the encoding every audited LoRA was trained with, when they agree; else the plain one."""
+    shared = {m.encoding for m in loras}
+    if len(shared) == 1:
+        only = loras[0].encoding
+        return TextEncoding(only.clip_skip, only.max_token_length, "as every audited LoRA: " + only.origin)
+    return text_encoding({}, cfg.clip_skip, cfg.max_token_length, "base model")
 
 
 def _lora_warnings(model: _Model, base, resolution: int) -> list[str]:
@@ -285,28 +298,28 @@ def _lora_warnings(model: _Model, base, resolution: int) -> list[str]:
     trained_on = meta.get("sshs_model_hash")
     if trained_on and trained_on != base.sha256:
         out.append(f"trained on a base model with UNet hash {trained_on[:12]}…, auditing on {base.sha256[:12]}…")
-    try:
-        hyperparameters = json.loads(meta.get("privlora_hyperparameters", "{}"))
-    except ValueError:
-        hyperparameters = {}
-    trained_res = hyperparameters.get("resolution") if isinstance(hyperparameters, dict) else None
+    trained_res = lora_hyperparameters(meta).get("resolution")
     if trained_res and trained_res != resolution:
         out.append(f"trained at resolution {trained_res}, audited at {resolution}")
     return out
 
 
 def _targets(base, models: list[_Model], switch: AdapterSwitch, cfg: AuditConfig, device) -> dict[str, Target]:
-    from privlora.models.loading import encode_prompt
+    """One target per model; the base model once per text encoding (each LoRA's reference uses its encoding)."""
 
-    def target(name: str, adapter: str | None, reference: Target | None) -> Target:
-        return Target(name, base.unet, base.noise_scheduler,
-                      lambda captions: encode_prompt(base, captions, clip_skip=cfg.clip_skip),
+    def target(name: str, model: _Model | None, encoding: TextEncoding, reference: Target | None) -> Target:
+        adapter = model.adapter if model else None
+        return Target(name, base.unet, base.noise_scheduler, lambda captions: encoding.encode(base, captions),
                       seed=cfg.seed, batch_size=cfg.batch_size, device=device,
-                      activate=lambda: switch.use(adapter), reference=reference)
+                      activate=lambda: switch.use(adapter), reference=reference,
+                      source=model.path if model else None)
 
-    base_target = target("base", None, None)
-    out = {m.name: base_target if m.kind == "base" else target(m.name, m.adapter, base_target) for m in models}
-    return out
+    base_targets: dict[TextEncoding, Target] = {}
+    for m in models:
+        if m.encoding not in base_targets:
+            base_targets[m.encoding] = target("base", None, m.encoding, None)
+    return {m.name: base_targets[m.encoding] if m.kind == "base" else
+            target(m.name, m, m.encoding, base_targets[m.encoding]) for m in models}
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -346,32 +359,59 @@ def encode_batches(base, splits: Splits, chosen: dict[str, list[Example]], resol
 # ------------------------------------------------------------------------------------------------ running
 
 
+@dataclass
+class AttackRuns:
+    """Per model × attack: test scores (per role), fit summary, details and timing; attacks that do not apply
+    to a model are absent from all four and named in ``skipped`` with the reason."""
+
+    scores: dict = field(default_factory=dict)
+    fits: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
+    timing: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)
+
+
 def run_attacks(models: list[_Model], targets: dict[str, Target], names: list[str], cfg: AuditConfig,
-                batches: dict[str, list[Batch]]):
-    """scores[model][attack][role] (numpy), fit summaries and per-attack timing/query counts."""
+                batches: dict[str, list[Batch]]) -> AttackRuns:
+    """Every attack on every model it applies to. All are prepared for every model first, so bad input (an
+    unreadable attacker file) stops the audit before any UNet work."""
+    plans = {m.name: _prepare(names, cfg, targets[m.name]) for m in models}
     count = {role: sum(len(b) for b in bs) for role, bs in batches.items()}
     n_aux = sum(count.get(r, 0) for r in AUX_ROLES)
     n_test = sum(count[r] for r in TEST_ROLES)
-    per_model = sum(n_test + (n_aux if a.fits else 0) for a in build_attacks(names, cfg.attack_params))
-    scores: dict = {}
-    fits: dict = {}
-    timing: dict = {}
-    with tqdm(total=per_model * len(models), desc="audit", unit="sample", dynamic_ncols=True) as bar:
+    total = sum(n_test + (n_aux if a.fits else 0) for attacks, _ in plans.values() for a in attacks)
+    runs = AttackRuns(skipped={name: skipped for name, (_, skipped) in plans.items()})
+    with tqdm(total=total, desc="audit", unit="sample", dynamic_ncols=True) as bar:
         for model in models:
             target = targets[model.name]
-            scores[model.name], fits[model.name], timing[model.name] = {}, {}, {}
-            for attack in build_attacks(names, cfg.attack_params):  # fresh: no fitted state carries over
+            for table in (runs.scores, runs.fits, runs.details, runs.timing):
+                table[model.name] = {}
+            for attack in plans[model.name][0]:
                 bar.set_description(f"{model.name}: {attack.name}")
                 before, ref_before, t0 = target.unet_queries, target.reference.unet_queries, time.time()
-                fits[model.name][attack.name] = _fit(attack, target, batches, bar, n_aux)
-                scores[model.name][attack.name] = {role: _score(attack, target, batches[role], bar) for role in TEST_ROLES}
+                runs.fits[model.name][attack.name] = _fit(attack, target, batches, bar, n_aux)
+                runs.scores[model.name][attack.name] = {role: _score(attack, target, batches[role], bar)
+                                                        for role in TEST_ROLES}
+                runs.details[model.name][attack.name] = attack.details()
                 ran = target.unet_queries - before
                 if target.reference is not target:
                     ran += target.reference.unet_queries - ref_before
-                timing[model.name][attack.name] = {"seconds": round(time.time() - t0, 2), "unet_queries_run": ran}
+                runs.timing[model.name][attack.name] = {"seconds": round(time.time() - t0, 2), "unet_queries_run": ran}
             if target.reference is not target:
                 target.clear_cache()  # the base target's cache is kept: every LoRA's ref_loss reuses it
-    return scores, fits, timing
+    return runs
+
+
+def _prepare(names: list[str], cfg: AuditConfig, target: Target) -> tuple[list[Attack], dict[str, str]]:
+    """Fresh attacks for one model (no fitted state carries over), and why any of them does not apply to it."""
+    attacks, skipped = [], {}
+    for attack in build_attacks(names, cfg.attack_params):
+        reason = attack.prepare(target)
+        if reason is None:
+            attacks.append(attack)
+        else:
+            skipped[attack.name] = reason
+    return attacks, skipped
 
 
 def _fit(attack: Attack, target: Target, batches: dict[str, list[Batch]], bar, n_aux: int) -> dict | None:
@@ -390,23 +430,46 @@ def _score(attack: Attack, target: Target, batches: list[Batch], bar) -> np.ndar
     return np.concatenate(out)
 
 
-def _metrics(scores: dict[str, np.ndarray], fit: dict | None, cfg: AuditConfig, model: str, attack: str) -> dict:
+def _metrics(runs: AttackRuns, cfg: AuditConfig, model: str, attack: str) -> dict:
+    scores, details = runs.scores[model][attack], runs.details[model][attack]
     result = metrics.evaluate(scores["member_test"], scores["nonmember_test"],
-                              seed=stable_seed(cfg.seed, "bootstrap", model, attack), n_bootstrap=cfg.n_bootstrap)
-    result["fit"] = fit
+                              seed=stable_seed(cfg.seed, "bootstrap", model, attack), n_bootstrap=cfg.n_bootstrap,
+                              threshold=ATTACKS[attack].decision_threshold)
+    result["fit"] = runs.fits[model][attack]
+    if details:
+        result["details"] = details
+    if details.get("held_out") is False:
+        result["notes"].append(NOT_HELD_OUT)
     return result
+
+
+NOT_HELD_OUT = ("not a held-out measurement: the attack was trained or chosen on the test samples with their labels; "
+                "left out of the ε lower bound")
+
+
+def _held_out(result: dict) -> bool:
+    return (result.get("details") or {}).get("held_out", True) is not False
+
+
+def _log_decisions(results: dict, log: Callable[[str], None]) -> None:
+    for model, by_attack in results.items():
+        for attack, r in by_attack.items():
+            if "decision_accuracy" in r:
+                log(f"{model}: {attack} AUC {r['auc']:.3f}, {ATTACKS[attack].decision_label} "
+                    f"{r['decision_accuracy']:.3f}" + ("" if _held_out(r) else " (not held out)"))
 
 
 # ------------------------------------------------------------------------------------------------ report
 
 
 def build_report(cfg: AuditConfig, base, splits: Splits, chosen: dict, models: list[_Model], attacks: list[Attack],
-                 results: dict, scores: dict, timing: dict, queries_run: int, resolution: int, device,
+                 results: dict, runs: AttackRuns, queries_run: int, resolution: int, device,
                  wall: float) -> dict[str, Any]:
-    names = [a.name for a in attacks]
     per_sample = {a.name: a.queries_per_sample() for a in attacks}
     specs = {a.name: {"summary": a.summary, "params": _jsonable(a.params()), "queries_per_sample": per_sample[a.name],
-                      "fits_on": list(AUX_ROLES) if a.fits else None} for a in attacks}
+                      "fits_on": list(AUX_ROLES) if a.fits else None,
+                      **({"decision": {"threshold": a.decision_threshold, "label": a.decision_label}}
+                         if a.decision_threshold is not None else {})} for a in attacks}
     return {
         "privlora_audit": 1,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -418,22 +481,31 @@ def build_report(cfg: AuditConfig, base, splits: Splits, chosen: dict, models: l
         "data": {"manifest": str(cfg.splits), "roles_in_manifest": {r: len(e) for r, e in splits.items()},
                  "used": {r: len(e) for r, e in chosen.items()}, "max_samples": cfg.max_samples},
         "settings": {"resolution": resolution, "center_crop": cfg.center_crop, "batch_size": cfg.batch_size,
-                     "n_bootstrap": cfg.n_bootstrap, "clip_skip": cfg.clip_skip, "device": str(device),
+                     "n_bootstrap": cfg.n_bootstrap, "clip_skip": cfg.clip_skip,
+                     "max_token_length": cfg.max_token_length, "device": str(device),
                      "vae_latents": "posterior mean (deterministic)",
                      "noise": "per sample: seeded by (seed, image sha256, draw) — identical across models"},
         "attacks": specs,
         "unet_queries": {"per_sample": per_sample, "total_run": queries_run},
         "models": [
             {"name": m.name, "kind": m.kind, "path": str(m.path) if m.path else None, "sha256": m.sha256,
-             "lora_metadata": m.metadata, "warnings": m.warnings,
-             "results": {a: {**results[m.name][a], **timing[m.name][a]} for a in names},
-             "dp_bound": dp_check(scores[m.name], m.metadata,
-                                  {a: results[m.name][a]["tpr_at_1pct_fpr"] for a in names}),
-             "scores": {a: {r: scores[m.name][a][r].tolist() for r in TEST_ROLES} for a in names}}
+             "lora_metadata": m.metadata, "warnings": m.warnings, "text_encoding": m.encoding.as_dict(),
+             "results": {a: {**r, **runs.timing[m.name][a]} for a, r in results[m.name].items()},
+             "skipped": runs.skipped[m.name],
+             "dp_bound": _dp_bound(runs.scores[m.name], results[m.name], m.metadata),
+             "scores": {a: {r: s[r].tolist() for r in TEST_ROLES} for a, s in runs.scores[m.name].items()}}
             for m in models
         ],
         "wall_seconds": round(wall, 2),
     }
+
+
+def _dp_bound(scores: dict, results: dict, metadata: dict[str, str]) -> dict[str, Any] | None:
+    """The ε lower bound over the held-out attacks run on this model; None when there is none."""
+    usable = [a for a, r in results.items() if _held_out(r)]
+    if not usable:
+        return None
+    return dp_check({a: scores[a] for a in usable}, metadata, {a: results[a]["tpr_at_1pct_fpr"] for a in usable})
 
 
 def _jsonable(value: Any) -> Any:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 
-# (history key, title); "<key>_mean" (the mean over the epoch's steps) is drawn instead where a run logged it
+# (history key, title); "<key>_mean" (the mean over the steps since the previous evaluation) is drawn where a run logged it
 CURVES = [("L_ada", "L_ada"), ("L_adv", "L_adv"), ("attacker_test_acc", "attacker test acc"),
           ("member_gap", "held-out gap (nonmember − member loss)"), ("grad_norm", "LoRA grad norm")]
 
@@ -24,7 +24,7 @@ def run_colours(names: list[str]) -> dict[str, str]:
 
 
 def curve(epochs: list[dict], key: str) -> tuple[list, list, bool]:
-    """(epochs, values, is_mean) of one key: the per-epoch mean where logged, else the last step's value."""
+    """(epochs, values, is_mean) of one key: the mean over each evaluation period where logged, else the last step's value."""
     mean = f"{key}_mean"
     use = mean if any(mean in e for e in epochs) else key
     xs = [e["epoch"] for e in epochs if use in e]

@@ -11,13 +11,14 @@ FRONTIER_MARGIN = 0.01  # AUC differences this small are noise at 200 vs 200 (on
 
 
 def model_row(model: dict, quality: dict) -> dict:
-    """One audited model (an entry of the audit's report.json) as a table row."""
-    results = model["results"]
+    """One audited model (an entry of the audit's report.json) as a table row: its best attack among those run on
+    it whose numbers are held-out measurements (an attack can be absent for a model: ``skipped`` in the report)."""
+    results = {a: r for a, r in model["results"].items() if (r.get("details") or {}).get("held_out", True)}
     aucs = {a: r["auc"] for a, r in results.items()}
-    best = max(aucs, key=aucs.get)
+    best = max(aucs, key=aucs.get) if aucs else None
     held_out = -float(np.mean(model["scores"]["loss"]["nonmember_test"])) if "loss" in model["scores"] else None
-    return {"model": model["name"], "auc": aucs, "best_attack": best, "best_auc": aucs[best],
-            "best_tpr_at_1pct_fpr": max(r["tpr_at_1pct_fpr"] for r in results.values()),
+    return {"model": model["name"], "auc": aucs, "best_attack": best, "best_auc": aucs[best] if best else None,
+            "best_tpr_at_1pct_fpr": max((r["tpr_at_1pct_fpr"] for r in results.values()), default=None),
             "heldout_loss": held_out, "proxy_fid": quality.get(model["name"], {}).get("fid_proxy_tiny")}
 
 

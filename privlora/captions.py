@@ -12,8 +12,13 @@ max_token_length only chooses the number of windows (max_token_length / 75).
 from __future__ import annotations
 
 import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+
+from privlora.errors import PrivloraError
 
 WINDOW_TOKENS = 75  # kohya counts max_token_length in CLIP windows of 75
 
@@ -85,3 +90,76 @@ def encode_long(base, captions: list[str], max_token_length: int, clip_skip: int
               return_tensors="pt").input_ids
     windows = split_windows(ids, n, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     return merge_windows(encode_ids(base, windows, clip_skip), n)
+
+
+# --- the text encoding a LoRA was trained with, for the audit and for sampling --------------------------------
+
+MAX_TOKEN_LENGTHS = (75, 150, 225)
+
+
+@dataclass(frozen=True)
+class TextEncoding:
+    """How captions become embeddings: kohya's clip_skip and max_token_length (None = one window / last layer)."""
+
+    clip_skip: int | None = None
+    max_token_length: int | None = None
+    origin: str = field(default="default", compare=False)  # where the two values came from, for reports
+
+    def as_dict(self) -> dict:
+        return {"clip_skip": self.clip_skip, "max_token_length": self.max_token_length, "from": self.origin}
+
+    def encode(self, base, captions: list[str]) -> torch.Tensor:
+        from privlora.models.loading import encode_prompt
+
+        return encode_prompt(base, captions, clip_skip=self.clip_skip, max_token_length=self.max_token_length)
+
+
+def check_encoding_flags(clip_skip: int | None, max_token_length: int | None) -> None:
+    if max_token_length is not None and max_token_length not in MAX_TOKEN_LENGTHS:
+        raise PrivloraError(f"--max_token_length {max_token_length} is not 75, 150 or 225")
+    if clip_skip is not None and clip_skip < 1:
+        raise PrivloraError(f"--clip_skip {clip_skip} must be at least 1")
+
+
+def _normalised(clip_skip, max_token_length, where: str) -> tuple[int | None, int | None]:
+    if max_token_length is not None and max_token_length not in MAX_TOKEN_LENGTHS:
+        raise PrivloraError(f"{where}: its metadata says max_token_length {max_token_length!r} (not 75, 150 or 225)")
+    if clip_skip is not None and (type(clip_skip) is not int or clip_skip < 1):
+        raise PrivloraError(f"{where}: its metadata says clip_skip {clip_skip!r} (not a positive integer)")
+    # 75 tokens is one window and clip_skip 1 the last layer: the plain encoding, spelled one way
+    return (None if clip_skip == 1 else clip_skip), (None if max_token_length == 75 else max_token_length)
+
+
+def lora_hyperparameters(metadata: dict[str, str]) -> dict:
+    """The training settings privlora writes into a LoRA file's metadata ({} for other files)."""
+    try:
+        found = json.loads(metadata.get("privlora_hyperparameters", "{}"))
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def read_lora_metadata(path: str | Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def text_encoding(hyperparameters: dict, clip_skip: int | None, max_token_length: int | None,
+                  where: str) -> TextEncoding:
+    """The flags where given, else what the LoRA was trained with (its metadata), else the plain encoding.
+
+    ``where`` names the file the metadata came from, for errors (flags: check_encoding_flags)."""
+    origins = []
+    values = {}
+    for name, flag in (("clip_skip", clip_skip), ("max_token_length", max_token_length)):
+        if flag is not None:
+            values[name], origin = flag, f"--{name}"
+        elif hyperparameters.get(name) is not None:
+            values[name], origin = hyperparameters[name], "LoRA metadata"
+        else:
+            values[name], origin = None, "default"
+        origins.append(f"{name}: {origin}")
+    skip, length = _normalised(values["clip_skip"], values["max_token_length"], where)
+    return TextEncoding(skip, length, "; ".join(origins))

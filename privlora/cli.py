@@ -30,7 +30,8 @@ def _sample(args: argparse.Namespace, overrides: dict) -> int:
                    n=args.n, steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed,
                    lora=args.lora, lora_scale=args.lora_scale, width=args.width, height=args.height,
                    negative_prompt=args.negative_prompt, config_dir=args.config_dir,
-                   prediction_type=args.prediction_type, device=args.device, overwrite=args.overwrite)
+                   prediction_type=args.prediction_type, device=args.device, overwrite=args.overwrite,
+                   clip_skip=args.clip_skip, max_token_length=args.max_token_length)
     print(f"saved {len(paths)} images, grid.png and settings.json in {args.out}")
     return 0
 
@@ -61,6 +62,11 @@ def _add_sample_parser(sub) -> None:
     p.add_argument("--prediction_type", default=None, choices=("epsilon", "v_prediction"))
     p.add_argument("--lora", default=None, help="LoRA .safetensors (kohya or diffusers keys), loaded by diffusers")
     p.add_argument("--lora_scale", type=float, default=1.0)
+    p.add_argument("--clip_skip", type=int, default=None,
+                   help="as used in training (default: from the LoRA's metadata, else none)")
+    p.add_argument("--max_token_length", type=int, default=None,
+                   help="75 | 150 | 225, kohya's long prompts as used in training (default: from the LoRA's "
+                        "metadata, else one 75-token window)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--prompts", default=None, help="prompts file: one per line, options --n --w --h --d --s --l")
     which.add_argument("--prompt", default=None)
@@ -113,13 +119,14 @@ def _audit(args: argparse.Namespace, overrides: dict) -> int:
                       loras=args.lora, attacks=args.attacks, include_base=args.include_base, seed=args.seed,
                       resolution=args.resolution, batch_size=args.batch_size, max_samples=args.max_samples,
                       n_bootstrap=args.n_bootstrap, config_dir=args.config_dir, clip_skip=args.clip_skip,
-                      device=args.device)
+                      max_token_length=args.max_token_length, device=args.device,
+                      attack_params={"proxy": {"attacker": args.proxy_attacker}})
     run_audit(cfg)
     return 0
 
 
 def _add_audit_parser(sub) -> None:
-    from privlora.attacks import DEFAULT_ATTACKS
+    from privlora.attacks import ATTACKS, DEFAULT_ATTACKS
 
     audit = sub.add_parser("audit", help="membership-inference audit of a base model and/or LoRA files")
     audit.add_argument("--pretrained_model_name_or_path", default="tiny-sd", help="base model (default: tiny-sd)")
@@ -127,7 +134,11 @@ def _add_audit_parser(sub) -> None:
                        help="LoRA .safetensors file(s) to audit and compare; none: audit the base model")
     audit.add_argument("--splits", required=True, help="split manifest (splits.json of the training run)")
     audit.add_argument("--out", required=True, help="folder for report.json, report.md, roc.png, scores.png")
-    audit.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS), help="comma-separated (default: all)")
+    audit.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS),
+                       help=f"comma-separated, from {', '.join(ATTACKS)} (default: all but proxy)")
+    audit.add_argument("--proxy_attacker", default="final", choices=("final", "best"),
+                       help="proxy attack: the co-trained attacker saved at the end of training (<name>.attacker) "
+                            "or the one with the best test accuracy (<name>.attacker_best)")
     audit.add_argument("--include_base", action="store_true", help="with --lora: also audit the base model")
     audit.add_argument("--seed", type=int, default=0, help="seeds every noise draw, fit and bootstrap")
     audit.add_argument("--resolution", type=int, default=None, help="default: the base model's native resolution")
@@ -135,7 +146,11 @@ def _add_audit_parser(sub) -> None:
     audit.add_argument("--max_samples", type=int, default=None, help="per role, a seeded subset")
     audit.add_argument("--n_bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     audit.add_argument("--config_dir", default=None, help="configs/tokenizer folder for a single-file base model")
-    audit.add_argument("--clip_skip", type=int, default=None, help="as used in training")
+    audit.add_argument("--clip_skip", type=int, default=None,
+                       help="as used in training (default: from each LoRA's metadata, else none)")
+    audit.add_argument("--max_token_length", type=int, default=None,
+                       help="75 | 150 | 225, kohya's long captions as used in training (default: from each LoRA's "
+                            "metadata, else one 75-token window)")
     audit.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     audit.set_defaults(handler=_audit)
 

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from privlora.captions import (TextEncoding, check_encoding_flags, lora_hyperparameters, read_lora_metadata,
+                               text_encoding)
 from privlora.errors import PrivloraError
 from privlora.io import write_bytes, write_json
 from privlora.prompts import PromptLine, read_prompts
@@ -44,6 +46,8 @@ class ImageJob:
     lora_scale: float | None
     base_model: str
     base_model_sha256: str
+    clip_skip: int | None = None  # prompts encoded as in training (kohya's clip_skip / max_token_length)
+    max_token_length: int | None = None
 
 
 # ---------------------------------------------------------------- pipeline
@@ -117,9 +121,9 @@ def load_lora(pipe, path: str | Path) -> None:
 
 def plan_jobs(prompts: list[PromptLine], n: int, *, seed: int, steps: int, guidance: float, sampler: str,
               width: int, height: int, negative_prompt: str = "", lora: dict | None = None,
-              base: dict | None = None) -> list[ImageJob]:
+              base: dict | None = None, encoding: TextEncoding | None = None) -> list[ImageJob]:
     """One job per image: prompts are used in turn; a line's ``--d`` seeds its first use, +1 per repeat."""
-    lora, base = lora or {}, base or {}
+    lora, base, encoding = lora or {}, base or {}, encoding or TextEncoding()
     jobs = []
     for i in range(n):
         p = prompts[i % len(prompts)]
@@ -139,6 +143,8 @@ def plan_jobs(prompts: list[PromptLine], n: int, *, seed: int, steps: int, guida
             lora_scale=lora.get("scale"),
             base_model=base.get("name", ""),
             base_model_sha256=base.get("sha256", ""),
+            clip_skip=encoding.clip_skip,
+            max_token_length=encoding.max_token_length,
         ))
     return jobs
 
@@ -148,12 +154,32 @@ def generate(pipe, job: ImageJob) -> Image.Image:
     kwargs = {}
     if job.lora_scale is not None:
         kwargs["cross_attention_kwargs"] = {"scale": job.lora_scale}
+    if job.clip_skip or job.max_token_length:
+        kwargs.update(prompt_embeds(pipe, job))
+    else:  # the pipeline's own encoding: one 77-token window, last layer
+        kwargs.update(prompt=job.prompt, negative_prompt=job.negative_prompt or None)
     out = pipe(
-        prompt=job.prompt, negative_prompt=job.negative_prompt or None,
         num_inference_steps=job.steps, guidance_scale=job.guidance, width=job.width, height=job.height,
         generator=torch.Generator(device="cpu").manual_seed(job.seed), output_type="np", **kwargs,
     )
     return Image.fromarray(_to_uint8(out.images[0]))
+
+
+def prompt_embeds(pipe, job: ImageJob) -> dict[str, torch.Tensor]:
+    """The prompt and negative prompt encoded as in training (privlora.captions), the LoRA scale applied to the
+    text encoder's LoRA as the pipeline itself does."""
+    from diffusers.utils import scale_lora_layers, unscale_lora_layers
+
+    encoding = TextEncoding(job.clip_skip, job.max_token_length)
+    if job.lora_scale is not None:
+        scale_lora_layers(pipe.text_encoder, job.lora_scale)
+    try:
+        with torch.no_grad():
+            both = encoding.encode(pipe, [job.prompt, job.negative_prompt or ""])
+    finally:
+        if job.lora_scale is not None:
+            unscale_lora_layers(pipe.text_encoder, job.lora_scale)
+    return {"prompt_embeds": both[:1], "negative_prompt_embeds": both[1:]}
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
@@ -193,16 +219,21 @@ def sample(base_model: str, out_dir: str | Path, *, prompt: str | None = None, p
            n: int | None = None, steps: int = 30, guidance: float = 7.5, sampler: str = "ddim", seed: int = 0,
            lora: str | Path | None = None, lora_scale: float = 1.0, width: int | None = None,
            height: int | None = None, negative_prompt: str = "", config_dir: str | None = None,
-           prediction_type: str | None = None, device: str | None = None, overwrite: bool = False) -> list[Path]:
+           prediction_type: str | None = None, device: str | None = None, overwrite: bool = False,
+           clip_skip: int | None = None, max_token_length: int | None = None) -> list[Path]:
     """Generate ``n`` images into ``out_dir`` (``00000.png`` …, ``grid.png``, ``settings.json``); returns the PNGs.
 
-    Everything a user can get wrong (prompts file, sizes, LoRA file, output folder) is checked before the
-    model is loaded.
+    Prompts are encoded as the LoRA was trained (``clip_skip`` / ``max_token_length``: the arguments, else the
+    LoRA's metadata, else the pipeline's plain encoding). Everything a user can get wrong (prompts file, sizes,
+    LoRA file, output folder) is checked before the model is loaded.
     """
     prompts = _prompts(prompt, prompts_file)
     n = len(prompts) if n is None else n
     _check_settings(n, steps, sampler, width, height, guidance, lora_scale)
+    check_encoding_flags(clip_skip, max_token_length)
     lora_path = check_lora_file(lora) if lora else None
+    trained = lora_hyperparameters(read_lora_metadata(lora_path)) if lora_path else {}
+    encoding = text_encoding(trained, clip_skip, max_token_length, str(lora_path))
     out = _prepare_out_dir(Path(out_dir), overwrite)
 
     from privlora.models.loading import load_base, sha256_file
@@ -217,7 +248,7 @@ def sample(base_model: str, out_dir: str | Path, *, prompt: str | None = None, p
     native_w, native_h = native_size(pipe)
     jobs = plan_jobs(prompts, n, seed=seed, steps=steps, guidance=guidance, sampler=sampler,
                      width=width or native_w, height=height or native_h, negative_prompt=negative_prompt,
-                     lora=lora_info, base={"name": base.name, "sha256": base.sha256})
+                     lora=lora_info, base={"name": base.name, "sha256": base.sha256}, encoding=encoding)
     return _write_images(pipe, jobs, out)
 
 
@@ -280,14 +311,15 @@ def _versions() -> dict[str, str]:
 
 
 def sample_during_training(model, prompts_file: str | Path, epoch: int, output_dir: str | Path, writer=None, *,
-                           sampler: str = "ddim", steps: int = 20, guidance: float = 7.5,
-                           seed: int = 0) -> list[Path]:
+                           sampler: str = "ddim", steps: int = 20, guidance: float = 7.5, seed: int = 0,
+                           encoding: TextEncoding | None = None) -> list[Path]:
     """Sample the model being trained (LoRA injected in memory by peft) once per prompt line.
 
     ``model``: a ``StableDiffusionPipeline`` or anything with ``unet``, ``vae``, ``text_encoder``, ``tokenizer``
     and ``noise_scheduler`` (privlora's ``BaseModel``). Writes ``<output_dir>/samples/e{epoch:04d}_{i}.png`` and,
     given a TensorBoard ``SummaryWriter``, logs each image as ``samples/{i}`` at step ``epoch``. Prompt ``i``
     uses seed ``seed + i`` (or its ``--d``) every epoch, so epochs are comparable. Train/eval modes are restored.
+    ``encoding``: the training run's clip_skip / max_token_length.
     """
     prompts = read_prompts(prompts_file)
     pipe = _training_pipeline(model, sampler)
@@ -298,7 +330,7 @@ def sample_during_training(model, prompts_file: str | Path, epoch: int, output_d
     try:
         w, h = native_size(pipe)
         jobs = plan_jobs(prompts, len(prompts), seed=seed, steps=steps, guidance=guidance, sampler=sampler,
-                         width=w, height=h)
+                         width=w, height=h, encoding=encoding)
         return [_save_training_sample(pipe, job, i, epoch, Path(output_dir), writer) for i, job in enumerate(jobs)]
     finally:
         for m, mode in zip(modules, modes):

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from privlora import checkpoint
 from privlora.attacker_eval import BEST_SUFFIX, eval_roles, evaluate_attacker
-from privlora.captions import CaptionShuffler, captions_fixed
+from privlora.captions import CaptionShuffler, TextEncoding, captions_fixed
 from privlora.config import TrainConfig, to_dict, write_resolved_config
 from privlora.data.cache import Cache, RoleData
 from privlora.data.prepare import prepare_splits, write_run_files
@@ -53,6 +53,7 @@ class Progress:
     history: list = field(default_factory=list)
     best_attacker_acc: float = -1.0  # the co-trained attacker's best fresh-noise test accuracy so far
     hessian: list = field(default_factory=list)  # {"step", "hessian_top_eig"} every hessian_every_n_steps
+    period: dict = field(default_factory=dict)  # per-step log key -> [sum, count, max] since the last evaluation
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -67,21 +68,19 @@ def train(cfg: TrainConfig) -> Path:
             if progress.batch_in_epoch == 0:
                 run.epoch_start_order = run.loader_order.get_state()
             logs: dict = {}
-            means = EpochMeans()
             for batch in itertools.islice(run.loader, progress.batch_in_epoch, None):
                 progress.batch_in_epoch += 1
                 logs = train_step(run, batch, progress.step) or logs
                 if not run.accelerator.sync_gradients:
                     continue
                 progress.step += 1
-                means.add(logs)
                 after_step(run, progress, logs, bar)
                 if interrupt.requested:
                     path = save_state(run, progress)
                     raise Interrupted(f"interrupted at step {progress.step}; resume with --resume {path}")
                 if progress.step >= run.max_steps:
                     break
-            end_epoch(run, progress, {**logs, **means.result()}, bar)
+            end_epoch(run, progress, logs, bar)
     bar.close()
     run.metadata.update(ss_steps=str(progress.step), ss_epoch=str(progress.epoch),
                         privlora_train_seconds=f"{time.time() - started:.1f}")
@@ -90,25 +89,6 @@ def train(cfg: TrainConfig) -> Path:
         save_state(run, progress)
     run.accelerator.end_training()
     return final
-
-
-class EpochMeans:
-    """Per-epoch means of the step logs (``L_ada_mean`` …) for history.json: a last-step value is one noisy draw.
-
-    A run resumed mid-epoch averages that epoch's resumed steps only."""
-
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-
-    def add(self, logs: dict) -> None:
-        for key, value in logs.items():
-            if key != "lr" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.sums[key] = self.sums.get(key, 0.0) + float(value)
-                self.counts[key] = self.counts.get(key, 0) + 1
-
-    def result(self) -> dict[str, float]:
-        return {f"{k}_mean": self.sums[k] / self.counts[k] for k in self.sums}
 
 
 def train_step(run, batch: dict, step: int) -> dict | None:
@@ -135,6 +115,7 @@ def train_step(run, batch: dict, step: int) -> dict | None:
 
 def after_step(run, progress: Progress, logs: dict, bar) -> None:
     cfg = run.cfg
+    add_to_period(progress.period, logs)
     if cfg.hessian_every_n_steps and progress.step % cfg.hessian_every_n_steps == 0:
         logs = {**logs, "hessian_top_eig": lora_hessian_top_eig(run)}
         progress.hessian.append({"step": progress.step, "hessian_top_eig": logs["hessian_top_eig"]})
@@ -164,7 +145,8 @@ def end_epoch(run, progress: Progress, logs: dict, bar) -> None:
 
         sample_during_training(run.base, cfg.sample_prompts, progress.epoch, run.out,
                                acc.get_tracker("tensorboard", unwrap=True), sampler=cfg.sample_sampler,
-                               steps=cfg.sample_steps, seed=cfg.seed)
+                               steps=cfg.sample_steps, seed=cfg.seed,
+                               encoding=TextEncoding(cfg.clip_skip, cfg.max_token_length))
     if cfg.save_every_n_epochs and progress.epoch % cfg.save_every_n_epochs == 0 and progress.step < run.max_steps:
         save_point(run, progress, f"{cfg.output_name}-e{progress.epoch:04d}")
 
@@ -184,6 +166,8 @@ def evaluate_and_log(run, progress: Progress, logs: dict, bar) -> None:
         record.update(evaluate_attacker(run.objective, run.attacker_roles or {}, run.denoiser,
                                         cfg.seed + 7 + progress.step))
     run.unet.train()
+    record.update(period_summary(progress.period))
+    progress.period = {}
     keep_best_attacker(run, progress, record)
     progress.history.append(record)
     acc.log({f"epoch/{k}": v for k, v in record.items() if k not in ("epoch", "step")}, step=progress.step)
@@ -414,6 +398,26 @@ def lora_hessian_top_eig(run) -> float:
             g.set_state(state)
 
 
+PERIOD_SKIP = ("lr",)  # schedules, not measurements
+PERIOD_MAXIMA = ("grad_norm",)  # spikes matter here, so history.json also gets <key>_max
+
+
+def add_to_period(period: dict, logs: dict) -> None:
+    """Add one step's numeric logs to the running [sum, count, max] of the current evaluation period."""
+    for key, value in logs.items():
+        if key in PERIOD_SKIP or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        total, count, high = period.get(key, (0.0, 0, float(value)))
+        period[key] = [total + float(value), count + 1, max(high, float(value))]
+
+
+def period_summary(period: dict) -> dict[str, float]:
+    """``<key>_mean`` of every per-step log over the period (and ``<key>_max`` for PERIOD_MAXIMA)."""
+    out = {f"{key}_mean": total / count for key, (total, count, _) in period.items() if count}
+    out.update({f"{key}_max": period[key][2] for key in PERIOD_MAXIMA if key in period})
+    return out
+
+
 def probe_roles(roles: dict[str, RoleData], cfg: TrainConfig) -> dict[str, RoleData]:
     """The fixed-noise probe's samples: a random subset of eval_samples per role, drawn with the run's seed."""
     gen = torch.Generator().manual_seed(cfg.seed + 4)
@@ -480,7 +484,8 @@ def lora_metadata(cfg: TrainConfig, base) -> dict[str, str]:
             "text_encoder_lr", "optimizer_type", "lr_scheduler", "lr_warmup_steps", "train_batch_size",
             "gradient_accumulation_steps", "max_train_epochs", "max_train_steps", "resolution", "mixed_precision",
             "clip_skip", "noise_offset", "min_snr_gamma", "seed", "privacy_alpha", "privacy_beta", "k_steps",
-            "adv_step", "attacker_lr", "attacker_pool", "attacker_input")
+            "adv_step", "attacker_lr", "attacker_pool", "attacker_input", "max_token_length", "shuffle_caption",
+            "keep_tokens")
     from privlora.objectives import METHODS
 
     keys += tuple(k for k in METHODS[cfg.method].settings if k not in keys)

@@ -5,7 +5,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from privlora.attacks import ATTACKS, AUX_ROLES, Batch, Query, Target, build_attacks, parse_attack_names
+from privlora.attacks import (ATTACKS, AUX_ROLES, DEFAULT_ATTACKS, Batch, Query, Target, build_attacks,
+                              parse_attack_names)
 from privlora.attacks.base import require_aux
 from privlora.attacks.target import caption_variant, stable_seed
 from privlora.errors import PrivloraError
@@ -93,7 +94,7 @@ def memorised_setup(prediction_type="epsilon"):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("name", list(ATTACKS))
+@pytest.mark.parametrize("name", DEFAULT_ATTACKS)  # proxy needs a co-trained attacker file: tested below
 def test_memorised_members_score_higher(name, prediction_type):
     target, b = memorised_setup(prediction_type)
     attack = build_attacks([name], FAST)[0]
@@ -214,4 +215,116 @@ def test_attack_names_and_parameters_are_validated():
 
 def test_queries_per_sample():
     counts = {a.name: a.queries_per_sample() for a in build_attacks(list(ATTACKS))}
-    assert counts == {"loss": 8, "ref_loss": 16, "mlp": 8, "secmi": 12, "pia": 2, "clid": 9}
+    assert counts == {"loss": 8, "ref_loss": 16, "mlp": 8, "secmi": 12, "pia": 2, "clid": 9, "proxy": 1}
+
+
+# ------------------------------------------------------------------------------------------ proxy
+
+
+def save_attacker(folder: Path, stem: str = "mp", suffix: str = "attacker", attacker_input: str = "loss_map",
+                  adv_step: str = "reference") -> tuple[Path, "LossMapAttacker"]:
+    """A LoRA file (only its metadata matters here) and a known attacker beside it, saved as training saves one."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from privlora.io import save_safetensors
+    from privlora.objectives.attacker import LossMapAttacker
+
+    lora = folder / f"{stem}.safetensors"
+    save_file({"x.lora_down.weight": torch.zeros(1)}, str(lora),
+              metadata={"privlora_hyperparameters": json.dumps({"adv_step": adv_step})})
+    torch.manual_seed(3)
+    net = LossMapAttacker(channels=4, pool=4, hidden=[8], dropout=0.5)
+    save_safetensors(folder / f"{stem}.{suffix}.safetensors", net.state_dict(),
+                     metadata={"privlora_module": "attacker", "channels": "4", "pool": "4", "hidden": "[8]",
+                               "dropout": "0.5", "attacker_input": attacker_input})
+    return lora, net
+
+
+def by_hand(net, unet, sched, batch: Batch, t: list[int], noise: torch.Tensor, ref_unet=None) -> torch.Tensor:
+    """P(member) of each sample: its squared-error map, 2×2 block means, the MLP's weights applied by hand."""
+    a = sched.alphas_cumprod[torch.tensor(t)].view(-1, 1, 1, 1).float()
+    x_t = a.sqrt() * batch.latents + (1 - a).sqrt() * noise
+    emb, tt = fake_text(batch.captions), torch.tensor(t)
+    maps = (unet(x_t, tt, emb)[0] - noise) ** 2
+    if ref_unet is not None:
+        maps = maps - (ref_unet(x_t, tt, emb)[0] - noise) ** 2
+    x = maps.reshape(len(batch), 4, 4, 2, 4, 2).mean(dim=(3, 5)).flatten(1)
+    w1, b1, w2, b2 = net.mlp[0].weight, net.mlp[0].bias, net.mlp[3].weight, net.mlp[3].bias
+    logits = (x @ w1.T + b1).clamp_min(0) @ w2.T + b2
+    return torch.softmax(logits.double(), -1)[:, 1].float()
+
+
+@pytest.mark.parametrize("attacker_input,noises", [("loss_map", 1), ("calibrated", 2)])
+def test_proxy_scores_are_the_saved_attackers_p_member_by_hand(tmp_path, attacker_input, noises):
+    from privlora.attacks.proxy import FIRST_DRAW
+
+    target, b = memorised_setup()
+    lora, net = save_attacker(tmp_path, attacker_input=attacker_input)
+    target.source = lora
+    attack = build_attacks(["proxy"], {"proxy": {"noises": noises}})[0]
+    assert not attack.fits and attack.prepare(target) is None
+    batch = b["member_test"]
+    got = attack.score(target, batch)
+    want = torch.zeros(len(batch))
+    for draw in range(FIRST_DRAW, FIRST_DRAW + noises):
+        t = [attack.timestep(target, k, draw) for k in batch.keys]
+        noise = torch.stack([target.noise(k, draw, SHAPE) for k in batch.keys])
+        ref = target.reference.unet if attacker_input == "calibrated" else None
+        want += by_hand(net, target.unet, target.scheduler, batch, t, noise, ref) / noises
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert attack.details()["attacker_input"] == attacker_input
+
+
+def test_proxy_timesteps_are_random_per_sample_seeded_and_in_range():
+    target, b = memorised_setup()
+    attack = build_attacks(["proxy"])[0]
+    keys = [f"sha{i}" for i in range(200)]
+    ts = [attack.timestep(target, k, 10_000) for k in keys]
+    assert min(ts) >= 0 and max(ts) < 1000 and len(set(ts)) > 150
+    assert ts == [attack.timestep(target, k, 10_000) for k in keys]
+    target.seed = 1
+    assert ts != [attack.timestep(target, k, 10_000) for k in keys]
+
+
+def test_proxy_does_not_apply_without_an_attacker_file_and_says_why(tmp_path):
+    target, _ = memorised_setup()
+    attack = build_attacks(["proxy"])[0]
+    assert "base model" in attack.prepare(target)  # source None: the base model
+    lora, _ = save_attacker(tmp_path, suffix="attacker_best")
+    target.source = lora
+    assert attack.prepare(target) == "no mp.attacker.safetensors beside the LoRA (only MP-LoRA / SMP-LoRA training saves one)"
+    best = build_attacks(["proxy"], {"proxy": {"attacker": "best"}})[0]
+    assert best.prepare(target) is None
+    assert best.details()["held_out"] is False  # chosen by its test accuracy
+
+
+@pytest.mark.parametrize("adv_step,held_out", [("reference", True), ("fused", False)])
+def test_proxy_is_held_out_only_for_the_reference_step(tmp_path, adv_step, held_out):
+    target, _ = memorised_setup()
+    target.source, _ = save_attacker(tmp_path, adv_step=adv_step)
+    attack = build_attacks(["proxy"])[0]
+    attack.prepare(target)
+    assert attack.details()["held_out"] is held_out and attack.details()["adv_step"] == adv_step
+
+
+def test_a_bad_attacker_file_is_one_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    target, _ = memorised_setup()
+    target.source, net = save_attacker(tmp_path)
+    path = tmp_path / "mp.attacker.safetensors"
+    attack = build_attacks(["proxy"])[0]
+    cases = [(b"garbage", "not a readable .safetensors"),
+             ({"w": torch.zeros(2)}, "no attacker metadata"),
+             ({**net.state_dict(), "mlp.0.weight": torch.zeros(8, 3)}, "weights do not fit")]
+    for content, message in cases:
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            meta = {"channels": "4", "pool": "4", "hidden": "[8]", "dropout": "0.5"} if "mlp.0.bias" in content else {}
+            save_file(content, str(path), metadata=meta)
+        with pytest.raises(PrivloraError, match=message) as info:
+            attack.prepare(target)
+        assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)

@@ -39,7 +39,8 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def make_lora(folder: Path, out: Path, *, text_encoder: bool = False, zero: bool = False) -> Path:
+def make_lora(folder: Path, out: Path, *, text_encoder: bool = False, zero: bool = False,
+              hyperparameters: dict | None = None) -> Path:
     base = load_base(str(folder))
     add_lora(base.unet, unet_lora_config(LoraSpec(rank=4, alpha=4.0), base.unet))
     if text_encoder:
@@ -49,8 +50,10 @@ def make_lora(folder: Path, out: Path, *, text_encoder: bool = False, zero: bool
         for layer in lora_layers(model).values():
             w = layer.lora_B["default"].weight
             w.data = torch.zeros_like(w) if zero else torch.randn(w.shape, generator=g) * 0.1
-    return save_kohya(out, base.unet, base.text_encoder if text_encoder else None,
-                      metadata={"sshs_model_hash": base.sha256, "privlora_method": "lora"})
+    metadata = {"sshs_model_hash": base.sha256, "privlora_method": "lora"}
+    if hyperparameters is not None:
+        metadata["privlora_hyperparameters"] = json.dumps(hyperparameters)
+    return save_kohya(out, base.unet, base.text_encoder if text_encoder else None, metadata=metadata)
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +127,104 @@ def test_a_zero_lora_gets_exactly_the_base_models_queries_and_scores(env, tmp_pa
             continue  # fitted attacks: same inputs, but a fresh fit (equal too, yet not the point here)
         assert base["scores"][name] == zero["scores"][name], name
     assert set(zero["scores"]["ref_loss"]["member_test"]) == {0.0}
+
+
+def test_captions_are_encoded_as_each_lora_was_trained(env, tmp_path, monkeypatch):
+    import privlora.models.loading as loading
+
+    lora = make_lora(Path(env["model"]), tmp_path / "long.safetensors", zero=True,
+                     hyperparameters={"max_token_length": 225, "clip_skip": 2})
+    calls = []
+    encode = loading.encode_prompt
+
+    def spy(base, captions, clip_skip=None, max_token_length=None):
+        out = encode(base, captions, clip_skip=clip_skip, max_token_length=max_token_length)
+        calls.append((clip_skip, max_token_length, out.shape[1]))
+        return out
+
+    monkeypatch.setattr(loading, "encode_prompt", spy)
+    long = run_audit(config(env, tmp_path / "a", loras=[str(lora)], include_base=True, attacks=["loss"]), log=quiet)
+    assert set(calls) == {(2, 225, 3 * 30 + 2)}  # every caption, base model included: 3 windows of 30 + 2
+    calls.clear()
+    one = run_audit(config(env, tmp_path / "b", loras=[str(lora)], include_base=True, attacks=["loss"],
+                           max_token_length=75), log=quiet)
+    assert set(calls) == {(2, None, 32)}
+    base, zero = long["models"]
+    assert zero["text_encoding"] == {"clip_skip": 2, "max_token_length": 225,
+                                     "from": "clip_skip: LoRA metadata; max_token_length: LoRA metadata"}
+    assert base["text_encoding"]["max_token_length"] == 225 and base["text_encoding"]["from"].startswith("as every")
+    assert base["scores"] == zero["scores"]  # a zero LoRA is the base model under the same encoding
+    assert zero["scores"] != one["models"][1]["scores"]
+
+
+def save_attacker_beside(lora: Path, suffix: str = "attacker") -> Path:
+    """A known proxy attacker for 4×4 loss maps, saved as privlora train saves one."""
+    from privlora.io import save_safetensors
+    from privlora.objectives.attacker import LossMapAttacker
+
+    torch.manual_seed(3)
+    net = LossMapAttacker(channels=4, pool=4, hidden=[16], dropout=0.5)
+    return save_safetensors(lora.with_name(f"{lora.stem}.{suffix}.safetensors"), net.state_dict(),
+                            metadata={"privlora_module": "attacker", "channels": "4", "pool": "4", "hidden": "[16]",
+                                      "dropout": "0.5", "attacker_input": "loss_map"})
+
+
+@pytest.fixture(scope="module")
+def mp_lora(env):
+    lora = make_lora(Path(env["model"]), env["root"] / "mp.safetensors",
+                     hyperparameters={"method": "mp_lora", "adv_step": "reference"})
+    save_attacker_beside(lora)
+    save_attacker_beside(lora, "attacker_best")
+    return lora
+
+
+def test_proxy_scores_with_the_attacker_beside_the_lora_and_is_skipped_elsewhere(env, mp_lora, tmp_path, monkeypatch):
+    from privlora.attacks.proxy import ProxyAttack
+    from privlora.objectives.attacker import LossMapAttacker
+
+    seen, fits = [], []
+    forward = LossMapAttacker.forward
+
+    def spy(self, maps):
+        seen.append((self.training, torch.is_grad_enabled(), any(p.requires_grad for p in self.parameters())))
+        return forward(self, maps)
+
+    monkeypatch.setattr(LossMapAttacker, "forward", spy)
+    monkeypatch.setattr(ProxyAttack, "fit", lambda self, *a: fits.append(a))
+    out = tmp_path / "r"
+    report = run_audit(config(env, out, loras=[str(mp_lora), str(env["loras"]["zero"])], include_base=True,
+                              attacks=["loss", "proxy"]), log=quiet)
+    assert seen and set(seen) == {(False, False, False)} and not fits  # eval mode, no gradient, nothing fitted
+    assert report["data"]["used"] == {"member_test": 6, "nonmember_test": 6}  # no aux sample is even encoded
+    base, mp, zero = report["models"]
+    for m in (base, zero):
+        assert set(m["results"]) == set(m["scores"]) == {"loss"} and set(m["dp_bound"]["per_attack"]) == {"loss"}
+    assert base["skipped"] == {"proxy": "the base model has no co-trained attacker"}
+    assert zero["skipped"]["proxy"].startswith("no zero.attacker.safetensors beside the LoRA")
+    proxy = mp["results"]["proxy"]
+    members, others = (mp["scores"]["proxy"][r] for r in ("member_test", "nonmember_test"))
+    assert all(0 <= p <= 1 for p in members + others) and mp["skipped"] == {}
+    assert proxy["decision_accuracy"] == (sum(p > 0.5 for p in members) + sum(p <= 0.5 for p in others)) / 12
+    assert proxy["details"]["held_out"] and proxy["details"]["attacker_file"] == "mp.attacker.safetensors"
+    assert set(mp["dp_bound"]["per_attack"]) == {"loss", "proxy"}
+    md = (out / "report.md").read_text()
+    assert "| proxy | 1 | — | " in md and "- proxy: not run on this model — the base model has no co-trained attacker" in md
+    assert f"- proxy (`mp.attacker.safetensors`): the paper's ASR: accuracy of the attacker's own decision, " \
+           f"P(member) > 0.5: {proxy['decision_accuracy']:.3f}" in md
+    assert all((out / png).read_bytes()[:4] == b"\x89PNG" for png in ("roc.png", "scores.png"))
+
+
+def test_cli_proxy_with_the_best_attacker_is_marked_not_held_out(env, mp_lora, tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = main(["audit", "--pretrained_model_name_or_path", env["model"], "--splits", str(env["manifest"]),
+                 "--out", str(out), "--lora", str(mp_lora), "--attacks", "loss,proxy", "--proxy_attacker", "best",
+                 "--n_bootstrap", "20"])
+    assert code == 0 and "mp: proxy AUC" in capsys.readouterr().out
+    [mp] = json.loads((out / "report.json").read_text())["models"]
+    proxy = mp["results"]["proxy"]
+    assert proxy["details"]["attacker_file"] == "mp.attacker_best.safetensors" and not proxy["details"]["held_out"]
+    assert any("not a held-out measurement" in n for n in proxy["notes"])
+    assert set(mp["dp_bound"]["per_attack"]) == {"loss"}
 
 
 def test_no_test_sample_ever_reaches_fitting(env, tmp_path, monkeypatch):
@@ -240,8 +341,19 @@ def unknown_attack(env, tmp):
     return {"attacks": ["loss", "lira"]}, "unknown attack 'lira'"
 
 
+def bad_attacker_file(env, tmp):
+    lora = Path(shutil.copy(env["loras"]["zero"], tmp / "mp.safetensors"))
+    (tmp / "mp.attacker.safetensors").write_bytes(b"not a safetensors file")
+    return {"loras": [str(lora)], "attacks": ["loss", "proxy"]}, "mp.attacker.safetensors: not a readable"
+
+
+def bad_max_token_length(env, tmp):
+    return {"max_token_length": 100}, "--max_token_length 100 is not 75, 150 or 225"
+
+
 @pytest.mark.parametrize("case", [bad_hash, missing_image, empty_role, missing_manifest, lora_for_wider_base,
-                                  lora_with_unknown_modules, missing_lora, pickle_lora, not_a_lora, unknown_attack])
+                                  lora_with_unknown_modules, missing_lora, pickle_lora, not_a_lora, unknown_attack,
+                                  bad_attacker_file, bad_max_token_length])
 def test_bad_input_is_one_clear_error_and_writes_nothing(env, tmp_path, case):
     overrides, message = case(env, tmp_path)
     out = tmp_path / "out"

@@ -155,3 +155,37 @@ def test_encode_long_applies_clip_skip_per_window(tiny):
         skip1 = encode_long(tiny, [LONG], 150, None)
         skip2 = encode_long(tiny, [LONG], 150, 2)
     assert skip1.shape == skip2.shape == (1, 62, skip1.shape[-1]) and not torch.allclose(skip1, skip2)
+
+
+# --- the audit and sampling encode captions as the LoRA was trained ---------------------------------------
+
+from privlora.captions import TextEncoding, text_encoding  # noqa: E402
+
+
+def test_text_encoding_comes_from_the_flags_else_the_lora_metadata_else_one_window():
+    trained = {"max_token_length": 225, "clip_skip": 2}
+    assert text_encoding(trained, None, None, "a.safetensors") == TextEncoding(2, 225)
+    assert text_encoding(trained, None, 75, "a.safetensors") == TextEncoding(2, None)  # 75 = one window
+    assert text_encoding(trained, 1, 150, "a.safetensors") == TextEncoding(None, 150)
+    assert text_encoding({}, None, None, "a.safetensors") == TextEncoding()
+    assert text_encoding(trained, None, 75, "a").origin == "clip_skip: LoRA metadata; max_token_length: --max_token_length"
+    from privlora.errors import PrivloraError
+
+    with pytest.raises(PrivloraError, match=r"^a.safetensors: its metadata says max_token_length 100"):
+        text_encoding({"max_token_length": 100}, None, None, "a.safetensors")
+
+
+@torch.no_grad()
+def test_an_audit_target_encodes_a_long_caption_in_225_token_windows(tiny):
+    from privlora.attacks import Batch, Query, Target
+
+    caption = LONG + " red cat"
+    targets = {n: Target(n, tiny.unet, tiny.noise_scheduler, lambda c, e=TextEncoding(2, n): e.encode(tiny, c))
+               for n in (None, 225)}
+    plain, long = targets[None].embed([caption]), targets[225].embed([caption])
+    assert plain.shape == (1, 32, plain.shape[-1]) and long.shape == (1, 3 * 30 + 2, plain.shape[-1])
+    torch.testing.assert_close(long[:, :31], plain[:, :31])  # BOS + the first window: the same computation
+    batch = Batch(["k"], [Path("/x.png")], ["member_test"], [caption],
+                  torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)))
+    maps = {n: t.loss_maps(batch, [Query(500)]) for n, t in targets.items()}
+    assert not torch.allclose(maps[None], maps[225])  # the tail of the caption reaches the UNet

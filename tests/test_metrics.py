@@ -96,3 +96,11 @@ def test_tpr_at_5pct_fpr_matches_a_hand_computed_roc():
     # Between ROC points: FPR 0.075 lies halfway from (.05,.25) to (.10,.25) — flat, still 0.25.
     fpr, tpr, _ = metrics.roc(member, nonmember)
     assert metrics.tpr_at_fpr(fpr, tpr, 0.075) == pytest.approx(0.25)
+
+
+def test_decision_accuracy_is_the_fixed_rule_score_above_threshold():
+    member, nonmember = np.array([0.9, 0.5, 0.7]), np.array([0.5, 0.2, 0.6, 0.1])
+    assert metrics.decision_accuracy(member, nonmember, 0.5) == pytest.approx((2 + 3) / 7)  # 0.5 is not > 0.5
+    result = metrics.evaluate(member, nonmember, seed=0, n_bootstrap=0, threshold=0.5)
+    assert result["decision_accuracy"] == pytest.approx(5 / 7) and result["asr"] >= result["decision_accuracy"]
+    assert "decision_accuracy" not in metrics.evaluate(member, nonmember, seed=0, n_bootstrap=0)

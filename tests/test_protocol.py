@@ -47,3 +47,20 @@ def test_frontier_verdict_treats_noise_level_differences_as_a_tie():
     assert frontier_verdict(0.5835, 0.584) == "on"  # a 0.0005 AUC "win" is not beating the baseline
     assert frontier_verdict(0.55, 0.584) == "above"
     assert frontier_verdict(0.62, 0.584) == "below"
+
+
+def test_model_row_ranks_only_the_held_out_attacks_run_on_that_model():
+    from privlora.protocol import model_row
+
+    def result(auc, held_out=None):
+        r = {"auc": auc, "tpr_at_1pct_fpr": auc / 10}
+        return r if held_out is None else {**r, "details": {"held_out": held_out}}
+
+    base = {"name": "base", "results": {"loss": result(0.5)}, "scores": {"loss": {"nonmember_test": [-0.2, -0.4]}},
+            "skipped": {"proxy": "the base model has no co-trained attacker"}}
+    assert model_row(base, {})["best_attack"] == "loss" and model_row(base, {})["heldout_loss"] == pytest.approx(0.3)
+    mp = {"name": "mp", "results": {"loss": result(0.6), "proxy": result(0.9, held_out=False),
+                                    "pia": result(0.7, held_out=True)}, "scores": {}}
+    row = model_row(mp, {})
+    assert (row["best_attack"], row["best_auc"], row["best_tpr_at_1pct_fpr"]) == ("pia", 0.7, pytest.approx(0.07))
+    assert set(row["auc"]) == {"loss", "pia"}

@@ -200,3 +200,36 @@ def test_sample_during_training_matches_the_saved_lora(model, lora, tmp_path):
     for i in range(2):  # in-memory peft LoRA and diffusers' load of the saved file agree (up to rounding)
         in_memory = pixels(tmp_path / "run" / "samples", f"e0003_{i}.png")
         assert np.abs(in_memory - pixels(tmp_path / "file", f"{i:05d}.png")).max() <= 2
+
+
+def test_prompts_are_encoded_as_the_lora_was_trained(model, tmp_path):
+    meta = {"privlora_hyperparameters": json.dumps({"max_token_length": 225, "clip_skip": 2})}
+    long_lora = save_kohya(tmp_path / "long.safetensors", _adapted(model).unet, metadata=meta)
+    prompt = "a red circle " * 12  # past the tiny tokenizer's 30-token window
+    sample(str(model), tmp_path / "meta", prompt=prompt, lora=long_lora, **FAST)
+    sample(str(model), tmp_path / "one", prompt=prompt, lora=long_lora, max_token_length=75, **FAST)
+    sample(str(model), tmp_path / "plain", prompt=prompt, lora=long_lora, max_token_length=75, clip_skip=1, **FAST)
+    jobs = {d: json.loads((tmp_path / d / "settings.json").read_text())["images"][0] for d in ("meta", "one", "plain")}
+    assert (jobs["meta"]["max_token_length"], jobs["meta"]["clip_skip"]) == (225, 2)
+    assert (jobs["one"]["max_token_length"], jobs["one"]["clip_skip"]) == (None, 2)
+    assert (jobs["plain"]["max_token_length"], jobs["plain"]["clip_skip"]) == (None, None)
+    assert np.abs(pixels(tmp_path / "meta") - pixels(tmp_path / "one")).max() > 0
+    with pytest.raises(PrivloraError, match="--max_token_length 100"):
+        sample(str(model), tmp_path / "bad", prompt=prompt, max_token_length=100)
+
+
+@torch.no_grad()
+def test_long_prompt_embeddings_are_the_training_encoding(model):
+    from privlora.captions import TextEncoding
+    from privlora.models.loading import encode_prompt
+    from privlora.sample import plan_jobs, prompt_embeds
+
+    base = load_base(str(model))
+    pipe = build_pipeline(base.unet, base.vae, base.text_encoder, base.tokenizer, base.noise_scheduler.config)
+    [job] = plan_jobs([parse_prompt_line("a red circle " * 12)], 1, seed=0, steps=1, guidance=5.0, sampler="ddim",
+                      width=32, height=32, negative_prompt="blue", encoding=TextEncoding(2, 225))
+    got = prompt_embeds(pipe, job)
+    want = encode_prompt(base, [job.prompt, "blue"], clip_skip=2, max_token_length=225)
+    torch.testing.assert_close(got["prompt_embeds"], want[:1])
+    torch.testing.assert_close(got["negative_prompt_embeds"], want[1:])
+    assert want.shape[1] == 3 * 30 + 2

@@ -205,3 +205,42 @@ def test_hessian_estimate_is_logged_on_schedule_and_leaves_the_run_unchanged(mod
     assert all(h["hessian_top_eig"] == h["hessian_top_eig"] and h["hessian_top_eig"] != 0 for h in history["hessian"])
     with safe_open(str(plain), "pt") as fa, safe_open(str(probed), "pt") as fb:
         assert all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys())
+
+
+def test_history_has_per_evaluation_means_of_the_per_step_logs(model, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(model, tmp_path / "r", method="smp_lora", max_train_epochs=4, eval_every_n_epochs=2, log_every_n_steps=1)
+    history = json.loads((tmp_path / "r" / "history.json").read_text())["epochs"]
+    events = EventAccumulator(str(next((tmp_path / "r" / "logs").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    start = 0
+    for record in history:  # every step of the period (start, record["step"]], as TensorBoard logged it
+        for key in ("L_ada", "L_adv", "attacker_loss", "grad_norm"):
+            steps = [e for e in events.Scalars(f"train/{key}") if start < e.step <= record["step"]]
+            assert len(steps) == record["step"] - start > 1
+            assert record[f"{key}_mean"] == pytest.approx(sum(e.value for e in steps) / len(steps), rel=1e-5)
+            assert record[key] == pytest.approx(steps[-1].value, rel=1e-5)  # the last step's value is kept
+        norms = [e.value for e in events.Scalars("train/grad_norm") if start < e.step <= record["step"]]
+        assert record["grad_norm_max"] == pytest.approx(max(norms), rel=1e-5)
+        assert "lr_mean" not in record
+        start = record["step"]
+
+
+@pytest.mark.slow
+def test_the_saved_attackers_load_into_the_audits_proxy_attack(model, tmp_path):
+    from privlora.audit import AuditConfig, run_audit
+
+    path = run(model, tmp_path / "r", method="mp_lora", adv_step="reference", attacker_input="calibrated",
+               max_train_epochs=2, max_token_length=150, clip_skip=2)
+    for which, file in (("final", "attacker"), ("best", "attacker_best")):
+        report = run_audit(AuditConfig(splits=str(tmp_path / "r" / "splits.json"), out=str(tmp_path / which),
+                                       pretrained_model_name_or_path=model, loras=[str(path)], attacks=["loss", "proxy"],
+                                       n_bootstrap=0, attack_params={"proxy": {"attacker": which}}), log=lambda _: None)
+        [lora] = report["models"]
+        details = lora["results"]["proxy"]["details"]
+        assert details["attacker_file"] == f"{path.stem}.{file}.safetensors" and details["attacker_input"] == "calibrated"
+        assert details["held_out"] is (which == "final")
+        assert lora["text_encoding"] == {"clip_skip": 2, "max_token_length": 150,
+                                         "from": "clip_skip: LoRA metadata; max_token_length: LoRA metadata"}
+        assert 0 <= lora["results"]["proxy"]["decision_accuracy"] <= 1

@@ -13,15 +13,17 @@ from privlora.attacks.clid import ClidAttack
 from privlora.attacks.loss import LossAttack
 from privlora.attacks.mlp import MlpAttack
 from privlora.attacks.pia import PIAAttack
+from privlora.attacks.proxy import ProxyAttack
 from privlora.attacks.ref_loss import RefLossAttack
 from privlora.attacks.secmi import SecMIAttack
 from privlora.attacks.target import Target
 from privlora.errors import PrivloraError
 
 ATTACKS: dict[str, type[Attack]] = {
-    cls.name: cls for cls in (LossAttack, RefLossAttack, MlpAttack, SecMIAttack, PIAAttack, ClidAttack)
+    cls.name: cls for cls in (LossAttack, RefLossAttack, MlpAttack, SecMIAttack, PIAAttack, ClidAttack, ProxyAttack)
 }
-DEFAULT_ATTACKS = tuple(ATTACKS)
+# proxy is opt-in: it applies only to MP-/SMP-LoRA files, and only reference-step runs give a held-out number
+DEFAULT_ATTACKS = tuple(n for n in ATTACKS if n != "proxy")
 
 
 def parse_attack_names(text: str | list[str] | tuple[str, ...]) -> list[str]:

@@ -50,6 +50,8 @@ class Attack(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]  # one line for the report: what the score is
     fits: ClassVar[bool] = False  # True: needs fit() on the aux roles before score()
+    decision_threshold: ClassVar[float | None] = None  # the attack's own rule "member if score > τ", if it has one
+    decision_label: ClassVar[str] = "accuracy of its own decision"  # what the report calls that rule's accuracy
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
@@ -66,6 +68,16 @@ class Attack(ABC):
     @abstractmethod
     def queries_per_sample(self) -> int:
         """UNet evaluations one sample costs this attack (before any sharing between attacks)."""
+
+    def prepare(self, model) -> str | None:
+        """Per-model setup before fit/score. Returns None, or one line saying why this attack does not apply to
+        this model (it is then skipped for it, and the report says why). Raise PrivloraError for bad input."""
+        return None
+
+    def details(self) -> dict[str, Any]:
+        """What the report should know about this attack on this model (after prepare). ``held_out: False``: the
+        attack was trained on the test samples with their labels, so its test scores are not a held-out measurement."""
+        return {}
 
     def fit(self, model, member: list[Batch], nonmember: list[Batch]) -> dict[str, Any]:
         """Learn from auxiliary members / non-members; returns a summary for the report."""

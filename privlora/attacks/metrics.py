@@ -88,12 +88,22 @@ def sanitize(scores: np.ndarray) -> tuple[np.ndarray, int]:
     return scores, int(bad.sum())
 
 
-def evaluate(member, nonmember, *, seed: int, n_bootstrap: int = 1000) -> dict[str, Any]:
-    """Every metric, its bootstrap interval, and notes on anything that limits it."""
+def decision_accuracy(member: np.ndarray, nonmember: np.ndarray, threshold: float) -> float:
+    """Accuracy of a fixed rule "member if score > threshold" (an attacker's own decision, e.g. argmax)."""
+    correct = np.count_nonzero(member > threshold) + np.count_nonzero(nonmember <= threshold)
+    return correct / (len(member) + len(nonmember))
+
+
+def evaluate(member, nonmember, *, seed: int, n_bootstrap: int = 1000,
+             threshold: float | None = None) -> dict[str, Any]:
+    """Every metric, its bootstrap interval, and notes on anything that limits it; with ``threshold``, also the
+    accuracy of the attack's own decision rule (``decision_accuracy``)."""
     both, bad = sanitize(np.concatenate([np.asarray(member, float), np.asarray(nonmember, float)]))
     member, nonmember = both[:len(member)], both[len(member):]
     result: dict[str, Any] = {"n_member": len(member), "n_nonmember": len(nonmember)}
     result.update(point_metrics(member, nonmember))
+    if threshold is not None:
+        result["decision_accuracy"] = decision_accuracy(member, nonmember, threshold)
     if n_bootstrap:
         result["ci95"] = bootstrap(member, nonmember, n_bootstrap, seed)
     notes = small_set_notes(len(nonmember))

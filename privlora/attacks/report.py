@@ -39,7 +39,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def _dp_bounds(report: dict[str, Any]) -> list[str]:
     """Empirical ε lower bounds (95 % confidence) and, for DP-LoRA files, whether the claim holds."""
-    models = [m for m in report["models"] if "dp_bound" in m]
+    models = [m for m in report["models"] if m.get("dp_bound")]
     if not models:
         return []
     lines = ["## Differential privacy: what the attacks prove", "",
@@ -80,9 +80,11 @@ def _comparison(report: dict[str, Any]) -> list[str]:
         lines.append("| attack | queries/sample | " + " | ".join(f"`{m['name']}`" for m in models) + " |")
         lines.append("|---|---:|" + "---:|" * len(models))
         for name, spec in report["attacks"].items():
-            cells = [_cell(m["results"][name], metric) for m in models]
+            cells = [_cell(m["results"][name], metric) if name in m["results"] else "—" for m in models]
             lines.append(f"| {name} | {spec['queries_per_sample']} | " + " | ".join(cells) + " |")
         lines.append("")
+    if any(m.get("skipped") for m in models):
+        lines += ["— : the attack does not apply to that model (its section says why).", ""]
     return lines
 
 
@@ -100,7 +102,18 @@ def _model_table(report: dict[str, Any], model: dict[str, Any]) -> list[str]:
         notes += [n for n in result.get("notes", []) if n not in notes]
     lines.append("")
     lines += [f"† {n}" for n in notes]
+    lines += [_decision_line(report, name, r) for name, r in model["results"].items() if "decision_accuracy" in r]
+    lines += [f"- {name}: not run on this model — {reason}" for name, reason in model.get("skipped", {}).items()]
     return lines + [""]
+
+
+def _decision_line(report: dict[str, Any], name: str, result: dict[str, Any]) -> str:
+    details = result.get("details") or {}
+    where = f" (`{details['attacker_file']}`)" if "attacker_file" in details else ""
+    line = f"- {name}{where}: {report['attacks'][name]['decision']['label']}: {result['decision_accuracy']:.3f}"
+    if details.get("held_out") is False:
+        line += " — not held out, see †"
+    return line
 
 
 def _fmt(value: Any) -> str:
@@ -155,18 +168,25 @@ def roc_png(scores: dict[str, dict[str, dict[str, np.ndarray]]], results: dict[s
     return _png(fig)
 
 
-def scores_png(scores: dict[str, dict[str, dict[str, np.ndarray]]]) -> bytes:
-    """Member vs non-member score histograms: one row per model, one column per attack."""
+def scores_png(scores: dict[str, dict[str, dict[str, np.ndarray]]],
+               skipped: dict[str, dict[str, str]] | None = None) -> bytes:
+    """Member vs non-member score histograms: one row per model, one column per attack (blank where an attack
+    does not apply to a model)."""
     from matplotlib.figure import Figure
 
     models = list(scores)
-    attacks = list(next(iter(scores.values())))
+    attacks = list(dict.fromkeys(a for m in models for a in [*scores[m], *(skipped or {}).get(m, {})]))
     fig = Figure(figsize=(3.0 * len(attacks), 2.4 * len(models)))
     fig.subplots_adjust(left=0.05, right=0.98, bottom=0.08, top=0.9, wspace=0.3, hspace=0.5)
     axes = fig.subplots(len(models), len(attacks), squeeze=False)
     for r, model in enumerate(models):
         for c, attack in enumerate(attacks):
-            ax, s = axes[r][c], scores[model][attack]
+            ax = axes[r][c]
+            if attack not in scores[model]:
+                ax.set_axis_off()
+                ax.set_title(f"{model}: {attack} (not run)", fontsize=8)
+                continue
+            s = scores[model][attack]
             both = np.concatenate([s["member_test"], s["nonmember_test"]])
             bins = np.histogram_bin_edges(both, bins=30) if np.ptp(both) > 0 else 3
             ax.hist(s["nonmember_test"], bins=bins, alpha=0.55, label="non-member")

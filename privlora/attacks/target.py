@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,8 +54,10 @@ class Target:
         device: str | torch.device = "cpu",
         activate: Callable[[], None] | None = None,
         reference: "Target | None" = None,
+        source: Path | None = None,
     ):
         self.name, self.unet, self.scheduler = name, unet, scheduler
+        self.source = source  # the audited LoRA file; None for the base model
         self.seed, self.batch_size, self.device = seed, batch_size, torch.device(device)
         self.prediction_type = scheduler.config.prediction_type
         self.num_train_timesteps = scheduler.config.num_train_timesteps
@@ -92,14 +95,21 @@ class Target:
 
     def loss_maps(self, batch: Batch, queries: list[Query]) -> torch.Tensor:
         """Per-element training loss (ε or v target) of each sample under each query: (B, Q, C, H, W), cached."""
-        ids = [(k, cap, q) for k, cap in zip(batch.keys, batch.captions) for q in queries]
+        return self.sample_loss_maps(batch, [queries] * len(batch))
+
+    def sample_loss_maps(self, batch: Batch, queries: list[list[Query]]) -> torch.Tensor:
+        """As ``loss_maps``, with each sample's own queries (the same number for every sample)."""
+        per = len(queries[0]) if queries else 0
+        if any(len(qs) != per for qs in queries):
+            raise ValueError("sample_loss_maps: every sample needs the same number of queries")
+        ids = [(k, cap, q) for k, cap, qs in zip(batch.keys, batch.captions, queries) for q in qs]
         rows = [(i, q) for i, (k, cap, q) in enumerate(ids) if (k, cap, q) not in self._maps]
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start:start + self.batch_size]
-            maps = self._run_loss_maps(batch, [(i // len(queries), q) for i, q in chunk])
+            maps = self._run_loss_maps(batch, [(i // per, q) for i, q in chunk])
             self._maps.update((ids[i], m) for (i, _), m in zip(chunk, maps))
         out = torch.stack([self._maps[i] for i in ids])
-        return out.reshape(len(batch), len(queries), *out.shape[1:])
+        return out.reshape(len(batch), per, *out.shape[1:])
 
     def _run_loss_maps(self, batch: Batch, rows: list[tuple[int, Query]]) -> torch.Tensor:
         shape = tuple(batch.latents.shape[1:])
