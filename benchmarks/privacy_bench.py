@@ -66,7 +66,8 @@ def settings(args: argparse.Namespace, adv_step: str | None) -> ProtocolSettings
                  "smp_lora": {"privacy_alpha": args.smp_alpha, "privacy_beta": args.smp_beta}}
     for method in ("mp_lora", "smp_lora"):
         shared = {"attacker_lr": args.attacker_lr, "k_steps": args.k_steps, "adv_step": adv_step,
-                  "attacker_input": args.attacker_input, "attacker_dropout_in_adv": args.attacker_dropout_in_adv or None}
+                  "attacker_input": args.attacker_input,
+                  "attacker_dropout_in_adv": args.attacker_dropout_in_adv or None}
         s.method_overrides[method].update({k: v for k, v in {**overrides[method], **shared}.items() if v is not None})
     if args.defences:
         unknown = set(args.defences) - set(s.method_overrides)

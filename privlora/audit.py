@@ -15,9 +15,10 @@ import re
 import time
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -95,7 +96,8 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
         log("UNet queries per sample: " + ", ".join(f"{a.name} {a.queries_per_sample()}" for a in attacks)
             + " (loss, ref_loss and mlp share theirs; ref_loss's base half is run once per audit)")
         scores, fits, timing = run_attacks(models, targets, names, cfg, batches)
-        queries_run = sum(t.unet_queries for t in {id(t): t for x in targets.values() for t in (x, x.reference)}.values())
+        distinct = {id(t): t for x in targets.values() for t in (x, x.reference)}
+        queries_run = sum(t.unet_queries for t in distinct.values())
 
     results = {m.name: {a: _metrics(scores[m.name][a], fits[m.name][a], cfg, m.name, a) for a in names}
                for m in models}
@@ -139,7 +141,8 @@ def _check_lora_file(path: Path) -> Path:
     if not path.is_file():
         raise PrivloraError(f"{path}: LoRA file not found")
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise PrivloraError(f"{path}: pickle-based LoRA refused (arbitrary code execution risk); convert it to .safetensors")
+        raise PrivloraError(f"{path}: pickle-based LoRA refused (arbitrary code execution risk); convert it to "
+                            ".safetensors")
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
@@ -162,7 +165,8 @@ _LORA_DOWN = re.compile(r"^(.+?)\.(lora_down|lora_A|lora\.down|lora_linear_layer
 
 
 def lora_module_names(keys: list[str]) -> set[str]:
-    """The adapted modules a LoRA file names (kohya ``lora_unet_x.lora_down.weight`` or peft ``unet.x.lora_A.weight``)."""
+    """The adapted modules a LoRA file names (kohya ``lora_unet_x.lora_down.weight`` or peft
+    ``unet.x.lora_A.weight``)."""
     return {m.group(1) for k in keys if (m := _LORA_DOWN.match(k))}
 
 
@@ -312,7 +316,8 @@ def _targets(base, models: list[_Model], switch: AdapterSwitch, cfg: AuditConfig
 # ------------------------------------------------------------------------------------------------ data
 
 
-def select_samples(splits: Splits, roles: tuple[str, ...], max_samples: int | None, seed: int) -> dict[str, list[Example]]:
+def select_samples(splits: Splits, roles: tuple[str, ...], max_samples: int | None,
+                   seed: int) -> dict[str, list[Example]]:
     """Each role's examples, or a seeded subset of ``max_samples`` of them (kept in manifest order)."""
     chosen = {}
     for role in roles:
@@ -364,7 +369,8 @@ def run_attacks(models: list[_Model], targets: dict[str, Target], names: list[st
                 bar.set_description(f"{model.name}: {attack.name}")
                 before, ref_before, t0 = target.unet_queries, target.reference.unet_queries, time.time()
                 fits[model.name][attack.name] = _fit(attack, target, batches, bar, n_aux)
-                scores[model.name][attack.name] = {role: _score(attack, target, batches[role], bar) for role in TEST_ROLES}
+                scores[model.name][attack.name] = {role: _score(attack, target, batches[role], bar)
+                                                    for role in TEST_ROLES}
                 ran = target.unet_queries - before
                 if target.reference is not target:
                     ran += target.reference.unet_queries - ref_before
@@ -409,7 +415,7 @@ def build_report(cfg: AuditConfig, base, splits: Splits, chosen: dict, models: l
                       "fits_on": list(AUX_ROLES) if a.fits else None} for a in attacks}
     return {
         "privlora_audit": 1,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "seed": cfg.seed,
         "base_model": {"name": base.name, "sha256": base.sha256, "source_kind": base.source_kind,
                        "prediction_type": base.prediction_type,

@@ -109,7 +109,8 @@ def quiet_libraries() -> None:
 def _audit(args: argparse.Namespace, overrides: dict) -> int:
     from privlora.audit import AuditConfig, run_audit
 
-    cfg = AuditConfig(splits=args.splits, out=args.out, pretrained_model_name_or_path=args.pretrained_model_name_or_path,
+    cfg = AuditConfig(splits=args.splits, out=args.out,
+                      pretrained_model_name_or_path=args.pretrained_model_name_or_path,
                       loras=args.lora, attacks=args.attacks, include_base=args.include_base, seed=args.seed,
                       resolution=args.resolution, batch_size=args.batch_size, max_samples=args.max_samples,
                       n_bootstrap=args.n_bootstrap, config_dir=args.config_dir, clip_skip=args.clip_skip,

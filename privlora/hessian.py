@@ -6,7 +6,7 @@ of largest magnitude, so a strongly negative-curved loss can report a negative v
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -1,7 +1,8 @@
 """The miniature privacy benchmark behind ``privlora demo`` and ``benchmarks/privacy_bench.py``.
 
 One generated private dataset and split; plain LoRA and each defence (MP-LoRA, SMP-LoRA, DP-LoRA at two privacy
-levels: the runs of ``method_overrides``) trained with the same seed, split and epochs; plain LoRA's intermediate checkpoints (and the base model itself) as the "train less" baseline;
+levels: the runs of ``method_overrides``) trained with the same seed, split and epochs; plain LoRA's intermediate
+checkpoints (and the base model itself) as the "train less" baseline;
 every model audited with every attack on the same queries; utility as the held-out denoising loss on
 nonmember_test (from the audit's ``loss`` attack, identical queries for every model) and a proxy FID of
 generated samples against the nonmember_test images.
@@ -106,7 +107,8 @@ def train_method(s: ProtocolSettings, name: str, data: Path, out: Path, log) -> 
         started = time.time()
         train(build_config(None, overrides))
         write_json(out / "train_time.json", {"seconds": time.time() - started})
-    budget_files = [(f, out / f"{name}-e{round(f * s.epochs):04d}.safetensors") for f in s.budgets] if save_every else []
+    budget_files = ([(f, out / f"{name}-e{round(f * s.epochs):04d}.safetensors") for f in s.budgets]
+                    if save_every else [])
     return {"lora": final, "splits": out / "splits.json", "history": json.loads((out / "history.json").read_text()),
             "seconds": json.loads((out / "train_time.json").read_text())["seconds"], "budget_files": budget_files}
 
@@ -209,7 +211,7 @@ def frontier_auc(points: list[tuple[float, float]], loss: float) -> float:
     AUC among them, with straight lines between neighbouring points; ``inf`` where no point is that useful.
     """
     pts = sorted(points)
-    best = min((auc for l, auc in pts if l <= loss), default=float("inf"))
+    best = min((auc for lo, auc in pts if lo <= loss), default=float("inf"))
     for (l0, a0), (l1, a1) in zip(pts, pts[1:]):
         if l0 < loss < l1:
             best = min(best, a0 + (a1 - a0) * (loss - l0) / (l1 - l0))
@@ -237,7 +239,8 @@ def machine() -> str:
 
     import torch
 
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
 
 
 def format_table(table: dict) -> str:

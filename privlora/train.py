@@ -29,7 +29,8 @@ from privlora.errors import PrivloraError
 from privlora.io import save_safetensors, write_json
 from privlora.models.clip_layout import standard_name
 from privlora.models.loading import is_sd2, load_base
-from privlora.models.lora import LoraSpec, add_lora, save_diffusers, save_kohya, text_encoder_lora_config, unet_lora_config
+from privlora.models.lora import (LoraSpec, add_lora, save_diffusers, save_kohya, text_encoder_lora_config,
+                                  unet_lora_config)
 from privlora.objectives import BuildContext, build_objective
 
 EVAL_ROLES = ("member_aux", "nonmember_aux", "member_test", "nonmember_test")
@@ -159,7 +160,8 @@ def evaluate_and_log(run, progress: Progress, logs: dict, bar) -> None:
     cfg, acc = run.cfg, run.accelerator
     run.unet.eval()
     with captions_fixed(run.denoiser):
-        record = evaluate_epoch(progress.epoch, progress.step, run.probe, run.denoiser, run.objective, run.base_maps, logs)
+        record = evaluate_epoch(progress.epoch, progress.step, run.probe, run.denoiser, run.objective, run.base_maps,
+                                logs)
         record.update(evaluate_attacker(run.objective, run.attacker_roles or {}, run.denoiser,
                                         cfg.seed + 7 + progress.step))
     run.unet.train()
@@ -195,7 +197,7 @@ class Run:
     aux: dict  # role -> CountingIterator over the attacker's aux batches
     objective: object
     denoiser: Denoiser
-    probe: "FixedNoiseProbe"
+    probe: FixedNoiseProbe
     base_maps: dict  # fixed-noise loss maps of the base model, per role
     base_losses: dict
     metadata: dict
@@ -288,7 +290,8 @@ def inject_lora(cfg: TrainConfig, base, device) -> tuple[list, list[dict]]:
     spec = LoraSpec(cfg.network_dim, cfg.network_alpha, cfg.conv_dim, cfg.conv_alpha, cfg.network_dropout)
     groups = [{"params": add_lora(base.unet, unet_lora_config(spec, base.unet)), "lr": cfg.unet_lr}]
     if cfg.train_text_encoder:
-        groups.append({"params": add_lora(base.text_encoder, text_encoder_lora_config(spec)), "lr": cfg.text_encoder_lr})
+        groups.append({"params": add_lora(base.text_encoder, text_encoder_lora_config(spec)),
+                       "lr": cfg.text_encoder_lr})
     for group in groups:
         for p in group["params"]:
             p.data = p.data.float()
@@ -308,7 +311,8 @@ def average_gradients(accelerator, params) -> None:
 def check_output_dir(cfg: TrainConfig, out: Path) -> None:
     final = out / f"{cfg.output_name}.safetensors"
     if final.exists() and not (cfg.overwrite or cfg.resume):
-        raise PrivloraError(f"{final}: a finished run is already there; pass --overwrite or choose another --output_dir")
+        raise PrivloraError(f"{final}: a finished run is already there; "
+                            "pass --overwrite or choose another --output_dir")
 
 
 class CountingIterator:
@@ -384,7 +388,8 @@ def lora_hessian_top_eig(run) -> float:
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
         # the math attention kernel: the fused ones have no double backward
-        with torch.random.fork_rng(devices=devices), sdpa_kernel(SDPBackend.MATH), captions_fixed(run.denoiser):  # fork: LoRA dropout's RNG
+        # fork: LoRA dropout's RNG
+        with torch.random.fork_rng(devices=devices), sdpa_kernel(SDPBackend.MATH), captions_fixed(run.denoiser):
             torch.manual_seed(run.cfg.seed + 10)
             return top_eigenvalue(loss, run.trainable, run.cfg.hessian_iters,
                                   torch.Generator().manual_seed(run.cfg.seed + 9))
@@ -435,7 +440,8 @@ class FixedNoiseProbe:
                 batch = torch.utils.data.default_collate([data[i] for i in idx])
                 noise = None if self.noise[role] is None else self.noise[role][idx]
                 g = torch.Generator().manual_seed(self.seed + s)
-                chunks.append(denoiser.loss_map(batch, noise=noise, timesteps=self.timesteps[role][idx], generator=g)[0])
+                chunks.append(denoiser.loss_map(batch, noise=noise, timesteps=self.timesteps[role][idx],
+                                                generator=g)[0])
             out[role] = torch.cat(chunks).float()
         return out
 

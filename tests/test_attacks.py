@@ -1,4 +1,5 @@
-"""Each attack on hand-built models: one that has memorised its members exactly, and a UNet fine-tuned on two latents."""
+"""Each attack on hand-built models: one that has memorised its members exactly, and a UNet fine-tuned on two
+latents."""
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,8 @@ class MemorisingUNet(torch.nn.Module):
             self.conv.bias.copy_(torch.randn(self.conv.bias.shape, generator=g) * 0.1)
 
     def fallback(self, x, t, emb):
-        return torch.tanh(self.conv(x)) + 0.2 * torch.sin(t.float() / 40).view(-1, 1, 1, 1) + emb.mean((1, 2)).view(-1, 1, 1, 1)
+        return (torch.tanh(self.conv(x)) + 0.2 * torch.sin(t.float() / 40).view(-1, 1, 1, 1)
+                + emb.mean((1, 2)).view(-1, 1, 1, 1))
 
     def forward(self, x, t, encoder_hidden_states, return_dict=False):
         t = torch.as_tensor(t).reshape(-1).expand(x.shape[0])
@@ -71,20 +73,23 @@ class MemorisingUNet(torch.nn.Module):
             if hit:
                 z = self.values[hit[0]]
                 eps = (x[i] - a[i].sqrt() * z) / (1 - a[i]).sqrt()
-                pred[i] = eps if self.sched.config.prediction_type == "epsilon" else a[i].sqrt() * eps - (1 - a[i]).sqrt() * z
+                v = a[i].sqrt() * eps - (1 - a[i]).sqrt() * z
+                pred[i] = eps if self.sched.config.prediction_type == "epsilon" else v
         return (pred,)
 
 
 def make_batch(n: int, role: str, start: int = 0) -> Batch:
     g = torch.Generator().manual_seed(1000 + start)
-    return Batch(keys=[f"sha{start + i}" for i in range(n)], paths=[Path(f"/data/{role}/{start + i}.png") for i in range(n)],
+    return Batch(keys=[f"sha{start + i}" for i in range(n)],
+                 paths=[Path(f"/data/{role}/{start + i}.png") for i in range(n)],
                  roles=[role] * n, captions=[f"a red circle number {start + i} on blue" for i in range(n)],
                  latents=torch.randn(n, *SHAPE, generator=g))
 
 
 def memorised_setup(prediction_type="epsilon"):
     members = {"member_test": make_batch(4, "member_test", 0), "member_aux": make_batch(4, "member_aux", 10)}
-    others = {"nonmember_test": make_batch(5, "nonmember_test", 20), "nonmember_aux": make_batch(4, "nonmember_aux", 30)}
+    others = {"nonmember_test": make_batch(5, "nonmember_test", 20),
+              "nonmember_aux": make_batch(4, "nonmember_aux", 30)}
     memo = {c: z for b in members.values() for c, z in zip(b.captions, b.latents)}
     sched = scheduler(prediction_type)
     ref = Target("base", MemorisingUNet(sched, {}), sched, fake_text, batch_size=16)

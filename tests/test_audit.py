@@ -100,7 +100,8 @@ def test_report_files_are_written_and_valid(env, tmp_path):
     assert on_disk["models"][1]["sha256"] == sha256_file(Path(loras[0]))
     assert on_disk["base_model"]["sha256"] and on_disk["seed"] == 0
     assert on_disk["attacks"]["secmi"]["params"] == {"t_sec": 20, "interval": 10}
-    assert on_disk["unet_queries"]["per_sample"] == {"loss": 2, "ref_loss": 4, "mlp": 2, "secmi": 4, "pia": 2, "clid": 3}
+    assert on_disk["unet_queries"]["per_sample"] == {"loss": 2, "ref_loss": 4, "mlp": 2, "secmi": 4, "pia": 2,
+                                                     "clid": 3}
     for model in on_disk["models"]:
         assert not model["warnings"]
         for name, result in model["results"].items():

@@ -62,12 +62,15 @@ def _header(report: dict[str, Any]) -> list[str]:
     base, data, s = report["base_model"], report["data"], report["settings"]
     used = data["used"]
     return [
-        f"- base model: `{base['name']}` (UNet sha256 `{_short(base['sha256'])}`, {base['prediction_type']} prediction)",
-        f"- splits: `{data['manifest']}` — test: {used['member_test']} members vs {used['nonmember_test']} non-members; "
+        f"- base model: `{base['name']}` (UNet sha256 `{_short(base['sha256'])}`, "
+        f"{base['prediction_type']} prediction)",
+        f"- splits: `{data['manifest']}` — test: {used['member_test']} members vs {used['nonmember_test']} "
+        "non-members; "
         f"aux (fitting only): {used.get('member_aux', 0)} vs {used.get('nonmember_aux', 0)}",
         f"- seed {report['seed']}, resolution {s['resolution']}, UNet batch {s['batch_size']}, device {s['device']}, "
         f"{s['n_bootstrap']} bootstrap resamples (95% intervals in brackets)",
-        f"- wall time {report['wall_seconds']:.1f} s, {report['unet_queries']['total_run']} UNet sample-evaluations run",
+        f"- wall time {report['wall_seconds']:.1f} s, "
+        f"{report['unet_queries']['total_run']} UNet sample-evaluations run",
         "",
     ]
 
@@ -109,10 +112,12 @@ def _fmt(value: Any) -> str:
 
 def _attack_notes(report: dict[str, Any]) -> list[str]:
     lines = ["## Attacks", "", "Scores: higher = more likely a member. Queries: UNet evaluations per sample "
-             "(loss, ref_loss and mlp share the same cached queries; ref_loss's base-model half is run once per audit).", ""]
+             "(loss, ref_loss and mlp share the same cached queries; "
+             "ref_loss's base-model half is run once per audit).", ""]
     for name, spec in report["attacks"].items():
         params = ", ".join(f"{k}={v}" for k, v in spec["params"].items())
-        lines.append(f"- **{name}** ({spec['queries_per_sample']} queries/sample): {spec['summary']}. Parameters: {params}.")
+        lines.append(f"- **{name}** ({spec['queries_per_sample']} queries/sample): {spec['summary']}. Parameters: "
+                     f"{params}.")
     return lines + [""]
 
 

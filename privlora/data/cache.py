@@ -43,7 +43,7 @@ class RoleData(Dataset):
             item["caption"] = self.examples[j].caption
         return item
 
-    def subset(self, n: int, generator: torch.Generator) -> "RoleData":
+    def subset(self, n: int, generator: torch.Generator) -> RoleData:
         """n examples drawn at random (without replacement) with ``generator``: a seeded random subset, not
         the first n (roles come in file-path order)."""
         picked = torch.randperm(len(self.examples), generator=generator)[:n].tolist()

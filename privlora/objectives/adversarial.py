@@ -18,7 +18,8 @@ Subclasses only say how L_ada and L_adv combine into the LoRA's loss.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -115,7 +116,8 @@ class AdversarialObjective(Objective):
         members = self.attacker_view(next(self.member_aux), denoiser)[1]
         return members, self.attacker_view(next(self.nonmember_aux), denoiser)[1]
 
-    def evaluate(self, maps: dict[str, torch.Tensor], reference: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    def evaluate(self, maps: dict[str, torch.Tensor],
+                 reference: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         if self.attacker_input == "calibrated" and reference is not None:
             maps = {role: m - reference[role] for role, m in maps.items()}
         out = {}

@@ -10,7 +10,8 @@ guarantee against an adversary who does not know the seed (see the README).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.func import functional_call, grad_and_value, vmap
@@ -148,7 +149,8 @@ class DPLoraObjective(Objective):
             norms.append(norm)
         for p, s in zip(params, summed):
             if self.noise_multiplier:
-                s += (torch.randn(s.shape, generator=self.noise) * (self.noise_multiplier * self.max_grad_norm)).to(s.device)
+                noise = torch.randn(s.shape, generator=self.noise) * (self.noise_multiplier * self.max_grad_norm)
+                s += noise.to(s.device)
             p.grad = (s / (self.sample_rate * self.num_images)).to(p.dtype)
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         if not n:
