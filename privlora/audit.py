@@ -183,7 +183,8 @@ class AdapterSwitch:
     """Makes one loaded LoRA (or none: the base model) active in the shared UNet and text encoder."""
 
     def __init__(self, pipe, adapters: list[str]):
-        self.pipe, self.adapters, self.current = pipe, adapters, "<unset>"
+        self.pipe, self.adapters = pipe, adapters
+        self.current: str | None = "<unset>"
 
     def use(self, adapter: str | None) -> None:
         if not self.adapters or adapter == self.current:
@@ -228,7 +229,7 @@ def loaded_loras(base, files: list[Path]) -> Iterator[tuple[AdapterSwitch, list[
     finally:
         if adapters:
             with _quiet():
-                pipe.unload_lora_weights()
+                pipe.unload_lora_weights()  # type: ignore[attr-defined]  # LoRA loader mixin method
 
 
 def _load_one(pipe, base, path: Path, adapter: str) -> str:

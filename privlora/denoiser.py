@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 
 from privlora.diffusion import loss_map, min_snr_weights, sample_noise, sample_timesteps
+
+if TYPE_CHECKING:
+    from privlora.captions import CaptionShuffler
 
 
 class Denoiser:
@@ -16,7 +20,7 @@ class Denoiser:
         self.autocast = autocast or contextlib.nullcontext
         self.unet = base.unet  # may be replaced by the accelerate-wrapped module
         self.max_token_length: int | None = None  # kohya's long prompts (privlora.captions)
-        self.caption_shuffle = None  # a CaptionShuffler when shuffle_caption is on
+        self.caption_shuffle: CaptionShuffler | None = None  # a CaptionShuffler when shuffle_caption is on
 
     def latents(self, batch: dict) -> torch.Tensor:
         if "latents" in batch:

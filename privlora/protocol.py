@@ -187,7 +187,7 @@ def _png(image) -> bytes:
 def model_row(model: dict, quality: dict) -> dict:
     results = model["results"]
     aucs = {a: r["auc"] for a, r in results.items()}
-    best = max(aucs, key=aucs.get)
+    best = max(aucs, key=lambda a: aucs[a])
     held_out = -float(np.mean(model["scores"]["loss"]["nonmember_test"])) if "loss" in model["scores"] else None
     return {"model": model["name"], "auc": aucs, "best_attack": best, "best_auc": aucs[best],
             "best_tpr_at_1pct_fpr": max(r["tpr_at_1pct_fpr"] for r in results.values()),

@@ -158,7 +158,7 @@ def check_inception_weights(path: str | Path | None) -> Path:
     return path
 
 
-def inception_extractor(weights: str | Path) -> tuple[nn.Module, dict[str, str]]:
+def inception_extractor(weights: str | Path | None) -> tuple[nn.Module, dict[str, str]]:
     """torch-fidelity's Inception-v3 (pool3, 2048-d) loaded from ``weights``, and its provenance."""
     from privlora.models.loading import sha256_file
 
@@ -227,7 +227,8 @@ def _as_uint8(item: Any) -> torch.Tensor:
 @torch.no_grad()
 def extract(extractor: nn.Module, images: list[torch.Tensor], batch_size: int = 50) -> torch.Tensor:
     """(N, d) float64 features; consecutive images of the same size are batched together."""
-    feats, batch = [], []
+    feats: list[torch.Tensor] = []
+    batch: list[torch.Tensor] = []
     for img in images:
         if batch and (img.shape != batch[0].shape or len(batch) == batch_size):
             feats.append(extractor(torch.stack(batch)).double().cpu())

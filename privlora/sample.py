@@ -71,7 +71,7 @@ def build_pipeline(unet, vae, text_encoder, tokenizer, scheduler_config: Any, sa
         scheduler=make_scheduler(sampler, scheduler_config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]  # a DiffusionPipeline method
     return pipe
 
 
@@ -224,7 +224,7 @@ def sample(base_model: str, out_dir: str | Path, *, prompt: str | None = None, p
 def _prompts(prompt: str | None, prompts_file: str | Path | None) -> list[PromptLine]:
     if (prompt is None) == (prompts_file is None):
         raise PrivloraError("give exactly one of --prompt TEXT or --prompts FILE")
-    return read_prompts(prompts_file) if prompts_file is not None else [PromptLine(prompt=prompt)]
+    return read_prompts(prompts_file) if prompts_file is not None else [PromptLine(prompt=str(prompt))]
 
 
 def _check_settings(n: int, steps: int, sampler: str, width: int | None, height: int | None, guidance: float,
@@ -238,9 +238,9 @@ def _check_settings(n: int, steps: int, sampler: str, width: int | None, height:
     for name, value in (("width", width), ("height", height)):
         if value is not None and (value <= 0 or value % 8):
             raise PrivloraError(f"--{name} {value} is not a positive multiple of 8")
-    for name, value in (("guidance", guidance), ("lora_scale", lora_scale)):
-        if not math.isfinite(value):
-            raise PrivloraError(f"--{name} {value} is not a finite number")
+    for name, number in (("guidance", guidance), ("lora_scale", lora_scale)):
+        if not math.isfinite(number):
+            raise PrivloraError(f"--{name} {number} is not a finite number")
 
 
 def _prepare_out_dir(out: Path, overwrite: bool) -> Path:

@@ -59,7 +59,7 @@ def bootstrap(member: np.ndarray, nonmember: np.ndarray, n: int, seed: int,
               level: float = 0.95) -> dict[str, list[float]]:
     """Percentile intervals of every metric over n stratified resamples."""
     rng = np.random.default_rng(seed)
-    draws = {m: [] for m in METRICS}
+    draws: dict[str, list[float]] = {m: [] for m in METRICS}
     for _ in range(n):
         m = member[rng.integers(0, len(member), len(member))]
         nm = nonmember[rng.integers(0, len(nonmember), len(nonmember))]

@@ -58,8 +58,7 @@ def open_rgb(path: str | Path) -> Image.Image:
             probe.verify()  # catches PNG CRC errors that decoding alone would accept
         with Image.open(path) as img:
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return convert_to_rgb(img)
+            return convert_to_rgb(ImageOps.exif_transpose(img))
     except Image.UnidentifiedImageError:
         raise file_error(path, "cannot read image (not a recognised image format)") from None
     except Image.DecompressionBombError:

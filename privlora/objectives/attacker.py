@@ -7,6 +7,8 @@ pool = 64 it is exactly the reference layout.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,7 +17,7 @@ MEMBER, NONMEMBER = 1, 0
 
 
 class LossMapAttacker(nn.Module):
-    def __init__(self, channels: int = 4, pool: int = 64, hidden: list[int] = (512, 256), dropout: float = 0.5):
+    def __init__(self, channels: int = 4, pool: int = 64, hidden: Sequence[int] = (512, 256), dropout: float = 0.5):
         super().__init__()
         self.pool = pool
         layers: list[nn.Module] = []
