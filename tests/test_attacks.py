@@ -11,6 +11,8 @@ from privlora.attacks.base import require_aux
 from privlora.attacks.target import caption_variant, stable_seed
 from privlora.errors import PrivloraError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SHAPE = (4, 8, 8)
 TEXT = (4, 16)  # tokens × width of the fake text embeddings
 
@@ -23,15 +25,6 @@ FAST = {
     "pia": dict(timesteps=(100, 200)),
     "clid": dict(timesteps=(450,)),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The CI box's two cores are shared: an oversubscribed OpenMP pool is ~20× slower than one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:

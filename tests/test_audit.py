@@ -20,6 +20,8 @@ from privlora.models.loading import load_base, sha256_file
 from privlora.models.lora import LoraSpec, add_lora, lora_layers, save_kohya, text_encoder_lora_config, unet_lora_config
 from tests.fixtures import make_tiny_folder
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAST = {
     "loss": dict(timesteps=(100, 500)),
     "ref_loss": dict(timesteps=(100, 500)),
@@ -28,15 +30,6 @@ FAST = {
     "pia": dict(timesteps=(200,)),
     "clid": dict(timesteps=(450,)),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The CI box's two cores are shared: an oversubscribed OpenMP pool is ~20× slower than one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_lora(folder: Path, out: Path, *, text_encoder: bool = False, zero: bool = False) -> Path:

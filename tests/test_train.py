@@ -18,11 +18,6 @@ SMALL = dict(synthetic_images=40, n_member_aux=5, n_nonmember_aux=5, n_nonmember
              attacker_hidden=[32])
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return str(make_tiny_folder(tmp_path_factory.mktemp("m") / "tiny"))
-
-
 def run(model, out, **kw):
     cfg = build_config(None, {**SMALL, "pretrained_model_name_or_path": model, "output_dir": str(out), **kw})
     return train(cfg)
