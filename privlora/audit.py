@@ -32,10 +32,12 @@ from privlora.attacks.target import stable_seed
 from privlora.data.readers import Example
 from privlora.data.splits import Splits, read_manifest
 from privlora.errors import PrivloraError
+from privlora.files import PICKLE_SUFFIXES
+from privlora.models.vae import vae_scale_factor
+from privlora.files import one_line_error as _one_line
 from privlora.io import write_bytes
 
 REPORT_FILES = ("report.json", "report.md", "roc.png", "scores.png")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 @dataclass
@@ -153,14 +155,6 @@ def _check_lora_file(path: Path) -> Path:
     return path
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e)
-    found = re.search(r"size mismatch for [^\n]+", text)
-    text = found.group(0) if found else text
-    text = " ".join(text.split())
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 _LORA_DOWN = re.compile(r"^(.+?)\.(lora_down|lora_A|lora\.down|lora_linear_layer\.down)(\.[^.]+)?\.weight$")
 
 
@@ -171,7 +165,7 @@ def lora_module_names(keys: list[str]) -> set[str]:
 
 
 def native_resolution(base) -> int:
-    vae_scale = 2 ** (len(base.vae.config.block_out_channels) - 1)
+    vae_scale = vae_scale_factor(base.vae)
     size = base.unet.config.sample_size
     return int((size[0] if isinstance(size, (list, tuple)) else size) * vae_scale)
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from privlora.diffusion import loss_map, min_snr_weights, sample_noise, sample_timesteps
+from privlora.models.vae import vae_scale_factor
 
 if TYPE_CHECKING:
     from privlora.captions import CaptionShuffler
@@ -63,7 +64,7 @@ class Denoiser:
             shape = batch["latents"].shape
         else:
             px = batch["pixel_values"]
-            factor = 2 ** (len(self.base.vae.config.block_out_channels) - 1)
+            factor = vae_scale_factor(self.base.vae)
             shape = (px.shape[0], self.base.vae.config.latent_channels, px.shape[2] // factor, px.shape[3] // factor)
         noise = sample_noise(torch.empty(shape), gen, self.noise_offset)
         timesteps = sample_timesteps(shape[0], self.base.noise_scheduler.config.num_train_timesteps, gen, "cpu")

@@ -277,18 +277,14 @@ def write_outputs(s: ProtocolSettings, out: Path, table: dict, runs: dict) -> No
 
 
 def curves_png(runs: dict) -> bytes:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from privlora.plotting import new_figure, png_bytes
 
     keys = [("L_ada", "L_ada (last step)"), ("L_adv", "L_adv (last step)"), ("attacker_test_acc", "attacker test acc"),
             ("member_gap", "held-out gap (nonmember − member loss)"), ("grad_norm", "LoRA grad norm (last step)")]
     with_hessian = any(run["history"].get("hessian") for run in runs.values())
     panels = len(keys) + with_hessian
-    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4))
+    fig = new_figure(figsize=(4.2 * panels, 3.4))
+    axes = fig.subplots(1, panels)
     for ax, (key, title) in zip(axes, keys):
         for method, run in runs.items():
             epochs = run["history"]["epochs"]
@@ -305,22 +301,15 @@ def curves_png(runs: dict) -> bytes:
         axes[-1].set_xlabel("step")
     axes[0].legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig, dpi=110)
 
 
 def frontier_png(table: dict) -> bytes:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from privlora.plotting import new_figure, png_bytes
 
     rows = table["rows"]
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    fig = new_figure(figsize=(5.5, 4.2))
+    ax = fig.subplots()
     pts = [(rows[n]["heldout_loss"], rows[n]["best_auc"], n) for n in table["frontier"]]
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="gray", label="plain LoRA, training less")
     for x, y, n in pts:
@@ -332,7 +321,4 @@ def frontier_png(table: dict) -> bytes:
     ax.set_ylabel("best-attack AUC (lower = more private)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig, dpi=110)

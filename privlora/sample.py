@@ -18,6 +18,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from privlora.errors import PrivloraError
+from privlora.models.vae import vae_scale_factor
 from privlora.io import write_bytes, write_json
 from privlora.prompts import PromptLine, read_prompts
 
@@ -77,7 +78,7 @@ def build_pipeline(unet, vae, text_encoder, tokenizer, scheduler_config: Any, sa
 
 def native_size(pipe) -> tuple[int, int]:
     """(width, height) the model was built for: UNet sample size × VAE downsampling factor."""
-    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    side = pipe.unet.config.sample_size * vae_scale_factor(pipe.vae)
     return side, side
 
 

@@ -26,7 +26,7 @@ from privlora.config import TrainConfig, to_dict, write_resolved_config
 from privlora.data.cache import Cache, RoleData
 from privlora.data.prepare import prepare_splits, write_run_files
 from privlora.denoiser import Denoiser, adapters_disabled
-from privlora.errors import PrivloraError
+from privlora.errors import Interrupted, PrivloraError
 from privlora.io import save_safetensors, write_json
 from privlora.models.clip_layout import standard_name
 from privlora.models.loading import is_sd2, load_base
@@ -46,10 +46,6 @@ RESUME_MUST_MATCH = ("method", "network_dim", "network_alpha", "conv_dim", "trai
                      "gradient_accumulation_steps", "seed", "pretrained_model_name_or_path", "resolution", "adv_step",
                      "attacker_input", "dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_max_grad_norm",
                      "dp_accountant", "dp_noise_draws")
-
-
-class Interrupted(Exception):
-    """Ctrl-C: the state was saved; the message says how to resume."""
 
 
 @dataclass

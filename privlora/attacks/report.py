@@ -1,7 +1,6 @@
 """Rendering an audit report: Markdown tables and the two figures, all in memory (the caller writes them)."""
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
@@ -124,12 +123,6 @@ def _attack_notes(report: dict[str, Any]) -> list[str]:
 # ------------------------------------------------------------------------------------------------ figures
 
 
-def _png(fig, dpi: int = 100) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)  # no bbox_inches="tight": it draws everything twice
-    return buf.getvalue()
-
-
 def _grid(n: int, cols: int) -> tuple[int, int]:
     cols = max(1, min(cols, n))
     return (n + cols - 1) // cols, cols
@@ -137,11 +130,11 @@ def _grid(n: int, cols: int) -> tuple[int, int]:
 
 def roc_png(scores: dict[str, dict[str, dict[str, np.ndarray]]], results: dict[str, dict[str, dict]]) -> bytes:
     """Log-log ROC per model (one panel each), one curve per attack, with the chance line."""
-    from matplotlib.figure import Figure
+    from privlora.plotting import new_figure, png_bytes
 
     models = list(scores)
     rows, cols = _grid(len(models), 3)
-    fig = Figure(figsize=(4.4 * cols, 4.2 * rows))
+    fig = new_figure(figsize=(4.4 * cols, 4.2 * rows))
     fig.subplots_adjust(left=0.1, right=0.97, bottom=0.13, top=0.93, wspace=0.3, hspace=0.4)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, model in zip(axes, models):
@@ -157,16 +150,16 @@ def roc_png(scores: dict[str, dict[str, dict[str, np.ndarray]]], results: dict[s
         ax.legend(fontsize=7, loc="lower right")
     for ax in axes[len(models):]:
         ax.set_visible(False)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def scores_png(scores: dict[str, dict[str, dict[str, np.ndarray]]]) -> bytes:
     """Member vs non-member score histograms: one row per model, one column per attack."""
-    from matplotlib.figure import Figure
+    from privlora.plotting import new_figure, png_bytes
 
     models = list(scores)
     attacks = list(next(iter(scores.values())))
-    fig = Figure(figsize=(3.0 * len(attacks), 2.4 * len(models)))
+    fig = new_figure(figsize=(3.0 * len(attacks), 2.4 * len(models)))
     fig.subplots_adjust(left=0.05, right=0.98, bottom=0.08, top=0.9, wspace=0.3, hspace=0.5)
     axes = fig.subplots(len(models), len(attacks), squeeze=False)
     for r, model in enumerate(models):
@@ -181,4 +174,4 @@ def scores_png(scores: dict[str, dict[str, dict[str, np.ndarray]]]) -> bytes:
             ax.locator_params(axis="x", nbins=4)
             if r == 0 and c == 0:
                 ax.legend(fontsize=7)
-    return _png(fig, dpi=80)
+    return png_bytes(fig, dpi=80)

@@ -5,7 +5,6 @@ file without configs) becomes a one-line ``PrivloraError`` naming the file and t
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +13,12 @@ from typing import Any
 import torch
 
 from privlora.errors import PrivloraError
+from privlora.files import PICKLE_SUFFIXES, sha256_file
+from privlora.files import one_line_error as _one_line
 from privlora.models.clip_layout import own_name
 from privlora.models.tiny import TINY_ALIASES, TINY_SD_PATH
+from privlora.offline import offline_by_default
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".bin", ".pth")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _CONFIG_FILES = {
@@ -64,6 +65,7 @@ def load_base(
     the original LDM layout (then ``config_dir`` must name a local diffusers folder providing configs and tokenizer).
     ``prediction_type`` overrides the scheduler config (for checkpoints whose config is wrong).
     """
+    offline_by_default()  # a local model needs no network; the caller may have opted in already
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise PrivloraError(f"prediction_type {prediction_type!r} is not supported (use epsilon or v_prediction)")
     path = _resolve(name_or_path)
@@ -90,21 +92,6 @@ def _resolve(name_or_path: str | Path) -> Path:
                                 "scripts/build_tiny_sd.py")
         return TINY_SD_PATH
     return Path(name_or_path).expanduser()
-
-
-def sha256_file(paths: Path | list[Path], chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file (or of several files concatenated in the given order), read in chunks."""
-    h = hashlib.sha256()
-    for p in [paths] if isinstance(paths, Path) else paths:
-        with open(p, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-    return h.hexdigest()
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _check_safetensors(path: Path) -> None:
