@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from privlora.attacks.target import stable_seed
 from privlora.data.readers import Example
 from privlora.data.splits import Splits, read_manifest
 from privlora.errors import PrivloraError
-from privlora.files import PICKLE_SUFFIXES
+from privlora.models.lora_files import check_lora_file, lora_module_names
 from privlora.models.vae import vae_scale_factor
 from privlora.files import one_line_error as _one_line
 from privlora.io import write_bytes
@@ -78,7 +77,7 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
     started = time.time()
     names = parse_attack_names(cfg.attacks)
     out = _check_settings(cfg)
-    lora_files = [_check_lora_file(Path(p)) for p in cfg.loras]
+    lora_files = [check_lora_file(p) for p in cfg.loras]
     splits = read_manifest(cfg.splits)  # verifies every image's hash; every role must be non-empty
     base = load_base(cfg.pretrained_model_name_or_path, config_dir=cfg.config_dir)
     attacks = build_attacks(names, cfg.attack_params)  # prototypes: parameters, checks and query counts
@@ -137,33 +136,6 @@ def _check_settings(cfg: AuditConfig) -> Path:
     return out
 
 
-def _check_lora_file(path: Path) -> Path:
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise PrivloraError(f"{path}: LoRA file not found")
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise PrivloraError(f"{path}: pickle-based LoRA refused (arbitrary code execution risk); convert it to "
-                            ".safetensors")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    except Exception as e:  # safetensors raises its own error types for malformed headers
-        raise PrivloraError(f"{path}: not a readable .safetensors file ({_one_line(e)})") from None
-    if not lora_module_names(keys):
-        raise PrivloraError(f"{path}: no LoRA weights in this file (no *.lora_down.weight / *.lora_A.weight keys)")
-    return path
-
-
-_LORA_DOWN = re.compile(r"^(.+?)\.(lora_down|lora_A|lora\.down|lora_linear_layer\.down)(\.[^.]+)?\.weight$")
-
-
-def lora_module_names(keys: list[str]) -> set[str]:
-    """The adapted modules a LoRA file names (kohya ``lora_unet_x.lora_down.weight`` or peft
-    ``unet.x.lora_A.weight``)."""
-    return {m.group(1) for k in keys if (m := _LORA_DOWN.match(k))}
-
-
 def native_resolution(base) -> int:
     vae_scale = vae_scale_factor(base.vae)
     size = base.unet.config.sample_size
@@ -210,11 +182,10 @@ def _quiet() -> Iterator[None]:
 @contextlib.contextmanager
 def loaded_loras(base, files: list[Path]) -> Iterator[tuple[AdapterSwitch, list[str]]]:
     """Load every LoRA as its own adapter through diffusers' own loader; the base model is restored on exit."""
-    from diffusers import StableDiffusionPipeline
+    from privlora.models.pipeline import sd_pipeline
 
-    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                   unet=base.unet, scheduler=base.noise_scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = sd_pipeline(unet=base.unet, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                       scheduler=base.noise_scheduler)
     adapters: list[str] = []
     try:
         for i, path in enumerate(files):
@@ -223,7 +194,7 @@ def loaded_loras(base, files: list[Path]) -> Iterator[tuple[AdapterSwitch, list[
     finally:
         if adapters:
             with _quiet():
-                pipe.unload_lora_weights()  # type: ignore[attr-defined]  # LoRA loader mixin method
+                pipe.unload_lora_weights()
 
 
 def _load_one(pipe, base, path: Path, adapter: str) -> str:

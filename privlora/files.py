@@ -41,3 +41,14 @@ def one_line_error(e: BaseException, limit: int = 300) -> str:
     found = re.search(r"size mismatch for [^\n]+", text)
     text = " ".join((found.group(0) if found else text).split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def safetensors_keys(path: str | Path) -> list[str]:
+    """The tensor names in a .safetensors file's header; a one-line error if the header is unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises its own error types for malformed headers
+        raise PrivloraError(f"{path}: not a readable .safetensors file ({one_line_error(e)})") from None

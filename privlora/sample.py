@@ -18,6 +18,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from privlora.errors import PrivloraError
+from privlora.models.lora_files import check_lora_file
 from privlora.models.vae import vae_scale_factor
 from privlora.io import write_bytes, write_json
 from privlora.prompts import PromptLine, read_prompts
@@ -65,37 +66,16 @@ def make_scheduler(sampler: str, config: Any):
 
 def build_pipeline(unet, vae, text_encoder, tokenizer, scheduler_config: Any, sampler: str = "ddim"):
     """A ``StableDiffusionPipeline`` sharing (not copying) the given modules; no safety checker."""
-    from diffusers import StableDiffusionPipeline
+    from privlora.models.pipeline import sd_pipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=make_scheduler(sampler, scheduler_config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]  # a DiffusionPipeline method
-    return pipe
+    return sd_pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                       scheduler=make_scheduler(sampler, scheduler_config))
 
 
 def native_size(pipe) -> tuple[int, int]:
     """(width, height) the model was built for: UNet sample size × VAE downsampling factor."""
     side = pipe.unet.config.sample_size * vae_scale_factor(pipe.vae)
     return side, side
-
-
-def check_lora_file(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise PrivloraError(f"{path}: LoRA file not found")
-    if path.suffix.lower() != ".safetensors":
-        raise PrivloraError(f"{path}: only .safetensors LoRA files are loaded (pickle files can run arbitrary code)")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
-    except Exception as e:  # safetensors raises its own error type for every malformed header
-        raise PrivloraError(f"{path}: not a readable .safetensors file ({' '.join(str(e).split())})") from None
-    return path
 
 
 def load_lora(pipe, path: str | Path) -> None:

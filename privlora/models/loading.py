@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from privlora.errors import PrivloraError
-from privlora.files import PICKLE_SUFFIXES, sha256_file
+from privlora.files import PICKLE_SUFFIXES, safetensors_keys, sha256_file
 from privlora.files import one_line_error as _one_line
 from privlora.models.clip_layout import own_name
 from privlora.models.tiny import TINY_ALIASES, TINY_SD_PATH
@@ -95,13 +95,7 @@ def _resolve(name_or_path: str | Path) -> Path:
 
 
 def _check_safetensors(path: Path) -> None:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
-    except Exception as e:  # safetensors raises its own error type for every malformed header
-        raise PrivloraError(f"{path}: not a readable .safetensors file ({_one_line(e)})") from None
+    safetensors_keys(path)
 
 
 def _refuse_pickle(path: Path) -> PrivloraError:
