@@ -298,7 +298,7 @@ def select_samples(splits: Splits, roles: tuple[str, ...], max_samples: int | No
 def encode_batches(base, splits: Splits, chosen: dict[str, list[Example]], resolution: int, center_crop: bool,
                    device, batch_size: int) -> dict[str, list[Batch]]:
     """VAE latents (posterior mean, deterministic) of every chosen image, encoded once, cut into batches."""
-    from privlora.data.cache import encode_latents
+    from privlora.models.cache import encode_latents
 
     out = {}
     for role, examples in chosen.items():

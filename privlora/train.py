@@ -23,11 +23,12 @@ from privlora import checkpoint
 from privlora.attacker_eval import BEST_SUFFIX, eval_roles, evaluate_attacker
 from privlora.captions import CaptionShuffler, captions_fixed
 from privlora.config import TrainConfig, to_dict, write_resolved_config
-from privlora.data.cache import Cache, RoleData
+from privlora.data.cache import RoleData
 from privlora.data.prepare import prepare_splits, write_run_files
 from privlora.denoiser import Denoiser, adapters_disabled
 from privlora.errors import Interrupted, PrivloraError
 from privlora.io import save_safetensors, write_json
+from privlora.models.cache import Cache
 from privlora.models.clip_layout import standard_name
 from privlora.models.loading import is_sd2, load_base
 from privlora.models.lora import (LoraSpec, add_lora, save_diffusers, save_kohya, text_encoder_lora_config,
