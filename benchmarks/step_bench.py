@@ -46,7 +46,8 @@ def sd15_base(device, dtype, train_te: bool):
         import tempfile
 
         from privlora.data.synthetic import CAPTION_WORDS
-        from privlora.models.tokenizer_build import build_clip_tokenizer_files
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: scripts/ is build-time code
+        from scripts.tokenizer_build import build_clip_tokenizer_files
         from transformers import CLIPTokenizer
 
         folder = tempfile.mkdtemp()

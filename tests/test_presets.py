@@ -7,11 +7,16 @@ import pytest
 from PIL import Image
 
 from privlora.config import build_config, read_toml
-from privlora.data.prepare import prepare_splits, role_sizes
+from privlora.data.prepare import prepare_splits
+from privlora.data.splits import ROLES, Splits
 
 PRESETS = sorted(Path("configs").rglob("*.toml"))
 DATASET_PRESETS = [p for p in PRESETS if p.parent.name not in ("paper", "tiny")]
 PAPER_PRESETS = [p for p in DATASET_PRESETS if p.stem in ("lora", "mp_lora", "smp_lora")]  # the paper's methods
+
+
+def role_sizes(splits: Splits) -> dict[str, int]:
+    return {r: len(splits.role(r)) for r in ROLES}
 
 
 def write_images(folder: Path, n: int, start: int) -> None:
