@@ -142,6 +142,7 @@ def test_solving_for_a_target_epsilon_lands_within_one_percent(target):
     assert target * 0.99 <= reached <= target * 1.0001
 
 
+@pytest.mark.slow  # 8 s measured on the 2-core box
 def test_dp_run_records_epsilon_per_epoch_and_in_the_lora_metadata(model, tmp_path):
     cfg = build_config(None, {**SMALL, "pretrained_model_name_or_path": model, "output_dir": str(tmp_path / "r"),
                               "dp_target_epsilon": 4.0, "dp_delta": 1e-3, "max_train_epochs": 2})
