@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-ARGS = None
+ARGS: argparse.Namespace = None  # type: ignore[assignment]  # set by main() before any use
 VARIANTS = {  # name: (method, adv_step)
     "lora": ("lora", "fused"),
     "smp_fused": ("smp_lora", "fused"),

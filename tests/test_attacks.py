@@ -51,7 +51,7 @@ class MemorisingUNet(torch.nn.Module):
         g = torch.Generator().manual_seed(7)  # every instance is the same network
         with torch.no_grad():
             self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.3)
-            self.conv.bias.copy_(torch.randn(self.conv.bias.shape, generator=g) * 0.1)
+            self.conv.bias.copy_(torch.randn(self.conv.bias.shape, generator=g) * 0.1)  # type: ignore[union-attr]
 
     def fallback(self, x, t, emb):
         return (torch.tanh(self.conv(x)) + 0.2 * torch.sin(t.float() / 40).view(-1, 1, 1, 1)

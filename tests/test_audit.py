@@ -41,7 +41,7 @@ def make_lora(folder: Path, out: Path, *, text_encoder: bool = False, zero: bool
     for model in (base.unet, base.text_encoder):
         for layer in lora_layers(model).values():
             w = layer.lora_B["default"].weight
-            w.data = torch.zeros_like(w) if zero else torch.randn(w.shape, generator=g) * 0.1
+            w.data = torch.zeros_like(w) if zero else torch.randn(w.shape, generator=g) * 0.1  # type: ignore[arg-type]
     return save_kohya(out, base.unet, base.text_encoder if text_encoder else None,
                       metadata={"sshs_model_hash": base.sha256, "privlora_method": "lora"})
 

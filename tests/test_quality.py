@@ -23,10 +23,10 @@ def features(n, d, seed, shift=0.0, mix=0.0):
 
 
 def scipy_fid(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.numpy(), b.numpy()
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    x, y = a.numpy(), b.numpy()
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
     root = scipy.linalg.sqrtm(s1 @ s2).real
-    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * root))
+    return float(((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * root))
 
 
 def images(n, seed, brightness=0):
