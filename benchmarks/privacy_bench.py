@@ -68,13 +68,15 @@ def settings(args: argparse.Namespace, adv_step: str | None) -> ProtocolSettings
     if args.data_seed is not None:
         s.data_seed = args.data_seed
     s.train.update({key: getattr(args, flag) for flag, key in TRAIN_FLAGS.items() if getattr(args, flag) is not None})
-    s.bench.update({k: getattr(args, k) for k in ("quality_samples", "budgets", "attacks") if getattr(args, k) is not None})
+    given = {k: getattr(args, k) for k in ("quality_samples", "budgets", "attacks")}
+    s.bench.update({k: v for k, v in given.items() if v is not None})
     s.bench["jobs"] = args.jobs
     own = {"mp_lora": {"privacy_alpha": args.mp_alpha},
            "smp_lora": {"privacy_alpha": args.smp_alpha, "privacy_beta": args.smp_beta}}
     for method in ("mp_lora", "smp_lora"):
         shared = {"attacker_lr": args.attacker_lr, "k_steps": args.k_steps, "adv_step": adv_step,
-                  "attacker_input": args.attacker_input, "attacker_dropout_in_adv": args.attacker_dropout_in_adv or None}
+                  "attacker_input": args.attacker_input,
+                  "attacker_dropout_in_adv": args.attacker_dropout_in_adv or None}
         s.method_overrides[method] = {k: v for k, v in {**own[method], **shared}.items() if v is not None}
     if args.defences:
         s.only_runs = args.defences

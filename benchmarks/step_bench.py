@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-ARGS = None
+ARGS: argparse.Namespace = None  # type: ignore[assignment]  # set by main() before any use
 VARIANTS = {  # name: (method, adv_step)
     "lora": ("lora", "fused"),
     "smp_fused": ("smp_lora", "fused"),
@@ -46,7 +46,8 @@ def sd15_base(device, dtype, train_te: bool):
         import tempfile
 
         from privlora.data.synthetic import CAPTION_WORDS
-        from privlora.models.tokenizer_build import build_clip_tokenizer_files
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: scripts/ is build-time code
+        from scripts.tokenizer_build import build_clip_tokenizer_files
         from transformers import CLIPTokenizer
 
         folder = tempfile.mkdtemp()
@@ -137,9 +138,11 @@ def run_one(args) -> dict:
         step(args.warmup + i)
     sync()
     sec = (time.perf_counter() - t0) / args.steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = (torch.cuda.max_memory_allocated() / 2**30 if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     return {"variant": args.variant, "batch_size": args.batch_size, "ms_per_step": sec * 1e3,
-            "img_per_s": args.batch_size / sec, "peak_gib": peak, "peak_kind": "cuda_allocated" if cuda else "cpu_max_rss",
+            "img_per_s": args.batch_size / sec, "peak_gib": peak,
+            "peak_kind": "cuda_allocated" if cuda else "cpu_max_rss",
             "step_tflop": None if flops is None else flops / 1e12}
 
 
@@ -202,14 +205,16 @@ def main() -> None:
 def format_row(row: dict, rows: list[dict], peak_tflops: float | None) -> str:
     if "error" in row:
         return f"{row['variant']:>14} bs {row['batch_size']:>3}  failed: {row['error']}"
-    ref = next((r for r in rows if r["variant"] == "lora" and r["batch_size"] == row["batch_size"] and "error" not in r), None)
+    ref = next((r for r in rows if r["variant"] == "lora" and r["batch_size"] == row["batch_size"]
+                and "error" not in r), None)
     ratio = f"{row['ms_per_step'] / ref['ms_per_step']:.2f}x lora" if ref else ""
     mem_ratio = f"{row['peak_gib'] / ref['peak_gib']:.2f}x mem" if ref else ""
     mfu = ""
     if peak_tflops and row.get("step_tflop"):
         mfu = f"MFU {row['step_tflop'] / (row['ms_per_step'] / 1e3) / peak_tflops:.1%}"
     return (f"{row['variant']:>14} bs {row['batch_size']:>3}  {row['ms_per_step']:9.1f} ms/step  "
-            f"{row['img_per_s']:8.1f} img/s  peak {row['peak_gib']:6.2f} GiB ({row['peak_kind']})  {ratio}  {mem_ratio}  {mfu}")
+            f"{row['img_per_s']:8.1f} img/s  peak {row['peak_gib']:6.2f} GiB ({row['peak_kind']})  {ratio}  "
+            f"{mem_ratio}  {mfu}")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float
     try:
         with warnings.catch_warnings():  # Opacus' RDP bracket search warns about its alpha grid; harmless here
             warnings.simplefilter("ignore", UserWarning)
-            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                              sample_rate=sample_rate,
                                           steps=steps, accountant=kind,
                                               epsilon_tolerance=0.005 * target_epsilon))
     except ValueError as e:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import time
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -33,10 +33,12 @@ from privlora.captions import (TextEncoding, check_encoding_flags, lora_hyperpar
 from privlora.data.readers import Example
 from privlora.data.splits import Splits, read_manifest
 from privlora.errors import PrivloraError
+from privlora.models.lora_files import check_lora_file, lora_module_names
+from privlora.models.vae import vae_scale_factor
+from privlora.files import one_line_error as _one_line
 from privlora.io import write_bytes
 
 REPORT_FILES = ("report.json", "report.md", "roc.png", "scores.png")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 @dataclass
@@ -79,7 +81,7 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
     started = time.time()
     names = parse_attack_names(cfg.attacks)
     out = _check_settings(cfg)
-    lora_files = [_check_lora_file(Path(p)) for p in cfg.loras]
+    lora_files = [check_lora_file(p) for p in cfg.loras]
     splits = read_manifest(cfg.splits)  # verifies every image's hash; every role must be non-empty
     base = load_base(cfg.pretrained_model_name_or_path, config_dir=cfg.config_dir)
     attacks = build_attacks(names, cfg.attack_params)  # prototypes: parameters, checks and query counts
@@ -99,7 +101,8 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
         log("UNet queries per sample: " + ", ".join(f"{a.name} {a.queries_per_sample()}" for a in attacks)
             + " (loss, ref_loss and mlp share theirs; ref_loss's base half is run once per audit)")
         runs = run_attacks(models, targets, names, cfg, batches)
-        queries_run = sum(t.unet_queries for t in {id(t): t for x in targets.values() for t in (x, x.reference)}.values())
+        distinct = {id(t): t for x in targets.values() for t in (x, x.reference)}
+        queries_run = sum(t.unet_queries for t in distinct.values())
 
     results = {m.name: {a: _metrics(runs, cfg, m.name, a) for a in runs.scores[m.name]} for m in models}
     _log_decisions(results, log)
@@ -138,41 +141,8 @@ def _check_settings(cfg: AuditConfig) -> Path:
     return out
 
 
-def _check_lora_file(path: Path) -> Path:
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise PrivloraError(f"{path}: LoRA file not found")
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise PrivloraError(f"{path}: pickle-based LoRA refused (arbitrary code execution risk); convert it to .safetensors")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    except Exception as e:  # safetensors raises its own error types for malformed headers
-        raise PrivloraError(f"{path}: not a readable .safetensors file ({_one_line(e)})") from None
-    if not lora_module_names(keys):
-        raise PrivloraError(f"{path}: no LoRA weights in this file (no *.lora_down.weight / *.lora_A.weight keys)")
-    return path
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e)
-    found = re.search(r"size mismatch for [^\n]+", text)
-    text = found.group(0) if found else text
-    text = " ".join(text.split())
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-_LORA_DOWN = re.compile(r"^(.+?)\.(lora_down|lora_A|lora\.down|lora_linear_layer\.down)(\.[^.]+)?\.weight$")
-
-
-def lora_module_names(keys: list[str]) -> set[str]:
-    """The adapted modules a LoRA file names (kohya ``lora_unet_x.lora_down.weight`` or peft ``unet.x.lora_A.weight``)."""
-    return {m.group(1) for k in keys if (m := _LORA_DOWN.match(k))}
-
-
 def native_resolution(base) -> int:
-    vae_scale = 2 ** (len(base.vae.config.block_out_channels) - 1)
+    vae_scale = vae_scale_factor(base.vae)
     size = base.unet.config.sample_size
     return int((size[0] if isinstance(size, (list, tuple)) else size) * vae_scale)
 
@@ -184,7 +154,8 @@ class AdapterSwitch:
     """Makes one loaded LoRA (or none: the base model) active in the shared UNet and text encoder."""
 
     def __init__(self, pipe, adapters: list[str]):
-        self.pipe, self.adapters, self.current = pipe, adapters, "<unset>"
+        self.pipe, self.adapters = pipe, adapters
+        self.current: str | None = "<unset>"
 
     def use(self, adapter: str | None) -> None:
         if not self.adapters or adapter == self.current:
@@ -216,11 +187,10 @@ def _quiet() -> Iterator[None]:
 @contextlib.contextmanager
 def loaded_loras(base, files: list[Path]) -> Iterator[tuple[AdapterSwitch, list[str]]]:
     """Load every LoRA as its own adapter through diffusers' own loader; the base model is restored on exit."""
-    from diffusers import StableDiffusionPipeline
+    from privlora.models.pipeline import sd_pipeline
 
-    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                   unet=base.unet, scheduler=base.noise_scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = sd_pipeline(unet=base.unet, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                       scheduler=base.noise_scheduler)
     adapters: list[str] = []
     try:
         for i, path in enumerate(files):
@@ -325,7 +295,8 @@ def _targets(base, models: list[_Model], switch: AdapterSwitch, cfg: AuditConfig
 # ------------------------------------------------------------------------------------------------ data
 
 
-def select_samples(splits: Splits, roles: tuple[str, ...], max_samples: int | None, seed: int) -> dict[str, list[Example]]:
+def select_samples(splits: Splits, roles: tuple[str, ...], max_samples: int | None,
+                   seed: int) -> dict[str, list[Example]]:
     """Each role's examples, or a seeded subset of ``max_samples`` of them (kept in manifest order)."""
     chosen = {}
     for role in roles:
@@ -340,7 +311,7 @@ def select_samples(splits: Splits, roles: tuple[str, ...], max_samples: int | No
 def encode_batches(base, splits: Splits, chosen: dict[str, list[Example]], resolution: int, center_crop: bool,
                    device, batch_size: int) -> dict[str, list[Batch]]:
     """VAE latents (posterior mean, deterministic) of every chosen image, encoded once, cut into batches."""
-    from privlora.data.cache import encode_latents
+    from privlora.models.cache import encode_latents
 
     out = {}
     for role, examples in chosen.items():
@@ -472,7 +443,7 @@ def build_report(cfg: AuditConfig, base, splits: Splits, chosen: dict, models: l
                          if a.decision_threshold is not None else {})} for a in attacks}
     return {
         "privlora_audit": 1,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "seed": cfg.seed,
         "base_model": {"name": base.name, "sha256": base.sha256, "source_kind": base.source_kind,
                        "prediction_type": base.prediction_type,

@@ -23,7 +23,8 @@ import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from privlora.benchtable import add_verdicts, format_extras, format_table, model_row, recommend, seed_spread
 from privlora.errors import PrivloraError
@@ -116,11 +117,12 @@ def read_bench_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         raise PrivloraError(f"{path}: not valid TOML ({e})") from None
     unknown = set(data) - {"inherit", "preset", "bench", "runs"}
     if unknown:
-        raise PrivloraError(f"{path}: unknown key {sorted(unknown)[0]!r} (a bench file has inherit, preset, [bench], [runs.NAME])")
+        raise PrivloraError(f"{path}: unknown key {sorted(unknown)[0]!r} "
+                            "(a bench file has inherit, preset, [bench], [runs.NAME])")
     bad = set(data.get("bench", {})) - set(BENCH_KEYS)
     if bad:
         raise PrivloraError(f"{path}: unknown [bench] key {sorted(bad)[0]!r} (choose from {', '.join(BENCH_KEYS)})")
-    result = {"preset": None, "bench": {}, "runs": {}}
+    result: dict[str, Any] = {"preset": None, "bench": {}, "runs": {}}
     if "inherit" in data:
         result = read_bench_file(path.parent / data["inherit"], (*_seen, path.resolve()))
     if "preset" in data:
@@ -142,7 +144,8 @@ def check_runs(runs: dict[str, dict], source: str) -> dict[str, dict]:
             raise PrivloraError(f"{source}: run name {name!r} may only hold letters, digits, _ - .")
         settings = {"method": name, **settings}
         if settings["method"] not in METHODS:
-            raise PrivloraError(f"{source}: run {name!r}: method {settings['method']!r} is not one of {', '.join(METHODS)}"
+            raise PrivloraError(f"{source}: run {name!r}: method {settings['method']!r} is not one of "
+                                f"{', '.join(METHODS)}"
                                 + ("" if "method" in runs[name] else " (set method = ... for this run)"))
         for key in settings:
             if key not in KEYS or key in RUN_CONTROLLED:
@@ -165,7 +168,7 @@ def jobs_for(spec: BenchSpec) -> list[Job]:
     from privlora.config import build_config
 
     base = baseline_name(spec)
-    seeds = spec.seeds or [None]
+    seeds: list[int | None] = list(spec.seeds) if spec.seeds else [None]
     jobs = []
     for name, settings in spec.runs.items():
         for i, seed in enumerate(seeds):
@@ -173,7 +176,7 @@ def jobs_for(spec: BenchSpec) -> list[Job]:
             controlled: dict[str, Any] = {"output_dir": str(spec.out / out_name), "output_name": out_name,
                                           "overwrite": True}
             if spec.data:
-                controlled.update({k: None for k in DATA_KEYS}, synthetic_images=0, **spec.data)
+                controlled.update(dict.fromkeys(DATA_KEYS), synthetic_images=0, **spec.data)
             if seed is not None:
                 controlled["seed"] = seed
             overrides = {**settings, **spec.train_overrides, **controlled}
@@ -190,7 +193,8 @@ def jobs_for(spec: BenchSpec) -> list[Job]:
 
 def budget_interval(budgets: list[float], epochs: int | None) -> int:
     if not epochs:
-        raise PrivloraError("--budgets: the plain LoRA run needs max_train_epochs (budgets are fractions of its epochs)")
+        raise PrivloraError("--budgets: the plain LoRA run needs max_train_epochs "
+                            "(budgets are fractions of its epochs)")
     points = [round(f * epochs) for f in budgets]
     if any(e < 1 or e >= epochs for e in points):
         raise PrivloraError(f"--budgets {budgets} of {epochs} epochs must fall strictly inside the run")
@@ -319,7 +323,8 @@ def audit(spec: BenchSpec, cfg, splits: Path, loras: list[Path]) -> dict:
     done = folder / "inputs.json"
     if (folder / "report.json").is_file() and done.is_file() and json.loads(done.read_text()) == inputs:
         return json.loads((folder / "report.json").read_text())
-    report = run_audit(AuditConfig(splits=str(splits), out=str(folder), pretrained_model_name_or_path=cfg.pretrained_model_name_or_path,
+    report = run_audit(AuditConfig(splits=str(splits), out=str(folder),
+                                   pretrained_model_name_or_path=cfg.pretrained_model_name_or_path,
                                    loras=[str(p) for p in loras], attacks=list(spec.attacks), include_base=True,
                                    seed=cfg.seed, n_bootstrap=spec.n_bootstrap, config_dir=cfg.config_dir,
                                    clip_skip=cfg.clip_skip))
@@ -371,7 +376,8 @@ def utility_quality(spec: BenchSpec, cfg, splits_file: Path, loras: list[Path]) 
                       generator=generator).images
         results[name] = score(real, images, metrics=["fid"], feature_extractor="tiny", seed=cfg.seed)
         write_bytes(spec.out / f"samples_{name}.png", _png(_sheet(images[:16])))
-        write_json(cache, {"settings": settings, "models": results, "stamps": {n: stamps[n] for n in results}})  # each model's result survives an interrupt
+        # each model's result survives an interrupt
+        write_json(cache, {"settings": settings, "models": results, "stamps": {n: stamps[n] for n in results}})
     write_bytes(spec.out / "samples_real_nonmembers.png", _png(_sheet(real[:16])))
     return results
 
@@ -395,7 +401,7 @@ def aux_selection(spec: BenchSpec, baseline: Job, report: dict, log) -> dict | N
     from privlora.select import SelectConfig, select
 
     done = baseline.out / "select.json"
-    settings = {"max_auc": spec.max_auc, "max_tpr_at_1fpr": spec.max_tpr_at_1fpr,
+    settings: dict[str, Any] = {"max_auc": spec.max_auc, "max_tpr_at_1fpr": spec.max_tpr_at_1fpr,
                 "attacks": ["loss", *[a for a in spec.select_attacks if a != "loss"]], "seed": job_seed(spec, baseline),
                 "n_bootstrap": spec.n_bootstrap, "include_base": True}
     result = json.loads(done.read_text()) if done.is_file() else None
@@ -457,7 +463,8 @@ def machine() -> str:
 
     import torch
 
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
 
 
 def write_outputs(spec: BenchSpec, table: dict, histories: dict[str, dict]) -> None:

@@ -1,20 +1,12 @@
 """The bench's plots: training curves per run (one colour per run in every panel) and the frontier."""
 from __future__ import annotations
 
-import io
+from privlora.plotting import new_figure, png_bytes
 
-# (history key, title); "<key>_mean" (the mean over the steps since the previous evaluation) is drawn where a run logged it
+# (history key, title); "<key>_mean" (the mean over the steps since the previous evaluation) is drawn
+# where a run logged it
 CURVES = [("L_ada", "L_ada"), ("L_adv", "L_adv"), ("attacker_test_acc", "attacker test acc"),
           ("member_gap", "held-out gap (nonmember − member loss)"), ("grad_norm", "LoRA grad norm")]
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def run_colours(names: list[str]) -> dict[str, str]:
@@ -24,7 +16,8 @@ def run_colours(names: list[str]) -> dict[str, str]:
 
 
 def curve(epochs: list[dict], key: str) -> tuple[list, list, bool]:
-    """(epochs, values, is_mean) of one key: the mean over each evaluation period where logged, else the last step's value."""
+    """(epochs, values, is_mean) of one key: the mean over each evaluation period where logged, else the last
+    step's value."""
     mean = f"{key}_mean"
     use = mean if any(mean in e for e in epochs) else key
     xs = [e["epoch"] for e in epochs if use in e]
@@ -32,11 +25,11 @@ def curve(epochs: list[dict], key: str) -> tuple[list, list, bool]:
 
 
 def curves_png(histories: dict[str, dict]) -> bytes:
-    plt = _plt()
     colours = run_colours(list(histories))
     with_hessian = any(h.get("hessian") for h in histories.values())
     panels = len(CURVES) + with_hessian
-    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4))
+    fig = new_figure(figsize=(4.2 * panels, 3.4))
+    axes = fig.subplots(1, panels, squeeze=False)[0]
     for ax, (key, title) in zip(axes, CURVES):
         means = False
         for run, h in histories.items():
@@ -44,7 +37,7 @@ def curves_png(histories: dict[str, dict]) -> bytes:
             means |= is_mean
             if xs:
                 ax.plot(xs, ys, color=colours[run], label=run)
-        ax.set_title(f"{title} ({'epoch mean' if means else 'last step'})" if key in ("L_ada", "L_adv", "grad_norm")
+        ax.set_title(f"{title} ({'period mean' if means else 'last step'})" if key in ("L_ada", "L_adv", "grad_norm")
                      else title)
         ax.set_xlabel("epoch")
     if with_hessian:  # sharpness: the top Hessian eigenvalue of each run's LoRA loss (hessian_every_n_steps)
@@ -55,13 +48,13 @@ def curves_png(histories: dict[str, dict]) -> bytes:
         axes[-1].set_title("top Hessian eigenvalue")
         axes[-1].set_xlabel("step")
     axes[0].legend(fontsize=7)
-    return _save(plt, fig)
+    return _save(fig)
 
 
 def frontier_png(table: dict) -> bytes:
-    plt = _plt()
     rows = table["rows"]
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    fig = new_figure(figsize=(5.5, 4.2))
+    ax = fig.subplots()
     pts = [(rows[n]["heldout_loss"], rows[n]["best_auc"], n) for n in table["frontier"]]
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="gray", label="plain LoRA, training less")
     for x, y, n in pts:
@@ -79,12 +72,9 @@ def frontier_png(table: dict) -> bytes:
     ax.set_xlabel("held-out denoising loss on nonmember_test (lower = more useful)")
     ax.set_ylabel("best-attack AUC (lower = more private)")
     ax.legend(fontsize=7)
-    return _save(plt, fig)
+    return _save(fig)
 
 
-def _save(plt, fig) -> bytes:
+def _save(fig) -> bytes:
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig, dpi=110)

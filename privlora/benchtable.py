@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from typing import Any
 
 import numpy as np
 
@@ -15,7 +16,7 @@ def model_row(model: dict, quality: dict) -> dict:
     it whose numbers are held-out measurements (an attack can be absent for a model: ``skipped`` in the report)."""
     results = {a: r for a, r in model["results"].items() if (r.get("details") or {}).get("held_out", True)}
     aucs = {a: r["auc"] for a, r in results.items()}
-    best = max(aucs, key=aucs.get) if aucs else None
+    best = max(aucs, key=lambda a: aucs[a]) if aucs else None
     held_out = -float(np.mean(model["scores"]["loss"]["nonmember_test"])) if "loss" in model["scores"] else None
     return {"model": model["name"], "auc": aucs, "best_attack": best, "best_auc": aucs[best] if best else None,
             "best_tpr_at_1pct_fpr": max((r["tpr_at_1pct_fpr"] for r in results.values()), default=None),
@@ -36,7 +37,7 @@ def frontier_auc(points: list[tuple[float, float]], loss: float) -> float:
     AUC among them, with straight lines between neighbouring points; ``inf`` where no point is that useful.
     """
     pts = sorted(points)
-    best = min((auc for l, auc in pts if l <= loss), default=float("inf"))
+    best = min((auc for held_out, auc in pts if held_out <= loss), default=float("inf"))
     for (l0, a0), (l1, a1) in zip(pts, pts[1:]):
         if l0 < loss < l1:
             best = min(best, a0 + (a1 - a0) * (loss - l0) / (l1 - l0))
@@ -72,7 +73,7 @@ def seed_spread(rows_by_seed: dict[str, list[dict]]) -> dict[str, dict]:
     """Per run: mean and sample standard deviation of best AUC, loss AUC and held-out loss over its seeds."""
     out = {}
     for name, rows in rows_by_seed.items():
-        stats = {"n_seeds": len(rows)}
+        stats: dict[str, Any] = {"n_seeds": len(rows)}
         for key, get in (("best_auc", lambda r: r["best_auc"]), ("loss_auc", lambda r: r["auc"].get("loss")),
                          ("heldout_loss", lambda r: r["heldout_loss"])):
             xs = [get(r) for r in rows if get(r) is not None]

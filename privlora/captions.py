@@ -152,7 +152,7 @@ def text_encoding(hyperparameters: dict, clip_skip: int | None, max_token_length
 
     ``where`` names the file the metadata came from, for errors (flags: check_encoding_flags)."""
     origins = []
-    values = {}
+    values: dict[str, int | None] = {}
     for name, flag in (("clip_skip", clip_skip), ("max_token_length", max_token_length)):
         if flag is not None:
             values[name], origin = flag, f"--{name}"

@@ -24,7 +24,7 @@ LATEST = "state-latest"
 def rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+            "numpy": [kind, torch.from_numpy(np.asarray(keys).astype(np.int64)), pos, has_gauss, cached]}
 
 
 def set_rng_state(state: dict) -> None:

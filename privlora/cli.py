@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from privlora.errors import PrivloraError
+from privlora.errors import Interrupted, PrivloraError
+from privlora.offline import allow_network, offline_by_default
 
 
 def _train(args: argparse.Namespace, overrides: dict) -> int:
@@ -115,7 +115,8 @@ def quiet_libraries() -> None:
 def _audit(args: argparse.Namespace, overrides: dict) -> int:
     from privlora.audit import AuditConfig, run_audit
 
-    cfg = AuditConfig(splits=args.splits, out=args.out, pretrained_model_name_or_path=args.pretrained_model_name_or_path,
+    cfg = AuditConfig(splits=args.splits, out=args.out,
+                      pretrained_model_name_or_path=args.pretrained_model_name_or_path,
                       loras=args.lora, attacks=args.attacks, include_base=args.include_base, seed=args.seed,
                       resolution=args.resolution, batch_size=args.batch_size, max_samples=args.max_samples,
                       n_bootstrap=args.n_bootstrap, config_dir=args.config_dir, clip_skip=args.clip_skip,
@@ -283,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--allow_network" in argv:
-        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-            os.environ[var] = "0"
+        allow_network()
+    else:
+        offline_by_default()
     quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -295,9 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     except PrivloraError as e:
         print(f"privlora: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
-        if type(e).__name__ != "Interrupted":
-            raise
+    except Interrupted as e:
         print(f"privlora: {e}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:

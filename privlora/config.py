@@ -120,7 +120,7 @@ class TrainConfig:
     log_every_n_steps: int = 1
     overwrite: bool = False
 
-    def validate(self, source: str = "config") -> "TrainConfig":
+    def validate(self, source: str = "config") -> TrainConfig:
         def bad(msg: str) -> PrivloraError:
             return PrivloraError(f"{source}: {msg}")
 
@@ -252,8 +252,10 @@ def build_config(config_file: str | None, overrides: dict[str, Any]) -> TrainCon
         base = Path(config_file).parent
         for key, value in read_toml(config_file).items():
             values[key] = _coerce(key, value, str(config_file))
-        for key in ("train_data_dir", "splits_dir", "splits", "sample_prompts"):  # relative paths in a preset are relative to it
-            if isinstance(values.get(key), str) and not Path(values[key]).is_absolute() and (base / values[key]).exists():
+        # relative paths in a preset are relative to it
+        for key in ("train_data_dir", "splits_dir", "splits", "sample_prompts"):
+            value = values.get(key)
+            if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
                 values[key] = str(base / values[key])
     for key, value in overrides.items():
         if key not in KEYS:
@@ -312,5 +314,6 @@ def write_resolved_config(cfg: TrainConfig, out: str | Path, derived: dict[str, 
 
     text = resolved_toml(cfg)
     if derived:
-        text += "# derived by the method at the start of the run:\n" + "".join(f"# {k} = {v}\n" for k, v in derived.items())
+        text += "# derived by the method at the start of the run:\n" + "".join(
+            f"# {k} = {v}\n" for k, v in derived.items())
     return write_text(Path(out) / RESOLVED_NAME, text)

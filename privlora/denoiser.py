@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 
 from privlora.diffusion import loss_map, min_snr_weights, sample_noise, sample_timesteps
+from privlora.models.vae import vae_scale_factor
+
+if TYPE_CHECKING:
+    from privlora.captions import CaptionShuffler
 
 
 class Denoiser:
@@ -16,7 +21,7 @@ class Denoiser:
         self.autocast = autocast or contextlib.nullcontext
         self.unet = base.unet  # may be replaced by the accelerate-wrapped module
         self.max_token_length: int | None = None  # kohya's long prompts (privlora.captions)
-        self.caption_shuffle = None  # a CaptionShuffler when shuffle_caption is on
+        self.caption_shuffle: CaptionShuffler | None = None  # a CaptionShuffler when shuffle_caption is on
 
     def latents(self, batch: dict) -> torch.Tensor:
         if "latents" in batch:
@@ -59,7 +64,7 @@ class Denoiser:
             shape = batch["latents"].shape
         else:
             px = batch["pixel_values"]
-            factor = 2 ** (len(self.base.vae.config.block_out_channels) - 1)
+            factor = vae_scale_factor(self.base.vae)
             shape = (px.shape[0], self.base.vae.config.latent_channels, px.shape[2] // factor, px.shape[3] // factor)
         noise = sample_noise(torch.empty(shape), gen, self.noise_offset)
         timesteps = sample_timesteps(shape[0], self.base.noise_scheduler.config.num_train_timesteps, gen, "cpu")

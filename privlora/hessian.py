@@ -6,7 +6,7 @@ of largest magnitude, so a strongly negative-curved loss can report a negative v
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -14,7 +14,7 @@ import torch
 def hessian_vector_product(grads: list[torch.Tensor], params: list[torch.Tensor],
                            v: list[torch.Tensor]) -> list[torch.Tensor]:
     dot = sum((g * x).sum() for g, x in zip(grads, v))
-    hv = torch.autograd.grad(dot, params, retain_graph=True, allow_unused=True)
+    hv = torch.autograd.grad(dot, params, retain_graph=True, allow_unused=True)  # type: ignore[arg-type]  # sum() of tensors: Tensor
     return [torch.zeros_like(p) if h is None else h for h, p in zip(hv, params)]
 
 
@@ -27,12 +27,12 @@ def top_eigenvalue(loss_fn: Callable[[], torch.Tensor], params: list[torch.Tenso
     v = _normalise([torch.randn(p.shape, generator=generator).to(p.device, p.dtype) for p in params])
     eigenvalue = 0.0
     for _ in range(iters):
-        hv = hessian_vector_product(grads, params, v)
+        hv = hessian_vector_product(list(grads), params, v)
         eigenvalue = float(sum((h * x).sum() for h, x in zip(hv, v)))
         v = _normalise(hv)
     return eigenvalue
 
 
 def _normalise(vs: list[torch.Tensor]) -> list[torch.Tensor]:
-    norm = torch.sqrt(sum((x.detach().float() ** 2).sum() for x in vs)).clamp_min(1e-12)
+    norm = torch.sqrt(sum((x.detach().float() ** 2).sum() for x in vs)).clamp_min(1e-12)  # type: ignore[arg-type]
     return [(x.detach() / norm).to(x.dtype) for x in vs]

@@ -5,7 +5,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from privlora.errors import PrivloraError
+from privlora.models.vae import vae_scale_factor
 
 METRICS = ("fid", "kid")
 FEATURE_EXTRACTORS = ("inception", "tiny")
@@ -57,15 +58,22 @@ def _check_features(real: torch.Tensor, fake: torch.Tensor, minimum: int = 2) ->
                             f"got {len(real)} real, {len(fake)} fake")
 
 
+# FID is ≥ 0; the float64 matrix square root leaves round-off of this order (a set against itself: ~1e-7).
+FID_PRECISION = 1e-6
+FID_NOTE = f"FID clamped at 0; float64, values under {FID_PRECISION:g} are round-off, not a distance"
+
+
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """FID between two feature sets (N, d): ||μ_r − μ_f||² + Tr(Σ_r + Σ_f − 2(Σ_r Σ_f)^½), in float64."""
+    """FID between two feature sets (N, d): ||μ_r − μ_f||² + Tr(Σ_r + Σ_f − 2(Σ_r Σ_f)^½), in float64.
+
+    Clamped at 0: round-off of the matrix square root can make identical sets come out slightly negative."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     _check_features(real, fake)
     metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]))
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
-    return float(metric.compute())
+    return max(0.0, float(metric.compute()))
 
 
 def kernel_distance(real: torch.Tensor, fake: torch.Tensor, *, subsets: int = 100, subset_size: int = 1000,
@@ -103,7 +111,7 @@ class TinyVaeFeatures(nn.Module):
         self.vae = vae.eval().requires_grad_(False)
         cfg = vae.config
         self.size = int(cfg.sample_size)
-        factor = 2 ** (len(cfg.block_out_channels) - 1)
+        factor = vae_scale_factor(cfg)
         flat = cfg.latent_channels * (self.size // factor) ** 2
         gen = torch.Generator().manual_seed(seed)
         projection = torch.randn(flat, dim, generator=gen, dtype=torch.float64) / math.sqrt(flat)
@@ -158,7 +166,7 @@ def check_inception_weights(path: str | Path | None) -> Path:
     return path
 
 
-def inception_extractor(weights: str | Path) -> tuple[nn.Module, dict[str, str]]:
+def inception_extractor(weights: str | Path | None) -> tuple[nn.Module, dict[str, str]]:
     """torch-fidelity's Inception-v3 (pool3, 2048-d) loaded from ``weights``, and its provenance."""
     from privlora.models.loading import sha256_file
 
@@ -227,7 +235,8 @@ def _as_uint8(item: Any) -> torch.Tensor:
 @torch.no_grad()
 def extract(extractor: nn.Module, images: list[torch.Tensor], batch_size: int = 50) -> torch.Tensor:
     """(N, d) float64 features; consecutive images of the same size are batched together."""
-    feats, batch = [], []
+    feats: list[torch.Tensor] = []
+    batch: list[torch.Tensor] = []
     for img in images:
         if batch and (img.shape != batch[0].shape or len(batch) == batch_size):
             feats.append(extractor(torch.stack(batch)).double().cpu())
@@ -281,6 +290,7 @@ def _distances(real: torch.Tensor, fake: torch.Tensor, metrics: list[str], featu
     out: dict[str, Any] = {"label": PROXY_LABEL} if suffix else {}
     if "fid" in metrics:
         out[f"fid{suffix}"] = frechet_distance(real, fake)
+        out["fid_note"] = FID_NOTE
     if "kid" in metrics:
         mean, std, size = kernel_distance(real, fake, subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
         out.update({f"kid{suffix}_mean": mean, f"kid{suffix}_std": std, "kid_subsets": kid_subsets,

@@ -20,6 +20,8 @@ from PIL import Image, PngImagePlugin
 from privlora.captions import (TextEncoding, check_encoding_flags, lora_hyperparameters, read_lora_metadata,
                                text_encoding)
 from privlora.errors import PrivloraError
+from privlora.models.lora_files import check_lora_file
+from privlora.models.vae import vae_scale_factor
 from privlora.io import write_bytes, write_json
 from privlora.prompts import PromptLine, read_prompts
 
@@ -68,37 +70,16 @@ def make_scheduler(sampler: str, config: Any):
 
 def build_pipeline(unet, vae, text_encoder, tokenizer, scheduler_config: Any, sampler: str = "ddim"):
     """A ``StableDiffusionPipeline`` sharing (not copying) the given modules; no safety checker."""
-    from diffusers import StableDiffusionPipeline
+    from privlora.models.pipeline import sd_pipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=make_scheduler(sampler, scheduler_config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return sd_pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                       scheduler=make_scheduler(sampler, scheduler_config))
 
 
 def native_size(pipe) -> tuple[int, int]:
     """(width, height) the model was built for: UNet sample size × VAE downsampling factor."""
-    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    side = pipe.unet.config.sample_size * vae_scale_factor(pipe.vae)
     return side, side
-
-
-def check_lora_file(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise PrivloraError(f"{path}: LoRA file not found")
-    if path.suffix.lower() != ".safetensors":
-        raise PrivloraError(f"{path}: only .safetensors LoRA files are loaded (pickle files can run arbitrary code)")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
-    except Exception as e:  # safetensors raises its own error type for every malformed header
-        raise PrivloraError(f"{path}: not a readable .safetensors file ({' '.join(str(e).split())})") from None
-    return path
 
 
 def load_lora(pipe, path: str | Path) -> None:
@@ -151,7 +132,7 @@ def plan_jobs(prompts: list[PromptLine], n: int, *, seed: int, steps: int, guida
 
 def generate(pipe, job: ImageJob) -> Image.Image:
     """One image, deterministic for the job's seed (a CPU generator, so the same on any device)."""
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if job.lora_scale is not None:
         kwargs["cross_attention_kwargs"] = {"scale": job.lora_scale}
     if job.clip_skip or job.max_token_length:
@@ -255,7 +236,7 @@ def sample(base_model: str, out_dir: str | Path, *, prompt: str | None = None, p
 def _prompts(prompt: str | None, prompts_file: str | Path | None) -> list[PromptLine]:
     if (prompt is None) == (prompts_file is None):
         raise PrivloraError("give exactly one of --prompt TEXT or --prompts FILE")
-    return read_prompts(prompts_file) if prompts_file is not None else [PromptLine(prompt=prompt)]
+    return read_prompts(prompts_file) if prompts_file is not None else [PromptLine(prompt=str(prompt))]
 
 
 def _check_settings(n: int, steps: int, sampler: str, width: int | None, height: int | None, guidance: float,
@@ -269,9 +250,9 @@ def _check_settings(n: int, steps: int, sampler: str, width: int | None, height:
     for name, value in (("width", width), ("height", height)):
         if value is not None and (value <= 0 or value % 8):
             raise PrivloraError(f"--{name} {value} is not a positive multiple of 8")
-    for name, value in (("guidance", guidance), ("lora_scale", lora_scale)):
-        if not math.isfinite(value):
-            raise PrivloraError(f"--{name} {value} is not a finite number")
+    for name, number in (("guidance", guidance), ("lora_scale", lora_scale)):
+        if not math.isfinite(number):
+            raise PrivloraError(f"--{name} {number} is not a finite number")
 
 
 def _prepare_out_dir(out: Path, overwrite: bool) -> Path:

@@ -97,11 +97,13 @@ def select(cfg: SelectConfig, log=print) -> dict:
         attacks = ["loss", *attacks]  # its scores on the nonmember half are the utility estimate
     checkpoints = list_checkpoints(run_dir, settings.get("output_name", "lora"))
     if not checkpoints:
-        raise PrivloraError(f"{run_dir}: no LoRA checkpoints named {settings.get('output_name')}[-eNNNN|-stepNNNNNN].safetensors")
+        raise PrivloraError(f"{run_dir}: no LoRA checkpoints named "
+                            f"{settings.get('output_name')}[-eNNNN|-stepNNNNNN].safetensors")
     work = run_dir / "select"
     manifest = aux_manifest(run_dir / "splits.json", work / "aux_splits.json", cfg.seed)
     report = run_audit(AuditConfig(
-        splits=str(manifest), out=str(work), pretrained_model_name_or_path=settings.get("pretrained_model_name_or_path", "tiny-sd"),
+        splits=str(manifest), out=str(work),
+        pretrained_model_name_or_path=settings.get("pretrained_model_name_or_path", "tiny-sd"),
         loras=[str(p) for p in checkpoints], attacks=attacks, include_base=cfg.include_base, seed=cfg.seed,
         n_bootstrap=cfg.n_bootstrap, resolution=settings.get("resolution"), config_dir=settings.get("config_dir"),
         clip_skip=settings.get("clip_skip")), log=log)

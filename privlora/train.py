@@ -13,6 +13,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -22,15 +23,23 @@ from privlora import checkpoint
 from privlora.attacker_eval import BEST_SUFFIX, eval_roles, evaluate_attacker
 from privlora.captions import CaptionShuffler, TextEncoding, captions_fixed
 from privlora.config import TrainConfig, to_dict, write_resolved_config
-from privlora.data.cache import Cache, RoleData
+from privlora.data.cache import RoleData
 from privlora.data.prepare import prepare_splits, write_run_files
 from privlora.denoiser import Denoiser, adapters_disabled
-from privlora.errors import PrivloraError
+from privlora.errors import Interrupted, PrivloraError
 from privlora.io import save_safetensors, write_json
+from privlora.models.cache import Cache
 from privlora.models.clip_layout import standard_name
 from privlora.models.loading import is_sd2, load_base
-from privlora.models.lora import LoraSpec, add_lora, save_diffusers, save_kohya, text_encoder_lora_config, unet_lora_config
+from privlora.models.lora import (LoraSpec, add_lora, save_diffusers, save_kohya, text_encoder_lora_config,
+                                  unet_lora_config)
 from privlora.objectives import BuildContext, build_objective
+from privlora.objectives.base import Objective
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from privlora.models.loading import BaseModel
 
 EVAL_ROLES = ("member_aux", "nonmember_aux", "member_test", "nonmember_test")
 # Changing these between a run and its resume would silently train something else.
@@ -38,10 +47,6 @@ RESUME_MUST_MATCH = ("method", "network_dim", "network_alpha", "conv_dim", "trai
                      "gradient_accumulation_steps", "seed", "pretrained_model_name_or_path", "resolution", "adv_step",
                      "attacker_input", "dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_max_grad_norm",
                      "dp_accountant", "dp_noise_draws")
-
-
-class Interrupted(Exception):
-    """Ctrl-C: the state was saved; the message says how to resume."""
 
 
 @dataclass
@@ -91,7 +96,7 @@ def train(cfg: TrainConfig) -> Path:
     return final
 
 
-def train_step(run, batch: dict, step: int) -> dict | None:
+def train_step(run: Run, batch: dict, step: int) -> dict | None:
     """One forward/backward of the objective; the LoRA (and the attacker) step when gradients sync."""
     acc = run.accelerator
     with acc.accumulate(run.unet):
@@ -113,7 +118,7 @@ def train_step(run, batch: dict, step: int) -> dict | None:
     return logs if grad_norm is None else {**logs, "grad_norm": grad_norm}
 
 
-def after_step(run, progress: Progress, logs: dict, bar) -> None:
+def after_step(run: Run, progress: Progress, logs: dict, bar) -> None:
     cfg = run.cfg
     add_to_period(progress.period, logs)
     if cfg.hessian_every_n_steps and progress.step % cfg.hessian_every_n_steps == 0:
@@ -127,7 +132,7 @@ def after_step(run, progress: Progress, logs: dict, bar) -> None:
         save_point(run, progress, f"{cfg.output_name}-step{progress.step:06d}")
 
 
-def end_epoch(run, progress: Progress, logs: dict, bar) -> None:
+def end_epoch(run: Run, progress: Progress, logs: dict, bar) -> None:
     """Fixed-noise evaluation, the collapse guard, history and per-epoch saves."""
     cfg, acc = run.cfg, run.accelerator
     progress.epoch += 1
@@ -151,18 +156,19 @@ def end_epoch(run, progress: Progress, logs: dict, bar) -> None:
         save_point(run, progress, f"{cfg.output_name}-e{progress.epoch:04d}")
 
 
-def save_point(run, progress: Progress, name: str) -> None:
+def save_point(run: Run, progress: Progress, name: str) -> None:
     """An intermediate LoRA file, plus a resumable state when --save_state is on."""
     save_lora(run, name)
     if run.cfg.save_state:
         save_state(run, progress)
 
 
-def evaluate_and_log(run, progress: Progress, logs: dict, bar) -> None:
+def evaluate_and_log(run: Run, progress: Progress, logs: dict, bar) -> None:
     cfg, acc = run.cfg, run.accelerator
     run.unet.eval()
     with captions_fixed(run.denoiser):
-        record = evaluate_epoch(progress.epoch, progress.step, run.probe, run.denoiser, run.objective, run.base_maps, logs)
+        record = evaluate_epoch(progress.epoch, progress.step, run.probe, run.denoiser, run.objective, run.base_maps,
+                                logs)
         record.update(evaluate_attacker(run.objective, run.attacker_roles or {}, run.denoiser,
                                         cfg.seed + 7 + progress.step))
     run.unet.train()
@@ -188,19 +194,19 @@ def evaluate_and_log(run, progress: Progress, logs: dict, bar) -> None:
 class Run:
     cfg: TrainConfig
     out: Path
-    accelerator: object
-    base: object
-    unet: object  # the accelerate-wrapped UNet
+    accelerator: Accelerator
+    base: BaseModel
+    unet: torch.nn.Module  # the accelerate-wrapped UNet
     trainable: list
-    optimizer: object
-    lr_scheduler: object
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any  # accelerate's AcceleratedScheduler around a torch LRScheduler
     loader: DataLoader
     loader_order: torch.Generator  # draws each epoch's data order
     noise: torch.Generator  # noise and timesteps of the training steps
     aux: dict  # role -> CountingIterator over the attacker's aux batches
-    objective: object
+    objective: Objective
     denoiser: Denoiser
-    probe: "FixedNoiseProbe"
+    probe: FixedNoiseProbe
     base_maps: dict  # fixed-noise loss maps of the base model, per role
     base_losses: dict
     metadata: dict
@@ -252,7 +258,7 @@ def setup(cfg: TrainConfig) -> Run:
     unet = torch.compile(base.unet) if cfg.compile else base.unet  # base.unet stays the plain module
     unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)  # loader: this process's shard
     steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
-    max_steps = cfg.max_train_steps or steps_per_epoch * cfg.max_train_epochs
+    max_steps = cfg.max_train_steps or steps_per_epoch * (cfg.max_train_epochs or 1)
     objective.plan(max_steps)
     if accelerator.is_main_process:
         write_resolved_config(cfg, out, objective.metadata())
@@ -283,7 +289,7 @@ def configure_captions(denoiser: Denoiser, cfg: TrainConfig, rank: int) -> None:
         denoiser.caption_shuffle = CaptionShuffler(cfg.keep_tokens, cfg.seed + 11 + 10 * rank)
 
 
-def inject_lora(cfg: TrainConfig, base, device) -> tuple[list, list[dict]]:
+def inject_lora(cfg: TrainConfig, base, device) -> tuple[list, list[dict[str, Any]]]:
     """Frozen base in the compute dtype, LoRA on the UNet (and text encoder) in fp32; returns its parameters."""
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
     for m in (base.unet, base.vae, base.text_encoder):
@@ -291,9 +297,11 @@ def inject_lora(cfg: TrainConfig, base, device) -> tuple[list, list[dict]]:
         if weight_dtype != torch.float32:
             m.to(dtype=weight_dtype)
     spec = LoraSpec(cfg.network_dim, cfg.network_alpha, cfg.conv_dim, cfg.conv_alpha, cfg.network_dropout)
+    groups: list[dict[str, Any]]
     groups = [{"params": add_lora(base.unet, unet_lora_config(spec, base.unet)), "lr": cfg.unet_lr}]
     if cfg.train_text_encoder:
-        groups.append({"params": add_lora(base.text_encoder, text_encoder_lora_config(spec)), "lr": cfg.text_encoder_lr})
+        groups.append({"params": add_lora(base.text_encoder, text_encoder_lora_config(spec)),
+                       "lr": cfg.text_encoder_lr})
     for group in groups:
         for p in group["params"]:
             p.data = p.data.float()
@@ -313,7 +321,8 @@ def average_gradients(accelerator, params) -> None:
 def check_output_dir(cfg: TrainConfig, out: Path) -> None:
     final = out / f"{cfg.output_name}.safetensors"
     if final.exists() and not (cfg.overwrite or cfg.resume):
-        raise PrivloraError(f"{final}: a finished run is already there; pass --overwrite or choose another --output_dir")
+        raise PrivloraError(f"{final}: a finished run is already there; "
+                            "pass --overwrite or choose another --output_dir")
 
 
 class CountingIterator:
@@ -342,7 +351,7 @@ class CountingIterator:
 
 
 def make_optimizer(cfg: TrainConfig, params: list[dict]) -> torch.optim.Optimizer:
-    kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    kwargs: dict[str, Any] = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     if cfg.optimizer_type == "AdamW8bit":
         try:
             import bitsandbytes as bnb
@@ -367,7 +376,7 @@ def make_lr_scheduler(cfg: TrainConfig, optimizer, max_steps: int, num_processes
 
 # --- evaluation ------------------------------------------------------------------------------------------------
 
-def lora_hessian_top_eig(run) -> float:
+def lora_hessian_top_eig(run: Run) -> float:
     """Top Hessian eigenvalue of the objective's LoRA loss w.r.t. the LoRA weights, on a fixed batch (the first
     training examples) and fixed noise, timesteps and dropout masks, so successive values are comparable.
     Every generator it touches is restored afterwards: the run continues exactly as without it."""
@@ -376,7 +385,8 @@ def lora_hessian_top_eig(run) -> float:
     from privlora.hessian import top_eigenvalue
 
     data = run.loader.dataset
-    batch = torch.utils.data.default_collate([data[i] for i in range(min(run.cfg.train_batch_size, len(data)))])
+    n = min(run.cfg.train_batch_size, len(data))  # type: ignore[arg-type]  # map-style, sized
+    batch = torch.utils.data.default_collate([data[i] for i in range(n)])
     gens = [g for g in (run.denoiser.generator, getattr(run.objective, "dropout_generator", None)) if g is not None]
     saved = [g.get_state() for g in gens]
     fixed = torch.Generator().manual_seed(run.cfg.seed + 8)
@@ -389,7 +399,8 @@ def lora_hessian_top_eig(run) -> float:
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
         # the math attention kernel: the fused ones have no double backward
-        with torch.random.fork_rng(devices=devices), sdpa_kernel(SDPBackend.MATH), captions_fixed(run.denoiser):  # fork: LoRA dropout's RNG
+        # fork: LoRA dropout's RNG
+        with torch.random.fork_rng(devices=devices), sdpa_kernel(SDPBackend.MATH), captions_fixed(run.denoiser):
             torch.manual_seed(run.cfg.seed + 10)
             return top_eigenvalue(loss, run.trainable, run.cfg.hessian_iters,
                                   torch.Generator().manual_seed(run.cfg.seed + 9))
@@ -424,7 +435,7 @@ def probe_roles(roles: dict[str, RoleData], cfg: TrainConfig) -> dict[str, RoleD
     return {r: d.subset(min(cfg.eval_samples, len(d)), gen) for r, d in roles.items()}
 
 
-def keep_best_attacker(run, progress: Progress, record: dict) -> None:
+def keep_best_attacker(run: Run, progress: Progress, record: dict) -> None:
     """``<output_name>.attacker_best.safetensors``: the attacker with the best fresh-noise test accuracy so far."""
     acc = record.get("attacker_test_acc_fresh")
     if acc is None or acc <= progress.best_attacker_acc:
@@ -443,7 +454,8 @@ class FixedNoiseProbe:
     def __init__(self, roles: dict[str, RoleData], seed: int, num_train_timesteps: int = 1000):
         self.roles, self.seed = roles, seed
         gen = torch.Generator().manual_seed(seed)
-        self.noise, self.timesteps = {}, {}
+        self.noise: dict[str, torch.Tensor | None] = {}
+        self.timesteps: dict[str, torch.Tensor] = {}
         for role, data in roles.items():
             first = data[0]
             self.timesteps[role] = torch.randint(0, num_train_timesteps, (len(data),), generator=gen)
@@ -458,9 +470,11 @@ class FixedNoiseProbe:
             for s in range(0, len(data), batch_size):
                 idx = list(range(s, min(s + batch_size, len(data))))
                 batch = torch.utils.data.default_collate([data[i] for i in idx])
-                noise = None if self.noise[role] is None else self.noise[role][idx]
+                role_noise = self.noise[role]
+                noise = None if role_noise is None else role_noise[idx]
                 g = torch.Generator().manual_seed(self.seed + s)
-                chunks.append(denoiser.loss_map(batch, noise=noise, timesteps=self.timesteps[role][idx], generator=g)[0])
+                chunks.append(denoiser.loss_map(batch, noise=noise, timesteps=self.timesteps[role][idx],
+                                                generator=g)[0])
             out[role] = torch.cat(chunks).float()
         return out
 
@@ -468,7 +482,7 @@ class FixedNoiseProbe:
 def evaluate_epoch(epoch: int, step: int, probe: FixedNoiseProbe, denoiser: Denoiser, objective,
                    base_maps: dict[str, torch.Tensor], last_logs: dict) -> dict:
     maps = probe.maps(denoiser)
-    record = {"epoch": epoch, "step": step}
+    record: dict[str, Any] = {"epoch": epoch, "step": step}
     record.update({k: v for k, v in last_logs.items() if k != "lr"})
     record.update({f"{r}_loss": m.mean().item() for r, m in maps.items()})
     record["member_gap"] = record["nonmember_test_loss"] - record["member_test_loss"]
@@ -480,6 +494,7 @@ def evaluate_epoch(epoch: int, step: int, probe: FixedNoiseProbe, denoiser: Deno
 
 def lora_metadata(cfg: TrainConfig, base) -> dict[str, str]:
     """Hyperparameters and the base model's identity — never anything derived from the training data."""
+    keys: tuple[str, ...]
     keys = ("method", "network_dim", "network_alpha", "conv_dim", "conv_alpha", "train_text_encoder", "unet_lr",
             "text_encoder_lr", "optimizer_type", "lr_scheduler", "lr_warmup_steps", "train_batch_size",
             "gradient_accumulation_steps", "max_train_epochs", "max_train_steps", "resolution", "mixed_precision",

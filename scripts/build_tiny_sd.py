@@ -37,7 +37,7 @@ from privlora.diffusion import loss_map  # noqa: E402
 from privlora.io import write_json  # noqa: E402
 from privlora.models import tiny  # noqa: E402
 from privlora.models.clip_layout import save_text_encoder  # noqa: E402
-from privlora.models.tokenizer_build import build_clip_tokenizer_files, verify_tokenizer  # noqa: E402
+from scripts.tokenizer_build import build_clip_tokenizer_files, verify_tokenizer  # noqa: E402
 
 SETTINGS = {
     "full": dict(

@@ -11,7 +11,56 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: the shared 2-core box's oversubscribed OpenMP pool is ~20x slower.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    """The tiny SD model as a diffusers folder (path as str), built once per test module."""
+    from tests.fixtures import make_tiny_folder
+
+    return str(make_tiny_folder(tmp_path_factory.mktemp("tiny") / "model"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# Test tiers: a test whose call takes over SLOW_SECONDS on the 2-core box is marked @pytest.mark.slow, so that
+# `python -m pytest -m "not slow"` stays a quick suite. An unmarked test that takes more than SLOW_FACTOR times that
+# is reported at the end (a generous margin: a loaded machine runs everything slower); PRIVLORA_STRICT_SLOW=1 makes it
+# a failure of the session.
+SLOW_SECONDS = 5.0
+SLOW_FACTOR = 3.0
+_unmarked_slow: list[tuple[str, float]] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if (report.when == "call" and report.passed and item.get_closest_marker("slow") is None
+            and report.duration > SLOW_SECONDS * SLOW_FACTOR):
+        _unmarked_slow.append((item.nodeid, report.duration))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _unmarked_slow:
+        return
+    terminalreporter.section("tests to mark @pytest.mark.slow")
+    for nodeid, seconds in _unmarked_slow:
+        terminalreporter.write_line(f"{nodeid}: {seconds:.1f} s unmarked (limit {SLOW_SECONDS:g} s x {SLOW_FACTOR:g})")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _unmarked_slow and os.environ.get("PRIVLORA_STRICT_SLOW") == "1" and exitstatus == 0:
+        session.exitstatus = 1

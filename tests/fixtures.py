@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,7 +25,8 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 def _bytes_to_unicode() -> list[str]:
     # GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to U+0100 onwards.
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+            + list(range(ord("®"), ord("ÿ") + 1)))
     chars, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -111,13 +113,13 @@ SD15_TOPOLOGY_VAE = dict(
 # The real SD1.5 / SD2.x structure — block types, layers per block, one transformer per attention, 12 (CLIP
 # ViT-L) / 23 (OpenCLIP-H as diffusers ships it) text-encoder layers, 4-level VAE — at toy widths. Module NAMES,
 # which is what LoRA files and their clients see, do not depend on widths, so they are exactly SD1.5's / SD2's.
-SD15_SHAPE = dict(
+SD15_SHAPE: dict[str, dict[str, Any]] = dict(
     unet={**SD15_TOPOLOGY_UNET, "cross_attention_dim": 32, "sample_size": 64},
     vae=SD15_TOPOLOGY_VAE,
     text_encoder=dict(num_hidden_layers=12, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                       projection_dim=32),
 )
-SD2_SHAPE = dict(
+SD2_SHAPE: dict[str, dict[str, Any]] = dict(
     # per-block head counts as SD2's [5, 10, 20, 20], scaled to the toy widths
     unet={**SD15_SHAPE["unet"], "use_linear_projection": True, "attention_head_dim": [2, 4, 4, 4], "sample_size": 96},
     vae=SD15_TOPOLOGY_VAE,

@@ -1,4 +1,5 @@
-"""Each attack on hand-built models: one that has memorised its members exactly, and a UNet fine-tuned on two latents."""
+"""Each attack on hand-built models: one that has memorised its members exactly, and a UNet fine-tuned on two
+latents."""
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ from privlora.attacks import (ATTACKS, AUX_ROLES, DEFAULT_ATTACKS, Batch, Query,
 from privlora.attacks.base import require_aux
 from privlora.attacks.target import caption_variant, stable_seed
 from privlora.errors import PrivloraError
+from privlora.models.attacker_net import LossMapAttacker
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHAPE = (4, 8, 8)
 TEXT = (4, 16)  # tokens × width of the fake text embeddings
@@ -23,15 +27,6 @@ FAST = {
     "pia": dict(timesteps=(100, 200)),
     "clid": dict(timesteps=(450,)),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The CI box's two cores are shared: an oversubscribed OpenMP pool is ~20× slower than one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
@@ -58,10 +53,11 @@ class MemorisingUNet(torch.nn.Module):
         g = torch.Generator().manual_seed(7)  # every instance is the same network
         with torch.no_grad():
             self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.3)
-            self.conv.bias.copy_(torch.randn(self.conv.bias.shape, generator=g) * 0.1)
+            self.conv.bias.copy_(torch.randn(self.conv.bias.shape, generator=g) * 0.1)  # type: ignore[union-attr]
 
     def fallback(self, x, t, emb):
-        return torch.tanh(self.conv(x)) + 0.2 * torch.sin(t.float() / 40).view(-1, 1, 1, 1) + emb.mean((1, 2)).view(-1, 1, 1, 1)
+        return (torch.tanh(self.conv(x)) + 0.2 * torch.sin(t.float() / 40).view(-1, 1, 1, 1)
+                + emb.mean((1, 2)).view(-1, 1, 1, 1))
 
     def forward(self, x, t, encoder_hidden_states, return_dict=False):
         t = torch.as_tensor(t).reshape(-1).expand(x.shape[0])
@@ -72,20 +68,23 @@ class MemorisingUNet(torch.nn.Module):
             if hit:
                 z = self.values[hit[0]]
                 eps = (x[i] - a[i].sqrt() * z) / (1 - a[i]).sqrt()
-                pred[i] = eps if self.sched.config.prediction_type == "epsilon" else a[i].sqrt() * eps - (1 - a[i]).sqrt() * z
+                v = a[i].sqrt() * eps - (1 - a[i]).sqrt() * z
+                pred[i] = eps if self.sched.config.prediction_type == "epsilon" else v
         return (pred,)
 
 
 def make_batch(n: int, role: str, start: int = 0) -> Batch:
     g = torch.Generator().manual_seed(1000 + start)
-    return Batch(keys=[f"sha{start + i}" for i in range(n)], paths=[Path(f"/data/{role}/{start + i}.png") for i in range(n)],
+    return Batch(keys=[f"sha{start + i}" for i in range(n)],
+                 paths=[Path(f"/data/{role}/{start + i}.png") for i in range(n)],
                  roles=[role] * n, captions=[f"a red circle number {start + i} on blue" for i in range(n)],
                  latents=torch.randn(n, *SHAPE, generator=g))
 
 
 def memorised_setup(prediction_type="epsilon"):
     members = {"member_test": make_batch(4, "member_test", 0), "member_aux": make_batch(4, "member_aux", 10)}
-    others = {"nonmember_test": make_batch(5, "nonmember_test", 20), "nonmember_aux": make_batch(4, "nonmember_aux", 30)}
+    others = {"nonmember_test": make_batch(5, "nonmember_test", 20),
+              "nonmember_aux": make_batch(4, "nonmember_aux", 30)}
     memo = {c: z for b in members.values() for c, z in zip(b.captions, b.latents)}
     sched = scheduler(prediction_type)
     ref = Target("base", MemorisingUNet(sched, {}), sched, fake_text, batch_size=16)
@@ -222,14 +221,13 @@ def test_queries_per_sample():
 
 
 def save_attacker(folder: Path, stem: str = "mp", suffix: str = "attacker", attacker_input: str = "loss_map",
-                  adv_step: str = "reference") -> tuple[Path, "LossMapAttacker"]:
+                  adv_step: str = "reference") -> tuple[Path, LossMapAttacker]:
     """A LoRA file (only its metadata matters here) and a known attacker beside it, saved as training saves one."""
     import json
 
     from safetensors.torch import save_file
 
     from privlora.io import save_safetensors
-    from privlora.objectives.attacker import LossMapAttacker
 
     lora = folder / f"{stem}.safetensors"
     save_file({"x.lora_down.weight": torch.zeros(1)}, str(lora),
@@ -294,7 +292,8 @@ def test_proxy_does_not_apply_without_an_attacker_file_and_says_why(tmp_path):
     assert "base model" in attack.prepare(target)  # source None: the base model
     lora, _ = save_attacker(tmp_path, suffix="attacker_best")
     target.source = lora
-    assert attack.prepare(target) == "no mp.attacker.safetensors beside the LoRA (only MP-LoRA / SMP-LoRA training saves one)"
+    assert attack.prepare(target) == \
+        "no mp.attacker.safetensors beside the LoRA (only MP-LoRA / SMP-LoRA training saves one)"
     best = build_attacks(["proxy"], {"proxy": {"attacker": "best"}})[0]
     assert best.prepare(target) is None
     assert best.details()["held_out"] is False  # chosen by its test accuracy

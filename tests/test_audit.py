@@ -20,6 +20,8 @@ from privlora.models.loading import load_base, sha256_file
 from privlora.models.lora import LoraSpec, add_lora, lora_layers, save_kohya, text_encoder_lora_config, unet_lora_config
 from tests.fixtures import make_tiny_folder
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAST = {
     "loss": dict(timesteps=(100, 500)),
     "ref_loss": dict(timesteps=(100, 500)),
@@ -28,15 +30,6 @@ FAST = {
     "pia": dict(timesteps=(200,)),
     "clid": dict(timesteps=(450,)),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The CI box's two cores are shared: an oversubscribed OpenMP pool is ~20× slower than one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_lora(folder: Path, out: Path, *, text_encoder: bool = False, zero: bool = False,
@@ -49,7 +42,7 @@ def make_lora(folder: Path, out: Path, *, text_encoder: bool = False, zero: bool
     for model in (base.unet, base.text_encoder):
         for layer in lora_layers(model).values():
             w = layer.lora_B["default"].weight
-            w.data = torch.zeros_like(w) if zero else torch.randn(w.shape, generator=g) * 0.1
+            w.data = torch.zeros_like(w) if zero else torch.randn(w.shape, generator=g) * 0.1  # type: ignore[arg-type]
     metadata = {"sshs_model_hash": base.sha256, "privlora_method": "lora"}
     if hyperparameters is not None:
         metadata["privlora_hyperparameters"] = json.dumps(hyperparameters)
@@ -103,7 +96,8 @@ def test_report_files_are_written_and_valid(env, tmp_path):
     assert on_disk["models"][1]["sha256"] == sha256_file(Path(loras[0]))
     assert on_disk["base_model"]["sha256"] and on_disk["seed"] == 0
     assert on_disk["attacks"]["secmi"]["params"] == {"t_sec": 20, "interval": 10}
-    assert on_disk["unet_queries"]["per_sample"] == {"loss": 2, "ref_loss": 4, "mlp": 2, "secmi": 4, "pia": 2, "clid": 3}
+    assert on_disk["unet_queries"]["per_sample"] == {"loss": 2, "ref_loss": 4, "mlp": 2, "secmi": 4, "pia": 2,
+                                                     "clid": 3}
     for model in on_disk["models"]:
         assert not model["warnings"]
         for name, result in model["results"].items():
@@ -119,6 +113,7 @@ def test_report_files_are_written_and_valid(env, tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+@pytest.mark.slow  # 5.2 s measured on the 2-core box
 def test_a_zero_lora_gets_exactly_the_base_models_queries_and_scores(env, tmp_path):
     report = run_audit(config(env, tmp_path / "r", loras=[str(env["loras"]["zero"])], include_base=True), log=quiet)
     base, zero = report["models"]
@@ -208,7 +203,8 @@ def test_proxy_scores_with_the_attacker_beside_the_lora_and_is_skipped_elsewhere
     assert proxy["details"]["held_out"] and proxy["details"]["attacker_file"] == "mp.attacker.safetensors"
     assert set(mp["dp_bound"]["per_attack"]) == {"loss", "proxy"}
     md = (out / "report.md").read_text()
-    assert "| proxy | 1 | — | " in md and "- proxy: not run on this model — the base model has no co-trained attacker" in md
+    assert "| proxy | 1 | — | " in md
+    assert "- proxy: not run on this model — the base model has no co-trained attacker" in md
     assert f"- proxy (`mp.attacker.safetensors`): the paper's ASR: accuracy of the attacker's own decision, " \
            f"P(member) > 0.5: {proxy['decision_accuracy']:.3f}" in md
     assert all((out / png).read_bytes()[:4] == b"\x89PNG" for png in ("roc.png", "scores.png"))

@@ -16,15 +16,9 @@ from privlora.models.lora import LoraSpec, add_lora, unet_lora_config
 from privlora.objectives.dp_lora import DPLoraObjective, PoissonBatches, clip_factors
 from privlora.objectives.lora import LoraObjective
 from privlora.train import train
-from tests.fixtures import make_tiny_folder
 
 SMALL = dict(synthetic_images=40, n_member_aux=5, n_nonmember_aux=5, n_nonmember_test=10, resolution=32,
              train_batch_size=8, eval_samples=8, network_dim=4, network_alpha=4, unet_lr=1e-3, method="dp_lora")
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return str(make_tiny_folder(tmp_path_factory.mktemp("m") / "tiny"))
 
 
 def lora_model(model):
@@ -148,6 +142,7 @@ def test_solving_for_a_target_epsilon_lands_within_one_percent(target):
     assert target * 0.99 <= reached <= target * 1.0001
 
 
+@pytest.mark.slow  # 8 s measured on the 2-core box
 def test_dp_run_records_epsilon_per_epoch_and_in_the_lora_metadata(model, tmp_path):
     cfg = build_config(None, {**SMALL, "pretrained_model_name_or_path": model, "output_dir": str(tmp_path / "r"),
                               "dp_target_epsilon": 4.0, "dp_delta": 1e-3, "max_train_epochs": 2})

@@ -168,7 +168,8 @@ def test_text_encoding_comes_from_the_flags_else_the_lora_metadata_else_one_wind
     assert text_encoding(trained, None, 75, "a.safetensors") == TextEncoding(2, None)  # 75 = one window
     assert text_encoding(trained, 1, 150, "a.safetensors") == TextEncoding(None, 150)
     assert text_encoding({}, None, None, "a.safetensors") == TextEncoding()
-    assert text_encoding(trained, None, 75, "a").origin == "clip_skip: LoRA metadata; max_token_length: --max_token_length"
+    expected = "clip_skip: LoRA metadata; max_token_length: --max_token_length"
+    assert text_encoding(trained, None, 75, "a").origin == expected
     from privlora.errors import PrivloraError
 
     with pytest.raises(PrivloraError, match=r"^a.safetensors: its metadata says max_token_length 100"):
@@ -180,8 +181,9 @@ def test_an_audit_target_encodes_a_long_caption_in_225_token_windows(tiny):
     from privlora.attacks import Batch, Query, Target
 
     caption = LONG + " red cat"
-    targets = {n: Target(n, tiny.unet, tiny.noise_scheduler, lambda c, e=TextEncoding(2, n): e.encode(tiny, c))
-               for n in (None, 225)}
+    encodings = {n: TextEncoding(2, n) for n in (None, 225)}
+    targets = {n: Target(n, tiny.unet, tiny.noise_scheduler, lambda c, e=e: e.encode(tiny, c))
+               for n, e in encodings.items()}
     plain, long = targets[None].embed([caption]), targets[225].embed([caption])
     assert plain.shape == (1, 32, plain.shape[-1]) and long.shape == (1, 3 * 30 + 2, plain.shape[-1])
     torch.testing.assert_close(long[:, :31], plain[:, :31])  # BOS + the first window: the same computation

@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from privlora.data.dataset import ImageCaptionDataset, validate_images
+from privlora.data.cache import RoleData
+from privlora.data.dataset import validate_images
 from privlora.data.images import (
     assign_bucket,
     bucket_resolutions,
@@ -185,7 +186,7 @@ def test_bucket_resolutions_and_assignment():
 def test_dataset_expands_repeats_and_reports_example_index(tmp_path):
     a = save(Image.new("RGB", (16, 12), (255, 0, 0)), tmp_path / "a.png")
     b = save(Image.new("L", (12, 16), 0), tmp_path / "b.png")
-    dataset = ImageCaptionDataset([Example(a, "red", 2), Example(b, "black", 1)], resolution=8)
+    dataset = RoleData([Example(a, "red", 2), Example(b, "black", 1)], resolution=8, expand_repeats=True)
     assert len(dataset) == 3
     items = [dataset[i] for i in range(3)]
     assert [item["index"] for item in items] == [0, 0, 1]

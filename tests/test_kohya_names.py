@@ -39,7 +39,7 @@ def adapted(folder: Path, spec: LoraSpec):
     for model in (base.unet, base.text_encoder):
         for layer in lora_layers(model).values():  # B starts at zero: make the LoRA do something
             w = layer.lora_B["default"].weight
-            w.data = torch.randn(w.shape, generator=g) * 0.1
+            w.data = torch.randn(w.shape, generator=g) * 0.1  # type: ignore[arg-type]  # peft: a Linear's weight
     return base
 
 

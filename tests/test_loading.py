@@ -103,7 +103,8 @@ def test_sd2_style_is_v_prediction_and_targets_velocity(sd2_dir):
 
 
 def test_prediction_type_override(tiny_dir, sd2_dir):
-    assert load_base(str(tiny_dir), prediction_type="v_prediction").noise_scheduler.config.prediction_type == "v_prediction"
+    scheduler = load_base(str(tiny_dir), prediction_type="v_prediction").noise_scheduler
+    assert scheduler.config.prediction_type == "v_prediction"
     assert load_base(str(sd2_dir), prediction_type="epsilon").prediction_type == "epsilon"
     with pytest.raises(PrivloraError) as err:
         load_base(str(tiny_dir), prediction_type="sample")
@@ -236,7 +237,8 @@ def test_folder_missing_component(tmp_path, tiny_dir, component):
     _assert_one_line(err, str(folder / component))
 
 
-@pytest.mark.parametrize("rel", ["unet/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"])
+@pytest.mark.parametrize("rel", ["unet/config.json", "vae/diffusion_pytorch_model.safetensors",
+                                 "text_encoder/model.safetensors"])
 def test_folder_missing_file(tmp_path, tiny_dir, rel):
     folder = tmp_path / "partial"
     shutil.copytree(tiny_dir, folder)

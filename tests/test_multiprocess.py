@@ -1,6 +1,7 @@
 """Two CPU processes (torchrun, gloo) train like one process with the same global batch."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -16,6 +17,14 @@ ARGS = ["--synthetic_images", "60", "--n_member_aux", "5", "--n_nonmember_aux", 
         "--attacker_lr", "1e-3", "--lr_scheduler", "linear", "--lr_warmup_steps", "3"]
 
 
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it), so parallel or repeated runs do not collide."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     model = str(make_tiny_folder(tmp_path / "tiny"))
@@ -23,7 +32,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     common = ["-m", "privlora", "train", "--pretrained_model_name_or_path", model, *ARGS]
     subprocess.run([sys.executable, *common, "--output_dir", str(tmp_path / "one"), "--train_batch_size", "8"],
                    env=env, check=True, capture_output=True)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(free_port())]
     subprocess.run([*torchrun, *common, "--output_dir", str(tmp_path / "two"), "--train_batch_size", "4"],
                    env=env, check=True, capture_output=True)
 

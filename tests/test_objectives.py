@@ -1,5 +1,4 @@
 """MP-LoRA / SMP-LoRA objectives against their formulas, and who gets which gradient."""
-import itertools
 
 import pytest
 import torch
@@ -140,7 +139,8 @@ def test_build_objective_picks_by_method():
     kinds = {}
     for method in ("lora", "mp_lora", "smp_lora"):
         cfg = TrainConfig(method=method, attacker_pool=8, attacker_hidden=[8])
-        kinds[method] = type(build_objective(cfg, latent_channels=4, member_aux=batches(0), nonmember_aux=batches(1))).__name__
+        kinds[method] = type(build_objective(cfg, latent_channels=4, member_aux=batches(0),
+                                             nonmember_aux=batches(1))).__name__
     assert kinds == {"lora": "LoraObjective", "mp_lora": "MPLoraObjective", "smp_lora": "SMPLoraObjective"}
 
 
@@ -190,7 +190,8 @@ def test_reference_step_draws_fresh_aux_batches_and_noise_for_every_attacker_ste
     obj.lora_loss(next(batches(3)), den)
     den.seen, den.pinned = [], []
     obj.after_lora_step(den)
-    assert den.calls == 1 + 6 and not any(den.pinned)  # the doubled training forward, then one member + one non-member forward per attacker step
+    # the doubled training forward, then one member + one non-member forward per attacker step
+    assert den.calls == 1 + 6 and not any(den.pinned)
     members, nonmembers = den.seen[0::2], den.seen[1::2]
     expected_m, expected_n = batches(1), batches(2)  # the aux iterators' own order, one new batch per step
     for m, n in zip(members, nonmembers):
@@ -240,4 +241,5 @@ def test_build_objective_turns_dropout_in_adv_on_from_the_config():
     obj = build_objective(cfg, latent_channels=4, member_aux=batches(0), nonmember_aux=batches(1))
     assert obj.dropout_generator is not None
     cfg.attacker_dropout_in_adv = False
-    assert build_objective(cfg, latent_channels=4, member_aux=batches(0), nonmember_aux=batches(1)).dropout_generator is None
+    assert build_objective(cfg, latent_channels=4, member_aux=batches(0),
+                           nonmember_aux=batches(1)).dropout_generator is None

@@ -7,11 +7,16 @@ import pytest
 from PIL import Image
 
 from privlora.config import build_config, read_toml
-from privlora.data.prepare import prepare_splits, role_sizes
+from privlora.data.prepare import prepare_splits
+from privlora.data.splits import ROLES, Splits
 
 PRESETS = sorted(Path("configs").rglob("*.toml"))
 DATASET_PRESETS = [p for p in PRESETS if p.parent.name not in ("paper", "tiny")]
 PAPER_PRESETS = [p for p in DATASET_PRESETS if p.stem in ("lora", "mp_lora", "smp_lora")]  # the paper's methods
+
+
+def role_sizes(splits: Splits) -> dict[str, int]:
+    return {r: len(splits.role(r)) for r in ROLES}
 
 
 def write_images(folder: Path, n: int, start: int) -> None:
@@ -24,7 +29,8 @@ def write_images(folder: Path, n: int, start: int) -> None:
 
 def test_there_are_presets_for_every_paper_dataset_and_method():
     names = {(p.parent.name, p.stem) for p in PRESETS}
-    for dataset in ("pokemon", "celeba_small", "celeba_large", "celeba_large_5x", "afhq_large_5x", "mscoco_large_5x", "tiny"):
+    for dataset in ("pokemon", "celeba_small", "celeba_large", "celeba_large_5x", "afhq_large_5x", "mscoco_large_5x",
+                    "tiny"):
         for method in ("lora", "mp_lora", "smp_lora"):
             assert (dataset, method) in names
 
@@ -52,7 +58,8 @@ def test_preset_split_layout_on_a_miniature_tree(preset, tmp_path):
         write_images(tmp_path / "data", need, 0)
         cfg = build_config(str(preset), {"train_data_dir": str(tmp_path / "data")})
         sizes = role_sizes(prepare_splits(cfg, tmp_path / "out")[0])
-        assert sizes == {"train": 233, "member_aux": 200, "member_test": 33, "nonmember_aux": 200, "nonmember_test": 200}
+        assert sizes == {"train": 233, "member_aux": 200, "member_test": 33, "nonmember_aux": 200,
+                         "nonmember_test": 200}
     else:  # five folders named as in the paper's release, kohya subfolders inside
         root = tmp_path / "data"
         write_images(root / "D_tr" / "1_a", 12, 0)
@@ -66,7 +73,8 @@ def test_preset_split_layout_on_a_miniature_tree(preset, tmp_path):
         write_images(root / "D^nm_te" / "1_c", 7, 200)
         cfg = build_config(str(preset), {"splits_dir": str(root)})
         splits, _ = prepare_splits(cfg, tmp_path / "out")
-        assert role_sizes(splits) == {"train": 20, "member_aux": 5, "member_test": 5, "nonmember_aux": 6, "nonmember_test": 7}
+        assert role_sizes(splits) == {"train": 20, "member_aux": 5, "member_test": 5, "nonmember_aux": 6,
+                                      "nonmember_test": 7}
         train_paths = {e.path for e in splits.train}
         assert all(e.path in train_paths for e in splits.member_aux + splits.member_test)
         assert {e.repeats for e in splits.train} == {1, 2}
@@ -79,7 +87,8 @@ def test_paper_presets_resolve_to_the_reference_method(preset):
     assert (cfg.adv_step, cfg.attacker_dropout_in_adv, cfg.shuffle_caption, cfg.max_token_length) == \
         ("reference", True, True, 225)
     assert (cfg.network_dim, cfg.network_alpha, cfg.unet_lr, cfg.text_encoder_lr) == (64, 32, 1e-4, 1e-5)
-    assert (cfg.train_batch_size, cfg.max_train_epochs, cfg.clip_skip, cfg.seed, cfg.resolution) == (1, 400, 2, 1337, 512)
+    assert (cfg.train_batch_size, cfg.max_train_epochs, cfg.clip_skip, cfg.seed, cfg.resolution) == \
+        (1, 400, 2, 1337, 512)
     assert (cfg.privacy_alpha, cfg.privacy_beta, cfg.k_steps, cfg.attacker_lr, cfg.attacker_weight_decay) == \
         (1.0, 1.0, 1, 1e-5, 1e-4)
     assert (cfg.attacker_hidden, cfg.attacker_dropout, cfg.attacker_pool) == ([512, 256], 0.5, 64)

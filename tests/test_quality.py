@@ -12,20 +12,8 @@ from privlora.errors import PrivloraError
 from privlora.models.tiny import TINY_SD_PATH
 from privlora.quality import (INCEPTION_WEIGHTS_NAME, INCEPTION_WEIGHTS_URL, PROXY_LABEL, frechet_distance,
                               kernel_distance, score)
-from tests.fixtures import make_tiny_folder
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_tiny_folder(tmp_path_factory.mktemp("tiny") / "model")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def features(n, d, seed, shift=0.0, mix=0.0):
@@ -35,10 +23,10 @@ def features(n, d, seed, shift=0.0, mix=0.0):
 
 
 def scipy_fid(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.numpy(), b.numpy()
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    x, y = a.numpy(), b.numpy()
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
     root = scipy.linalg.sqrtm(s1 @ s2).real
-    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * root))
+    return float(((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * root))
 
 
 def images(n, seed, brightness=0):
@@ -61,6 +49,7 @@ def test_frechet_distance_matches_scipy_reference(d, mix, shift):
 def test_distances_of_a_set_to_itself_and_to_shifted_sets():
     a = features(200, 16, 0)
     assert abs(frechet_distance(a, a)) < 1e-6
+    assert frechet_distance(a, a) >= 0.0  # clamped: round-off never reports a negative distance
     fids = [frechet_distance(a, features(200, 16, 1, shift)) for shift in (0.0, 0.5, 1.0)]
     kids = [kernel_distance(a, features(200, 16, 1, shift), subsets=20, subset_size=100)[0]
             for shift in (0.0, 0.5, 1.0)]
@@ -90,6 +79,7 @@ def test_tiny_proxy_scores_and_labels(model):
     assert same["label"] == PROXY_LABEL and "not comparable to Inception" in PROXY_LABEL
     assert not {"fid", "kid_mean"} & set(same)  # proxy numbers never sit under the Inception key names
     assert abs(same["fid_proxy_tiny"]) < 1e-6
+    assert same["fid_proxy_tiny"] >= 0.0 and "round-off" in same["fid_note"]
     assert 0 < near["fid_proxy_tiny"] < far["fid_proxy_tiny"]
     assert near["kid_proxy_tiny_mean"] < far["kid_proxy_tiny_mean"]
     assert far["n_real"] == far["n_fake"] == 48 and len(far["feature_model_vae_sha256"]) == 64

@@ -10,15 +10,9 @@ from privlora.config import build_config
 from privlora.errors import PrivloraError
 from privlora.io import save_safetensors
 from privlora.train import train
-from tests.fixtures import make_tiny_folder
 
 SMALL = dict(synthetic_images=40, n_member_aux=5, n_nonmember_aux=5, n_nonmember_test=10, resolution=32,
              train_batch_size=8, eval_samples=8, network_dim=4, network_alpha=4, unet_lr=1e-3)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return str(make_tiny_folder(tmp_path_factory.mktemp("m") / "tiny"))
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(model, tmp_path, monkeypatch):

@@ -12,23 +12,10 @@ from privlora.models.loading import load_base
 from privlora.models.lora import LoraSpec, add_lora, lora_layers, save_kohya, unet_lora_config
 from privlora.prompts import parse_prompt_line, read_prompts
 from privlora.sample import build_pipeline, sample, sample_during_training
-from tests.fixtures import make_tiny_folder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = dict(n=2, steps=3, guidance=5.0, seed=11)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The shared 2-core box: two threads per process oversubscribe it and the tiny UNet gets 10× slower.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_tiny_folder(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def _adapted(model):

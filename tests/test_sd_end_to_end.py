@@ -84,7 +84,8 @@ def test_smp_lora_trains_saves_loads_in_diffusers_and_audits(models, tmp_path, f
 
     report = run_audit(AuditConfig(
         splits=str(tmp_path / "run" / "splits.json"), out=str(tmp_path / "audit"), loras=[str(lora)],
-        attacks=["loss", "ref_loss"], include_base=True, resolution=64, n_bootstrap=20, max_samples=4, config_dir=model.get("config_dir"),
+        attacks=["loss", "ref_loss"], include_base=True, resolution=64, n_bootstrap=20, max_samples=4,
+        config_dir=model.get("config_dir"),
         pretrained_model_name_or_path=model["pretrained_model_name_or_path"],
         attack_params={"loss": {"timesteps": [100, 500]}, "ref_loss": {"timesteps": [100, 500]}},
     ), log=lambda *_: None)
@@ -93,7 +94,8 @@ def test_smp_lora_trains_saves_loads_in_diffusers_and_audits(models, tmp_path, f
     for result in rows["lora"]["results"].values():
         assert 0.0 <= result["auc"] <= 1.0 and result["n_member"] == result["n_nonmember"] == 4
     assert rows["lora"]["scores"]["loss"] != rows["base"]["scores"]["loss"]  # the audit saw the trained LoRA
-    assert report["models"][1]["lora_metadata"]["ss_base_model_version"] == FAMILY[family]["meta"]["ss_base_model_version"]
+    version = report["models"][1]["lora_metadata"]["ss_base_model_version"]
+    assert version == FAMILY[family]["meta"]["ss_base_model_version"]
 
 
 def diffusers_adapted_modules(folder: Path, lora: Path) -> int:

@@ -54,7 +54,11 @@ def test_select_never_reads_a_test_image_and_picks_the_most_useful_checkpoint_un
     test = {(root / e["path"]).resolve() for r in ("member_test", "nonmember_test") for e in manifest["roles"][r]}
     opened = []
     original = PIL.Image.open
-    monkeypatch.setattr(PIL.Image, "open", lambda fp, *a, **k: (opened.append(Path(fp).resolve()), original(fp, *a, **k))[1])
+    def spy(fp, *a, **k):
+        opened.append(Path(fp).resolve())
+        return original(fp, *a, **k)
+
+    monkeypatch.setattr(PIL.Image, "open", spy)
     for path in test - aux:
         path.rename(path.with_suffix(".hidden"))  # select must not even need them
     try:

@@ -15,7 +15,7 @@ from privlora.data import synthetic  # noqa: E402
 from privlora.diffusion import loss_map  # noqa: E402
 from privlora.errors import PrivloraError  # noqa: E402
 from privlora.models import tiny  # noqa: E402
-from privlora.models.tokenizer_build import build_clip_tokenizer_files, verify_tokenizer  # noqa: E402
+from scripts.tokenizer_build import build_clip_tokenizer_files, verify_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = tiny.TINY_SD_PATH

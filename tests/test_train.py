@@ -18,11 +18,6 @@ SMALL = dict(synthetic_images=40, n_member_aux=5, n_nonmember_aux=5, n_nonmember
              attacker_hidden=[32])
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return str(make_tiny_folder(tmp_path_factory.mktemp("m") / "tiny"))
-
-
 def run(model, out, **kw):
     cfg = build_config(None, {**SMALL, "pretrained_model_name_or_path": model, "output_dir": str(out), **kw})
     return train(cfg)
@@ -235,11 +230,13 @@ def test_the_saved_attackers_load_into_the_audits_proxy_attack(model, tmp_path):
                max_train_epochs=2, max_token_length=150, clip_skip=2)
     for which, file in (("final", "attacker"), ("best", "attacker_best")):
         report = run_audit(AuditConfig(splits=str(tmp_path / "r" / "splits.json"), out=str(tmp_path / which),
-                                       pretrained_model_name_or_path=model, loras=[str(path)], attacks=["loss", "proxy"],
-                                       n_bootstrap=0, attack_params={"proxy": {"attacker": which}}), log=lambda _: None)
+                                       pretrained_model_name_or_path=model, loras=[str(path)],
+                                       attacks=["loss", "proxy"], n_bootstrap=0,
+                                       attack_params={"proxy": {"attacker": which}}), log=lambda _: None)
         [lora] = report["models"]
         details = lora["results"]["proxy"]["details"]
-        assert details["attacker_file"] == f"{path.stem}.{file}.safetensors" and details["attacker_input"] == "calibrated"
+        assert details["attacker_file"] == f"{path.stem}.{file}.safetensors"
+        assert details["attacker_input"] == "calibrated"
         assert details["held_out"] is (which == "final")
         assert lora["text_encoding"] == {"clip_skip": 2, "max_token_length": 150,
                                          "from": "clip_skip: LoRA metadata; max_token_length: LoRA metadata"}

@@ -55,10 +55,11 @@ def point_metrics(member: np.ndarray, nonmember: np.ndarray, *, fast_auc: bool =
     return out
 
 
-def bootstrap(member: np.ndarray, nonmember: np.ndarray, n: int, seed: int, level: float = 0.95) -> dict[str, list[float]]:
+def bootstrap(member: np.ndarray, nonmember: np.ndarray, n: int, seed: int,
+              level: float = 0.95) -> dict[str, list[float]]:
     """Percentile intervals of every metric over n stratified resamples."""
     rng = np.random.default_rng(seed)
-    draws = {m: [] for m in METRICS}
+    draws: dict[str, list[float]] = {m: [] for m in METRICS}
     for _ in range(n):
         m = member[rng.integers(0, len(member), len(member))]
         nm = nonmember[rng.integers(0, len(nonmember), len(nonmember))]
@@ -72,8 +73,10 @@ def small_set_notes(n_nonmember: int) -> list[str]:
     notes = []
     for name, target in FPR_TARGETS.items():
         if n_nonmember * target < 1:
-            notes.append(f"{name}: only {n_nonmember} non-members (< {round(1 / target)}), so FPR {target:g} is below one "
-                         "false positive; the value is interpolated towards the (0, 0) corner and is not a reliable estimate")
+            notes.append(f"{name}: only {n_nonmember} non-members (< {round(1 / target)}), so FPR {target:g} is below "
+                         "one "
+                         "false positive; the value is interpolated towards the (0, 0) corner and is not a reliable "
+                         "estimate")
     return notes
 
 

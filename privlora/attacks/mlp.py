@@ -1,6 +1,6 @@
 """``mlp``: the MP-LoRA paper's attacker form — an MLP on the per-element loss map (Luo et al., AAAI 2025).
 
-A fresh :class:`~privlora.objectives.attacker.LossMapAttacker` is trained on the auxiliary members and
+A fresh :class:`~privlora.models.attacker_net.LossMapAttacker` is trained on the auxiliary members and
 non-members only, then scores the test roles. Input: the loss map averaged over the same queries as ``loss``
 (so the two share UNet work), as log-loss standardised with the auxiliary statistics — the reference trains
 with lr 1e-5 for thousands of steps; standardising lets a few hundred full-batch steps suffice.
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from privlora.attacks.base import Batch, require_aux
 from privlora.attacks.loss import LossAttack
 from privlora.attacks.target import stable_seed
-from privlora.objectives.attacker import MEMBER, NONMEMBER, LossMapAttacker
+from privlora.models.attacker_net import MEMBER, NONMEMBER, LossMapAttacker
 
 
 @dataclass

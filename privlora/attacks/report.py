@@ -1,7 +1,6 @@
 """Rendering an audit report: Markdown tables and the two figures, all in memory (the caller writes them)."""
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
@@ -62,12 +61,15 @@ def _header(report: dict[str, Any]) -> list[str]:
     base, data, s = report["base_model"], report["data"], report["settings"]
     used = data["used"]
     return [
-        f"- base model: `{base['name']}` (UNet sha256 `{_short(base['sha256'])}`, {base['prediction_type']} prediction)",
-        f"- splits: `{data['manifest']}` — test: {used['member_test']} members vs {used['nonmember_test']} non-members; "
+        f"- base model: `{base['name']}` (UNet sha256 `{_short(base['sha256'])}`, "
+        f"{base['prediction_type']} prediction)",
+        f"- splits: `{data['manifest']}` — test: {used['member_test']} members vs {used['nonmember_test']} "
+        "non-members; "
         f"aux (fitting only): {used.get('member_aux', 0)} vs {used.get('nonmember_aux', 0)}",
         f"- seed {report['seed']}, resolution {s['resolution']}, UNet batch {s['batch_size']}, device {s['device']}, "
         f"{s['n_bootstrap']} bootstrap resamples (95% intervals in brackets)",
-        f"- wall time {report['wall_seconds']:.1f} s, {report['unet_queries']['total_run']} UNet sample-evaluations run",
+        f"- wall time {report['wall_seconds']:.1f} s, "
+        f"{report['unet_queries']['total_run']} UNet sample-evaluations run",
         "",
     ]
 
@@ -122,20 +124,16 @@ def _fmt(value: Any) -> str:
 
 def _attack_notes(report: dict[str, Any]) -> list[str]:
     lines = ["## Attacks", "", "Scores: higher = more likely a member. Queries: UNet evaluations per sample "
-             "(loss, ref_loss and mlp share the same cached queries; ref_loss's base-model half is run once per audit).", ""]
+             "(loss, ref_loss and mlp share the same cached queries; "
+             "ref_loss's base-model half is run once per audit).", ""]
     for name, spec in report["attacks"].items():
         params = ", ".join(f"{k}={v}" for k, v in spec["params"].items())
-        lines.append(f"- **{name}** ({spec['queries_per_sample']} queries/sample): {spec['summary']}. Parameters: {params}.")
+        lines.append(f"- **{name}** ({spec['queries_per_sample']} queries/sample): {spec['summary']}. Parameters: "
+                     f"{params}.")
     return lines + [""]
 
 
 # ------------------------------------------------------------------------------------------------ figures
-
-
-def _png(fig, dpi: int = 100) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)  # no bbox_inches="tight": it draws everything twice
-    return buf.getvalue()
 
 
 def _grid(n: int, cols: int) -> tuple[int, int]:
@@ -145,11 +143,11 @@ def _grid(n: int, cols: int) -> tuple[int, int]:
 
 def roc_png(scores: dict[str, dict[str, dict[str, np.ndarray]]], results: dict[str, dict[str, dict]]) -> bytes:
     """Log-log ROC per model (one panel each), one curve per attack, with the chance line."""
-    from matplotlib.figure import Figure
+    from privlora.plotting import new_figure, png_bytes
 
     models = list(scores)
     rows, cols = _grid(len(models), 3)
-    fig = Figure(figsize=(4.4 * cols, 4.2 * rows))
+    fig = new_figure(figsize=(4.4 * cols, 4.2 * rows))
     fig.subplots_adjust(left=0.1, right=0.97, bottom=0.13, top=0.93, wspace=0.3, hspace=0.4)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, model in zip(axes, models):
@@ -165,18 +163,18 @@ def roc_png(scores: dict[str, dict[str, dict[str, np.ndarray]]], results: dict[s
         ax.legend(fontsize=7, loc="lower right")
     for ax in axes[len(models):]:
         ax.set_visible(False)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def scores_png(scores: dict[str, dict[str, dict[str, np.ndarray]]],
                skipped: dict[str, dict[str, str]] | None = None) -> bytes:
     """Member vs non-member score histograms: one row per model, one column per attack (blank where an attack
     does not apply to a model)."""
-    from matplotlib.figure import Figure
+    from privlora.plotting import new_figure, png_bytes
 
     models = list(scores)
     attacks = list(dict.fromkeys(a for m in models for a in [*scores[m], *(skipped or {}).get(m, {})]))
-    fig = Figure(figsize=(3.0 * len(attacks), 2.4 * len(models)))
+    fig = new_figure(figsize=(3.0 * len(attacks), 2.4 * len(models)))
     fig.subplots_adjust(left=0.05, right=0.98, bottom=0.08, top=0.9, wspace=0.3, hspace=0.5)
     axes = fig.subplots(len(models), len(attacks), squeeze=False)
     for r, model in enumerate(models):
@@ -196,4 +194,4 @@ def scores_png(scores: dict[str, dict[str, dict[str, np.ndarray]]],
             ax.locator_params(axis="x", nbins=4)
             if r == 0 and c == 0:
                 ax.legend(fontsize=7)
-    return _png(fig, dpi=80)
+    return png_bytes(fig, dpi=80)

@@ -32,7 +32,8 @@ class SecMIAttack(Attack):
 
     def check(self, num_train_timesteps: int) -> None:
         if self.interval < 1 or self.t_sec < self.interval or self.t_sec % self.interval:
-            raise PrivloraError(f"attack secmi: t_sec ({self.t_sec}) must be a positive multiple of interval ({self.interval})")
+            raise PrivloraError(f"attack secmi: t_sec ({self.t_sec}) must be a positive multiple of interval "
+                                f"({self.interval})")
         super().check(num_train_timesteps)
 
     def timesteps_used(self) -> list[int]:

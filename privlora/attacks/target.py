@@ -27,7 +27,8 @@ def stable_seed(*parts: object) -> int:
 
 
 def caption_variant(caption: str, variant: str, key: str, seed: int) -> str:
-    """``full``: the caption; ``empty``: ""; ``partial:r``: the caption with a seeded fraction r of its words dropped."""
+    """``full``: the caption; ``empty``: ""; ``partial:r``: the caption with a seeded fraction r of its words
+    dropped."""
     if variant == "full":
         return caption
     if variant == "empty":
@@ -53,7 +54,7 @@ class Target:
         batch_size: int = 64,
         device: str | torch.device = "cpu",
         activate: Callable[[], None] | None = None,
-        reference: "Target | None" = None,
+        reference: Target | None = None,
         source: Path | None = None,
     ):
         self.name, self.unet, self.scheduler = name, unet, scheduler

@@ -1,7 +1,6 @@
 """Reading images safely (any mode to RGB, one-line errors), tensor conversion, hashing, buckets."""
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from pathlib import Path
@@ -11,20 +10,11 @@ import torch
 from PIL import Image, ImageOps
 
 from privlora.errors import PrivloraError
+from privlora.files import file_error, sha256_file  # noqa: F401  (re-exported)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 _WHITE = (255, 255, 255)
-_HASH_CHUNK = 1 << 20
-
-
-def file_error(path: str | Path, problem: str) -> PrivloraError:
-    """A PrivloraError reading ``<path>: <problem>`` on one line, whatever the problem text holds."""
-    one_line = " ".join(str(problem).split())
-    shown = str(path)
-    if "\n" in shown or "\r" in shown:
-        shown = repr(shown)
-    return PrivloraError(f"{shown}: {one_line}")
 
 
 def is_image_file(path: Path) -> bool:
@@ -33,16 +23,6 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of the file's bytes."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-                digest.update(chunk)
-    except OSError as e:
-        raise file_error(path, f"cannot read file ({e.strerror or e})") from None
-    return digest.hexdigest()
 
 
 def open_rgb(path: str | Path) -> Image.Image:
@@ -58,8 +38,7 @@ def open_rgb(path: str | Path) -> Image.Image:
             probe.verify()  # catches PNG CRC errors that decoding alone would accept
         with Image.open(path) as img:
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return convert_to_rgb(img)
+            return convert_to_rgb(ImageOps.exif_transpose(img))
     except Image.UnidentifiedImageError:
         raise file_error(path, "cannot read image (not a recognised image format)") from None
     except Image.DecompressionBombError:

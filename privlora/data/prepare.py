@@ -5,7 +5,7 @@ from pathlib import Path
 
 from privlora.data.dataset import validate_images
 from privlora.data.readers import read_examples
-from privlora.data.splits import ROLES, Splits, auto_split, read_manifest, splits_from_dirs, validate, write_manifest
+from privlora.data.splits import Splits, auto_split, read_manifest, splits_from_dirs, validate, write_manifest
 from privlora.io import write_text
 
 MANIFEST_NAME = "splits.json"
@@ -57,7 +57,3 @@ def synthetic_source(cfg, out: Path) -> Path:
                                resolution=cfg.resolution, layout="flat", style=cfg.synthetic_style)
         marker.touch()
     return folder
-
-
-def role_sizes(splits: Splits) -> dict[str, int]:
-    return {r: len(splits.role(r)) for r in ROLES}

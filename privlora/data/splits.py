@@ -136,13 +136,13 @@ def splits_from_dirs(
     for role in ("train", *NONMEMBER_ROLES):
         splits_by_role[role] = read_examples(dirs[role], caption_extension, require_captions)
         hashes.update((e.path, sha256_file(e.path)) for e in splits_by_role[role])
-    train_by_hash = {}
+    train_by_hash: dict[str, Example] = {}
     for example in splits_by_role["train"]:
         train_by_hash.setdefault(hashes[example.path], example)
     for role in MEMBER_ROLES:
         copies = read_examples(dirs[role], caption_extension, require_captions=False)
         splits_by_role[role] = _match_to_training(copies, train_by_hash, role)
-    splits = Splits(**splits_by_role, hashes=hashes)
+    splits = Splits(**splits_by_role, hashes=hashes)  # type: ignore[arg-type]  # the five role lists
     validate(splits)
     return splits
 

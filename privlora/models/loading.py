@@ -5,7 +5,6 @@ file without configs) becomes a one-line ``PrivloraError`` naming the file and t
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +13,12 @@ from typing import Any
 import torch
 
 from privlora.errors import PrivloraError
+from privlora.files import PICKLE_SUFFIXES, safetensors_keys, sha256_file
+from privlora.files import one_line_error as _one_line
 from privlora.models.clip_layout import own_name
 from privlora.models.tiny import TINY_ALIASES, TINY_SD_PATH
+from privlora.offline import offline_by_default
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".bin", ".pth")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _CONFIG_FILES = {
@@ -64,6 +65,7 @@ def load_base(
     the original LDM layout (then ``config_dir`` must name a local diffusers folder providing configs and tokenizer).
     ``prediction_type`` overrides the scheduler config (for checkpoints whose config is wrong).
     """
+    offline_by_default()  # a local model needs no network; the caller may have opted in already
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise PrivloraError(f"prediction_type {prediction_type!r} is not supported (use epsilon or v_prediction)")
     path = _resolve(name_or_path)
@@ -72,7 +74,8 @@ def load_base(
     elif path.is_file():
         base = _load_single_file(path, config_dir, dtype, allow_pickle, prediction_type)
     else:
-        raise PrivloraError(f"{path}: no such file or folder (expected tiny-sd, a diffusers folder or a .safetensors file)")
+        raise PrivloraError(f"{path}: no such file or folder (expected tiny-sd, a diffusers folder or a .safetensors "
+                            "file)")
     base.name = str(name_or_path)
     for module in (base.unet, base.vae, base.text_encoder):
         module.requires_grad_(False).eval()
@@ -85,34 +88,14 @@ def load_base(
 def _resolve(name_or_path: str | Path) -> Path:
     if str(name_or_path) in TINY_ALIASES:
         if not (TINY_SD_PATH / "model_index.json").is_file():
-            raise PrivloraError(f"{TINY_SD_PATH}: the embedded tiny model is missing; build it with scripts/build_tiny_sd.py")
+            raise PrivloraError(f"{TINY_SD_PATH}: the embedded tiny model is missing; build it with "
+                                "scripts/build_tiny_sd.py")
         return TINY_SD_PATH
     return Path(name_or_path).expanduser()
 
 
-def sha256_file(paths: Path | list[Path], chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file (or of several files concatenated in the given order), read in chunks."""
-    h = hashlib.sha256()
-    for p in [paths] if isinstance(paths, Path) else paths:
-        with open(p, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-    return h.hexdigest()
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def _check_safetensors(path: Path) -> None:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
-    except Exception as e:  # safetensors raises its own error type for every malformed header
-        raise PrivloraError(f"{path}: not a readable .safetensors file ({_one_line(e)})") from None
+    safetensors_keys(path)
 
 
 def _refuse_pickle(path: Path) -> PrivloraError:
@@ -136,7 +119,8 @@ def _weight_files(folder: Path, component: str, allow_pickle: bool) -> tuple[lis
             return exact, None
         variant = plain[0].name[len(stem) + 1 :].split(".")[0].split("-")[0]  # "fp16" of *.fp16[-0000x-of-n].*
         return [p for p in plain if p.name.startswith(f"{stem}.{variant}")], variant
-    raise PrivloraError(f"{folder}: no weights file ({stem}.safetensors) — the folder is missing the {component} weights")
+    raise PrivloraError(f"{folder}: no weights file ({stem}.safetensors) — the folder is missing the {component} "
+                        "weights")
 
 
 def _check_folder(folder: Path) -> None:
@@ -144,11 +128,13 @@ def _check_folder(folder: Path) -> None:
     if index.is_file():
         _check_index(index)
     elif not any((folder / c).is_dir() for c in COMPONENTS):
-        raise PrivloraError(f"{folder}: not a diffusers Stable Diffusion folder (no model_index.json, no unet/ vae/ ... subfolders)")
+        raise PrivloraError(f"{folder}: not a diffusers Stable Diffusion folder (no model_index.json, no unet/ vae/ "
+                            "... subfolders)")
     for component in COMPONENTS:
         sub = folder / component
         if not sub.is_dir():
-            raise PrivloraError(f"{sub}: missing — a Stable Diffusion folder needs {', '.join(c + '/' for c in COMPONENTS)}")
+            raise PrivloraError(f"{sub}: missing — a Stable Diffusion folder needs "
+                                f"{', '.join(c + '/' for c in COMPONENTS)}")
         if component == "tokenizer":
             _check_tokenizer(sub)
         elif not (sub / _CONFIG_FILES[component]).is_file():
@@ -161,7 +147,8 @@ def _check_index(index: Path) -> None:
     except (OSError, ValueError) as e:
         raise PrivloraError(f"{index}: unreadable ({_one_line(e)})") from None
     if "text_encoder_2" in spec or "transformer" in spec:
-        raise PrivloraError(f"{index}: {spec.get('_class_name', 'this pipeline')} is not supported (SD1.x / SD2.x only)")
+        raise PrivloraError(f"{index}: {spec.get('_class_name', 'this pipeline')} is not supported "
+                            "(SD1.x / SD2.x only)")
 
 
 def _check_tokenizer(sub: Path) -> None:
@@ -193,7 +180,8 @@ def _load_scheduler(folder: Path, prediction_type: str | None):
     kind = sched.config.prediction_type
     if kind not in PREDICTION_TYPES:
         path = folder / "scheduler" / _CONFIG_FILES["scheduler"]
-        raise PrivloraError(f"{path}: prediction_type {kind!r} is not supported; pass --prediction_type epsilon|v_prediction")
+        raise PrivloraError(f"{path}: prediction_type {kind!r} is not supported; pass --prediction_type "
+                            "epsilon|v_prediction")
     return sched
 
 
@@ -271,7 +259,8 @@ def _read_checkpoint(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         _check_safetensors(path)
         state = load_file(str(path), device="cpu")
     else:
-        raise PrivloraError(f"{path}: unsupported weights file (expected .safetensors, or {', '.join(PICKLE_SUFFIXES)} with --allow_pickle)")
+        raise PrivloraError(f"{path}: unsupported weights file (expected .safetensors, or "
+                            f"{', '.join(PICKLE_SUFFIXES)} with --allow_pickle)")
     while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -288,14 +277,16 @@ def _check_ldm_layout(path: Path, state: dict) -> None:
     }
     missing = [what for what, p in prefixes.items() if not any(k.startswith(p) for k in state)]
     if missing:
-        raise PrivloraError(f"{path}: not an original-layout SD1.x/SD2.x checkpoint; missing {', '.join(missing)} weights")
+        raise PrivloraError(f"{path}: not an original-layout SD1.x/SD2.x checkpoint; missing {', '.join(missing)} "
+                            "weights")
 
 
 def _config_folder(path: Path, config_dir: str | None) -> Path:
     if config_dir is None:
         raise PrivloraError(
             f"{path}: a single-file checkpoint needs the diffusers configs (unet/config.json, vae/config.json, "
-            f"text_encoder/config.json, scheduler/) and the tokenizer, which cannot be downloaded offline; {CONFIG_DIR_HINT}"
+            "text_encoder/config.json, scheduler/) and the tokenizer, which cannot be downloaded offline; "
+            f"{CONFIG_DIR_HINT}"
         )
     folder = _resolve(config_dir)
     if not folder.is_dir():
@@ -315,7 +306,8 @@ def _single_file_models(path: Path, state: dict, folder: Path, dtype: torch.dtyp
     loaders = (
         ("UNet", "unet", lambda: UNet2DConditionModel.from_single_file(state, subfolder="unet", **kw)),
         ("VAE", "vae", lambda: AutoencoderKL.from_single_file(state, subfolder="vae", **kw)),
-        ("text encoder", "text_encoder", lambda: create_diffusers_clip_model_from_ldm(CLIPTextModel, state, subfolder="text_encoder", **kw)),
+        ("text encoder", "text_encoder", lambda: create_diffusers_clip_model_from_ldm(CLIPTextModel, state,
+                                                                                      subfolder="text_encoder", **kw)),
     )
     return tuple(_single_file_component(path, folder / sub, label, load) for label, sub, load in loaders)
 
@@ -327,12 +319,14 @@ def _single_file_component(path: Path, config: Path, label: str, load) -> torch.
         if "meta tensor" not in str(e):
             raise
         # diffusers fills a meta-initialised model; tensors absent from the file stay on "meta" until moved.
-        raise PrivloraError(f"{path}: {label} weights missing from the checkpoint (incomplete or pruned file)") from None
+        raise PrivloraError(f"{path}: {label} weights missing from the checkpoint "
+                            "(incomplete or pruned file)") from None
     except Exception as e:  # diffusers raises ValueError/OSError/its own types for shape or config mismatches
         raise PrivloraError(f"{path}: {label} weights do not fit the config in {config} ({_one_line(e)})") from None
     missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if missing:  # the CLIP path never moves the model, so missing tensors stay silently on "meta"
-        raise PrivloraError(f"{path}: {label} weights missing from the checkpoint ({len(missing)} tensors, e.g. {missing[0]})")
+        raise PrivloraError(f"{path}: {label} weights missing from the checkpoint ({len(missing)} tensors, e.g. "
+                            f"{missing[0]})")
     return model
 
 
@@ -400,7 +394,8 @@ def encode_ids(base: BaseModel, ids: torch.Tensor, clip_skip: int | None = None)
         return te(ids)[0]
     n_layers = te.config.num_hidden_layers
     if not 1 <= clip_skip <= n_layers:
-        raise PrivloraError(f"clip_skip {clip_skip} is out of range for a {n_layers}-layer text encoder (1..{n_layers})")
+        raise PrivloraError(f"clip_skip {clip_skip} is out of range for a {n_layers}-layer text encoder "
+                            f"(1..{n_layers})")
     hidden = te(ids, output_hidden_states=True).hidden_states[-clip_skip]
     return _final_layer_norm(te)(hidden)
 

@@ -49,7 +49,7 @@ def unet_lora_config(spec: LoraSpec, unet) -> LoraConfig:
                 alpha_pattern[f"^{re.escape(name)}$"] = spec.conv_alpha
     return LoraConfig(
         r=spec.rank,
-        lora_alpha=spec.alpha,
+        lora_alpha=spec.alpha,  # type: ignore[arg-type]  # peft types it int; floats work
         lora_dropout=spec.dropout,
         init_lora_weights="gaussian",
         target_modules=pattern,
@@ -60,7 +60,7 @@ def unet_lora_config(spec: LoraSpec, unet) -> LoraConfig:
 
 def text_encoder_lora_config(spec: LoraSpec) -> LoraConfig:
     return LoraConfig(
-        r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+        r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,  # type: ignore[arg-type]
         init_lora_weights="gaussian", target_modules=TEXT_ENCODER,
     )
 
@@ -87,10 +87,10 @@ def kohya_state_dict(model, prefix: str) -> dict[str, torch.Tensor]:
         key = f"{prefix}_{name.replace('.', '_')}"
         down = layer.lora_A[ADAPTER].weight
         up = layer.lora_B[ADAPTER].weight
-        rank = down.shape[0]
+        rank = down.shape[0]  # type: ignore[index]  # peft's ModuleDict entries are typed loosely
         alpha = layer.scaling[ADAPTER] * rank
-        out[f"{key}.lora_down.weight"] = down.detach().float().cpu().clone()
-        out[f"{key}.lora_up.weight"] = up.detach().float().cpu().clone()
+        out[f"{key}.lora_down.weight"] = down.detach().float().cpu().clone()  # type: ignore[operator]
+        out[f"{key}.lora_up.weight"] = up.detach().float().cpu().clone()  # type: ignore[operator]
         out[f"{key}.alpha"] = torch.tensor(float(alpha))
     return out
 

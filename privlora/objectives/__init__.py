@@ -5,7 +5,8 @@ the CLI's ``--method`` choices, the demo and the docs read this registry.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 
 import torch
 

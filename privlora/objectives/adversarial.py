@@ -18,7 +18,8 @@ Subclasses only say how L_ada and L_adv combine into the LoRA's loss.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -41,6 +42,7 @@ class AdversarialObjective(Objective):
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, ctx: BuildContext) -> AdversarialObjective:
+        assert ctx.member_aux is not None and ctx.nonmember_aux is not None, "the attacker needs its aux batches"
         return cls(make_attacker(cfg, ctx.latent_channels), alpha=cfg.privacy_alpha, beta=cfg.privacy_beta,
                    k_steps=cfg.k_steps, adv_step=cfg.adv_step, lr=cfg.attacker_lr,
                    weight_decay=cfg.attacker_weight_decay, member_aux=ctx.member_aux,
@@ -115,7 +117,8 @@ class AdversarialObjective(Objective):
         members = self.attacker_view(next(self.member_aux), denoiser)[1]
         return members, self.attacker_view(next(self.nonmember_aux), denoiser)[1]
 
-    def evaluate(self, maps: dict[str, torch.Tensor], reference: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    def evaluate(self, maps: dict[str, torch.Tensor],
+                 reference: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         if self.attacker_input == "calibrated" and reference is not None:
             maps = {role: m - reference[role] for role, m in maps.items()}
         out = {}
@@ -129,7 +132,8 @@ class AdversarialObjective(Objective):
         return {"attacker": self.attacker}
 
     def state_dict(self) -> dict:
-        state = {"attacker": self.attacker.state_dict(), "attacker_optimizer": self.optimizer.state_dict()}
+        state: dict[str, Any] = {"attacker": self.attacker.state_dict(),
+                                 "attacker_optimizer": self.optimizer.state_dict()}
         if self.dropout_generator is not None:
             state["dropout_generator"] = self.dropout_generator.get_state()
         return state

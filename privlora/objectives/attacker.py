@@ -11,31 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MEMBER, NONMEMBER = 1, 0
-
-
-class LossMapAttacker(nn.Module):
-    def __init__(self, channels: int = 4, pool: int = 64, hidden: list[int] = (512, 256), dropout: float = 0.5):
-        super().__init__()
-        self.pool = pool
-        layers: list[nn.Module] = []
-        width = channels * pool * pool
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
-            width = h
-        layers.append(nn.Linear(width, 2))
-        self.mlp = nn.Sequential(*layers)
-
-    def features(self, maps: torch.Tensor) -> torch.Tensor:
-        if maps.shape[-2:] != (self.pool, self.pool):
-            maps = F.adaptive_avg_pool2d(maps, self.pool)
-        return maps.flatten(1)
-
-    def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.features(maps.float()))
-
-    def member_probability(self, maps: torch.Tensor) -> torch.Tensor:
-        return self(maps).softmax(-1)[:, MEMBER]
+from privlora.models.attacker_net import MEMBER, NONMEMBER, LossMapAttacker  # noqa: F401  (re-exported)
 
 
 def adversarial_loss(attacker: LossMapAttacker, member_maps: torch.Tensor,

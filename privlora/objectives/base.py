@@ -9,7 +9,8 @@ metadata. The loop never looks at which method it runs; a method overrides only 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -29,6 +30,9 @@ class DenoiserLike(Protocol):
                  noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]: ...
     def adaptation_loss(self, maps: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor: ...
+    # only for attacker_input = "calibrated" (the base model's map on the same noise):
+    def draw(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def reference_map(self, batch: dict, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -89,7 +93,8 @@ class Objective:
         return DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
 
     # --- records ---
-    def evaluate(self, maps: dict[str, torch.Tensor], reference: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    def evaluate(self, maps: dict[str, torch.Tensor],
+                 reference: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         """Epoch-end metrics from fixed-noise loss maps of the aux and test roles (``reference``: the same under
         the base model); no training here."""
         return {}

@@ -10,7 +10,8 @@ guarantee against an adversary who does not know the seed (see the README).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.func import functional_call, grad_and_value, vmap
@@ -56,7 +57,7 @@ def take(batch: dict, start: int, stop: int) -> dict:
 
 def clip_factors(grads: list[torch.Tensor], max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample scale factors min(1, C/‖g_i‖) over all parameters together, and the norms ‖g_i‖."""
-    norm = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads))
+    norm = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads))  # type: ignore[arg-type]  # sum() of tensors: Tensor
     return (max_norm / (norm + 1e-6)).clamp(max=1.0), norm
 
 
@@ -118,6 +119,7 @@ class DPLoraObjective(Objective):
 
     def plan(self, max_steps: int) -> None:
         if self.noise_multiplier is None:
+            assert self.target_epsilon is not None  # validated: one of the two is set
             self.noise_multiplier = accounting.noise_multiplier_for(
                 self.target_epsilon, self.delta, self.sample_rate, max_steps, self.accountant_kind)
         self.planned_steps = max_steps
@@ -126,10 +128,11 @@ class DPLoraObjective(Objective):
 
     # --- data: Poisson sampling, the accountant's assumption ---
     def make_loader(self, data: Dataset, batch_size: int, generator: torch.Generator) -> DataLoader:
-        if len(data) != self.num_images:
+        n = len(data)  # type: ignore[arg-type]  # our datasets are map-style, sized
+        if n != self.num_images:
             raise PrivloraError("dp_lora: an image repeated in the training set (kohya repeats > 1) would be "
                                 "protected less than the others; use repeats of 1")
-        sampler = PoissonBatches(len(data), self.sample_rate, math.ceil(len(data) / batch_size), generator)
+        sampler = PoissonBatches(n, self.sample_rate, math.ceil(n / batch_size), generator)
         # the loader's own seed draw must come from the data-order generator too (resume replays it), not the global RNG
         return DataLoader(data, batch_sampler=sampler, collate_fn=collate_or_empty, generator=generator)
 
@@ -148,7 +151,8 @@ class DPLoraObjective(Objective):
             norms.append(norm)
         for p, s in zip(params, summed):
             if self.noise_multiplier:
-                s += (torch.randn(s.shape, generator=self.noise) * (self.noise_multiplier * self.max_grad_norm)).to(s.device)
+                noise = torch.randn(s.shape, generator=self.noise) * (self.noise_multiplier * self.max_grad_norm)
+                s += noise.to(s.device)
             p.grad = (s / (self.sample_rate * self.num_images)).to(p.dtype)
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         if not n:

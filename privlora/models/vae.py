@@ -1,0 +1,13 @@
+"""The VAE's geometry, computed in one place."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def vae_scale_factor(vae_or_config: Any) -> int:
+    """Pixels per latent cell along one side: 2 ** (number of VAE blocks - 1), 8 for Stable Diffusion.
+
+    Takes the VAE module or its config (diffusers' ``StableDiffusionPipeline.vae_scale_factor`` is the same number).
+    """
+    config = getattr(vae_or_config, "config", vae_or_config)
+    return 2 ** (len(config.block_out_channels) - 1)
