@@ -108,7 +108,7 @@ def diffusers_adapted_modules(folder: Path, lora: Path) -> int:
 
 
 @pytest.mark.parametrize("adv_step", ["reference", "fused"])
-def test_attacker_sees_the_64x64_loss_map_itself_at_64x64_latents(adv_step):
+def test_attacker_sees_the_64x64_loss_map_itself_at_64x64_latents(adv_step, monkeypatch):
     """SD1.5 at 512 px: 64×64 latents, and the default attacker's first layer gets the 4×64×64 map unpooled."""
     maps = {}
 
@@ -127,9 +127,17 @@ def test_attacker_sees_the_64x64_loss_map_itself_at_64x64_latents(adv_step):
 
     objective = build_objective(TrainConfig(method="smp_lora", adv_step=adv_step), latent_channels=4,
                                 member_aux=batches(), nonmember_aux=batches())
-    seen = []
-    objective.attacker.mlp[0].register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    from privlora.objectives import attacker as attacker_module
+
+    in_adv = []
+    original = attacker_module.detached_forward
+    monkeypatch.setattr(attacker_module, "detached_forward",
+                        lambda a, m, *rest: (in_adv.append(m.detach()), original(a, m, *rest))[1])
     objective.lora_loss(next(batches()), LatentMaps())
     n = 2
-    assert seen[0].shape == (n, 4 * 64 * 64)
-    assert torch.equal(seen[0], maps["last"][-n:].flatten(1))  # the map itself, element for element
+    assert torch.equal(in_adv[0], maps["last"][-n:])  # L_adv sees the LoRA step's 4×64×64 maps themselves
+    seen = []  # the attacker's own update: its first layer gets each 4×64×64 map unpooled, element for element
+    objective.attacker.mlp[0].register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    objective.after_lora_step(LatentMaps())
+    assert seen[0].shape[1] == 4 * 64 * 64
+    assert torch.equal(seen[0][-n:], maps["last"].flatten(1))  # the last map drawn: the non-member aux batch
