@@ -106,15 +106,10 @@ def _toml_value(text: str) -> Any:
 def read_bench_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     """A bench file: ``preset = "train.toml"``, a ``[bench]`` table and ``[runs.NAME]`` tables; ``inherit``
     reads another bench file first (its [bench] keys are updated, its runs replaced if this file has any)."""
+    from privlora.config import load_toml
+
     path = Path(path)
-    if not path.is_file():
-        raise PrivloraError(f"{path}: bench file not found")
-    if path.resolve() in _seen:
-        raise PrivloraError(f"{path}: inherit loop")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise PrivloraError(f"{path}: not valid TOML ({e})") from None
+    data = load_toml(path, _seen, "bench file")
     unknown = set(data) - {"inherit", "preset", "bench", "runs"}
     if unknown:
         raise PrivloraError(f"{path}: unknown key {sorted(unknown)[0]!r} "

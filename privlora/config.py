@@ -224,17 +224,23 @@ def _flatten(table: dict, path: Path, out: dict | None = None) -> dict:
     return out
 
 
+def load_toml(path: Path, seen: tuple[Path, ...], what: str) -> dict:
+    """A TOML file as a dict, with the checks every privlora TOML reader makes: it exists, it is not already
+    being read (an ``inherit`` loop), it parses."""
+    if not path.is_file():
+        raise PrivloraError(f"{path}: {what} not found")
+    if path.resolve() in seen:
+        raise PrivloraError(f"{path}: inherit loop")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PrivloraError(f"{path}: not valid TOML ({e})") from None
+
+
 def read_toml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     """Flat key → value of a preset; ``inherit = "other.toml"`` (relative to this file) is read first."""
     path = Path(path)
-    if not path.is_file():
-        raise PrivloraError(f"{path}: config file not found")
-    if path.resolve() in _seen:
-        raise PrivloraError(f"{path}: inherit loop")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise PrivloraError(f"{path}: not valid TOML ({e})") from None
+    data = load_toml(path, _seen, "config file")
     parent = data.pop("inherit", None)
     flat = _flatten(data, path)
     for key in flat:
