@@ -248,6 +248,7 @@ def test_bench_on_a_kohya_folder_reuses_finished_pieces(toy, tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")  # the claim is "equals a serial one-thread run": thread count changes sums
 def test_parallel_trainings_give_the_serial_table(toy, tmp_path, capsys):
     tables = {}
     for jobs in ("1", "2"):
