@@ -44,7 +44,6 @@ class BuildContext:
     nonmember_aux: Iterator[dict] | None = None
     grad_sync: Callable[[torch.nn.Module], None] | None = None  # multi-process: average a module's gradients
     num_train_images: int = 0  # distinct training images (the unit a DP guarantee protects)
-    planned_steps: int = 0  # optimizer steps the run will take
     num_processes: int = 1
 
 
