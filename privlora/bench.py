@@ -34,7 +34,7 @@ DATA_KEYS = ("train_data_dir", "splits_dir", "splits")
 BENCH_KEYS = ("budgets", "attacks", "n_bootstrap", "quality_samples", "quality_steps", "guidance", "seeds",
               "max_auc", "max_tpr_at_1fpr", "select_attacks")
 RUN_CONTROLLED = ("train_data_dir", "splits_dir", "splits", "synthetic_images", "output_dir", "output_name",
-                  "overwrite", "resume")
+                  "overwrite", "resume", "state_every_n_epochs")
 
 
 @dataclass
@@ -175,8 +175,10 @@ def jobs_for(spec: BenchSpec) -> list[Job]:
             if seed is not None:
                 controlled["seed"] = seed
             overrides = {**settings, **spec.train_overrides, **controlled}
+            epochs = build_config(spec.preset, overrides).max_train_epochs
+            if epochs:  # a crashed bench resumes each training from its last state, losing ≤ 10 % of it
+                overrides["state_every_n_epochs"] = max(1, epochs // 10)
             if name == base and i == 0 and spec.budgets:
-                epochs = build_config(spec.preset, overrides).max_train_epochs
                 overrides["save_every_n_epochs"] = budget_interval(spec.budgets, epochs)
             try:  # a bad setting stops the bench here, before any training
                 build_config(spec.preset, overrides)
@@ -213,11 +215,31 @@ def is_finished(job: Job) -> bool:
     return (job.out / f"{job.name}.safetensors").is_file() and (job.out / "train_time.json").is_file()
 
 
+def resumable(spec: BenchSpec, job: Job) -> bool:
+    """An unfinished training of exactly this job's settings left a state (a crash, Ctrl-C, a killed bench)."""
+    from privlora.config import RESOLVED_NAME, resolved_toml
+
+    saved = job.out / RESOLVED_NAME
+    if not ((job.out / "state-latest").is_file() and saved.is_file()):
+        return False
+
+    def settings(text: str) -> dict:
+        return {k: v for k, v in tomllib.loads(text).items() if k not in ("resume", "overwrite")}
+
+    try:
+        return settings(saved.read_text()) == settings(resolved_toml(job_config(spec, job)))
+    except (tomllib.TOMLDecodeError, OSError):
+        return False
+
+
 def train_all(spec: BenchSpec, jobs: list[Job], log: Callable[[str], None]) -> None:
     todo = [j for j in jobs if not is_finished(j)]
     for j in jobs:
         if j not in todo:
             log(f"{j.name}: finished earlier, reused")
+        elif resumable(spec, j):
+            log(f"{j.name}: resuming the interrupted training from its last state")
+            j.overrides.update(resume="latest", overwrite=False)
     if spec.jobs <= 1:
         for job in todo:
             train_here(spec, job, log)
@@ -236,7 +258,7 @@ def train_here(spec: BenchSpec, job: Job, log: Callable[[str], None]) -> None:
         f"{'epochs' if cfg.max_train_epochs else 'steps'}, seed {cfg.seed})")
     started = time.time()
     train(cfg)
-    write_json(job.out / "train_time.json", {"seconds": time.time() - started})
+    write_json(job.out / "train_time.json", {"seconds": time.time() - started, **_resumed(job)})
 
 
 def train_in_child(spec: BenchSpec, job: Job, threads: int, log: Callable[[str], None]) -> None:
@@ -256,7 +278,12 @@ def train_in_child(spec: BenchSpec, job: Job, threads: int, log: Callable[[str],
                                env=env, stdout=out, stderr=subprocess.STDOUT)
     if code != 0:
         raise PrivloraError(f"{job.out / 'train.log'}: training run {job.name} failed (exit status {code})")
-    write_json(job.out / "train_time.json", {"seconds": time.time() - started, "threads": threads})
+    write_json(job.out / "train_time.json", {"seconds": time.time() - started, "threads": threads, **_resumed(job)})
+
+
+def _resumed(job: Job) -> dict:
+    """A resumed training's seconds cover only what ran after the resume."""
+    return {"resumed_from": "latest"} if job.overrides.get("resume") else {}
 
 
 def check_same_split(jobs: list[Job]) -> None:

@@ -116,6 +116,7 @@ class TrainConfig:
     save_every_n_epochs: int | None = None
     save_every_n_steps: int | None = None
     save_state: bool = False
+    state_every_n_epochs: int | None = None  # a resumable state (no LoRA file) every N epochs: a crash loses ≤ N
     resume: str | None = None
     log_every_n_steps: int = 1
     overwrite: bool = False
@@ -154,6 +155,8 @@ class TrainConfig:
                 raise bad(f"{key} must be ≥ 1")
         if sum(bool(x) for x in (self.train_data_dir, self.splits_dir, self.splits, self.synthetic_images)) != 1:
             raise bad("give exactly one data source: train_data_dir, splits_dir, splits or synthetic_images")
+        if self.state_every_n_epochs is not None and self.state_every_n_epochs < 1:
+            raise bad("state_every_n_epochs must be ≥ 1")
         if self.sample_every_n_epochs and not self.sample_prompts:
             raise bad("sample_every_n_epochs needs sample_prompts")
         if self.sample_prompts:

@@ -152,8 +152,14 @@ def end_epoch(run: Run, progress: Progress, logs: dict, bar) -> None:
                                acc.get_tracker("tensorboard", unwrap=True), sampler=cfg.sample_sampler,
                                steps=cfg.sample_steps, seed=cfg.seed,
                                encoding=TextEncoding(cfg.clip_skip, cfg.max_token_length))
-    if cfg.save_every_n_epochs and progress.epoch % cfg.save_every_n_epochs == 0 and progress.step < run.max_steps:
-        save_point(run, progress, f"{cfg.output_name}-e{progress.epoch:04d}")
+    if progress.step >= run.max_steps:  # the final save follows
+        return
+    lora_due = bool(cfg.save_every_n_epochs) and progress.epoch % cfg.save_every_n_epochs == 0
+    state_due = bool(cfg.state_every_n_epochs) and progress.epoch % cfg.state_every_n_epochs == 0
+    if lora_due:
+        save_lora(run, f"{cfg.output_name}-e{progress.epoch:04d}")
+    if state_due or (lora_due and cfg.save_state):
+        save_state(run, progress)
 
 
 def save_point(run: Run, progress: Progress, name: str) -> None:

@@ -41,7 +41,8 @@ def legacy_config(name: str, out: Path, variant: str):
         "max_train_epochs": epochs, "seed": 1337, "n_member_aux": m_aux, "n_member_test": m_te,
         "n_nonmember_aux": nm_aux, "n_nonmember_test": nm_te, "split_seed": 1337,
         "pretrained_model_name_or_path": "tiny-sd", "eval_samples": 64, "eval_every_n_epochs": every,
-        "save_every_n_epochs": save if name == "lora" else None, "overwrite": True})
+        "save_every_n_epochs": save if name == "lora" else None, "state_every_n_epochs": epochs // 10,
+        "overwrite": True})
 
 
 @pytest.mark.parametrize("settings,variant", [(ProtocolSettings(), "full"), (quick_settings(), "quick")])
@@ -242,9 +243,14 @@ def test_bench_on_a_kohya_folder_reuses_finished_pieces(toy, tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "lora: finished earlier, reused" in printed and "training mp_lora_privacy_alpha0.5" in printed
+    # it continued from the state saved at epoch 3 of 4, not from scratch, and ended where the first run did
+    assert "mp_lora_privacy_alpha0.5: resuming the interrupted training from its last state" in printed
     assert lora.stat().st_mtime_ns == stamp
     again = json.loads((out / "table.json").read_text())
     assert again["rows"]["lora"]["auc"] == first["rows"]["lora"]["auc"]
+    mp = "mp_lora_privacy_alpha0.5"
+    assert again["rows"][mp]["auc"] == first["rows"][mp]["auc"]
+    assert again["rows"][mp]["heldout_loss"] == first["rows"][mp]["heldout_loss"]
 
 
 @pytest.mark.slow
