@@ -42,6 +42,7 @@ class BenchSpec:
     out: Path
     runs: dict[str, dict]  # run name → its settings on top of the preset ("method" defaults to the name)
     data: dict[str, str] = field(default_factory=dict)  # one of DATA_KEYS; empty: the preset's data source
+    dataset: str | None = None  # a built-in dataset (openmoji) made into <out>/<name>_<resolution> instead of data
     preset: str | None = None  # a train preset: the settings every run shares
     train_overrides: dict[str, Any] = field(default_factory=dict)  # train flags given to bench: over every run
     budgets: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5])  # of plain LoRA's epochs
@@ -310,6 +311,8 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict:
     spec.attacks = parse_attack_names(spec.attacks)
     spec.select_attacks = parse_attack_names(spec.select_attacks)
     base = baseline_name(spec)
+    if spec.dataset:
+        spec.data = {"train_data_dir": str(prepare_dataset(spec, log))}
     jobs = jobs_for(spec)
     spec.out.mkdir(parents=True, exist_ok=True)
     train_all(spec, jobs, log)
@@ -328,6 +331,23 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict:
     table = build_table(spec, jobs, report, quality, budgets, selection)
     write_outputs(spec, table, {j.run: history(j) for j in sorted(main_jobs, key=lambda j: j.run != base)})
     return table
+
+
+def prepare_dataset(spec: BenchSpec, log: Callable[[str], None]) -> Path:
+    """``--dataset openmoji``: build (or reuse) ``<out>/openmoji_<resolution>`` at the preset's resolution with
+    exactly the images the split's four roles take (all of them when n_member_test is unset), so the members
+    trained on are as many as with the demo's data, not every surplus image."""
+    from privlora.config import build_config
+    from privlora.data.openmoji import build_openmoji
+
+    if spec.dataset != "openmoji":
+        raise PrivloraError(f"--dataset: unknown dataset {spec.dataset!r} (choose from openmoji)")
+    cfg = build_config(spec.preset, {**spec.train_overrides, **dict.fromkeys(DATA_KEYS), "synthetic_images": 1})
+    roles = (cfg.n_nonmember_aux, cfg.n_nonmember_test, cfg.n_member_aux, cfg.n_member_test)
+    n_images = None if cfg.n_member_test is None else sum(int(n or 0) for n in roles)
+    folder = spec.out / f"{spec.dataset}_{cfg.resolution}"
+    build_openmoji(folder, cfg.resolution, n_images=n_images, log=log)
+    return folder
 
 
 def history(job: Job) -> dict:
@@ -523,12 +543,14 @@ def bench_spec_from_args(args: dict[str, Any]) -> BenchSpec:
     preset = args.pop("preset", None) or file["preset"]
     out = Path(args.pop("out"))
     data = {k: args.pop(k) for k in DATA_KEYS if k in args}
-    if len(data) > 1:
-        raise PrivloraError(f"give one data source, not {' and '.join('--' + k for k in data)}")
+    dataset = args.pop("dataset", None)
+    given = [*data, *(["dataset"] if dataset else [])]
+    if len(given) > 1:
+        raise PrivloraError(f"give one data source, not {' and '.join('--' + k for k in given)}")
     unknown = set(args) - KEYS
     if unknown:
         raise PrivloraError(f"command line: unknown option --{sorted(unknown)[0]}")
-    return BenchSpec(out=out, runs=runs, data=data, preset=preset, train_overrides=args, **bench)
+    return BenchSpec(out=out, runs=runs, data=data, dataset=dataset, preset=preset, train_overrides=args, **bench)
 
 
 def _list_flag(key: str, text: str) -> list:

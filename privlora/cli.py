@@ -1,4 +1,4 @@
-"""The ``privlora`` command: train, audit, sample, quality, demo, bench, select."""
+"""The ``privlora`` command: train, audit, sample, quality, demo, bench, select, dataset."""
 from __future__ import annotations
 
 import argparse
@@ -212,6 +212,9 @@ def _add_bench_parser(sub) -> None:
                        help="privacy–utility comparison of methods on your data and model (the demo's protocol)")
     p.add_argument("--out", required=True, help="output folder (re-running it reuses what is finished)")
     p.add_argument("--preset", help="train preset (TOML) with the settings every run shares")
+    p.add_argument("--dataset", choices=("openmoji",),
+                   help="build (or reuse) a benchmark dataset in <out>/<name>_<resolution> and train on it "
+                        "(instead of --train_data_dir, --splits_dir or --splits)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--methods", help="comma-separated runs: method[:key=value...], e.g. "
                                          "lora,smp_lora,smp_lora:privacy_alpha=5")
@@ -258,6 +261,26 @@ def _add_select_parser(sub) -> None:
     p.set_defaults(handler=_select)
 
 
+def _dataset(args: argparse.Namespace, overrides: dict) -> int:
+    from privlora.data.openmoji import build_openmoji
+
+    summary = build_openmoji(args.out, args.resolution, n_images=args.n_images, seed=args.seed)
+    print(f"{summary['counts']['written']} images with captions in {args.out} (summary: {args.out}/dataset.json); "
+          f"train with --train_data_dir {args.out}")
+    return 0
+
+
+def _add_dataset_parser(sub) -> None:
+    p = sub.add_parser("dataset", help="build a benchmark dataset folder (openmoji: real emoji images, "
+                                       "pip install 'privlora[openmoji]')")
+    p.add_argument("name", choices=("openmoji",))
+    p.add_argument("--out", required=True, help="folder to write (reused when built earlier with these settings)")
+    p.add_argument("--resolution", type=int, required=True, help="image side in pixels, e.g. 32 for tiny-sd")
+    p.add_argument("--n_images", type=int, default=None, help="a seeded subset of this many (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --n_images subset")
+    p.set_defaults(handler=_dataset)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from privlora.config import add_config_flags
 
@@ -278,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_parser(sub)
     _add_bench_parser(sub)
     _add_select_parser(sub)
+    _add_dataset_parser(sub)
     return parser
 
 

@@ -10,7 +10,8 @@ from privlora.config import build_config, read_toml
 from privlora.data.prepare import prepare_splits
 from privlora.data.splits import ROLES, Splits
 
-PRESETS = sorted(Path("configs").rglob("*.toml"))
+BENCH_FILES = sorted(Path("configs").rglob("bench.toml"))  # privlora bench --runs files, not train presets
+PRESETS = sorted(set(Path("configs").rglob("*.toml")) - set(BENCH_FILES))
 DATASET_PRESETS = [p for p in PRESETS if p.parent.name not in ("paper", "tiny")]
 PAPER_PRESETS = [p for p in DATASET_PRESETS if p.stem in ("lora", "mp_lora", "smp_lora")]  # the paper's methods
 
@@ -39,6 +40,14 @@ def test_there_are_presets_for_every_paper_dataset_and_method():
 def test_preset_parses(preset):
     values = read_toml(preset)
     assert values  # every key known (read_toml rejects unknown ones)
+
+
+@pytest.mark.parametrize("bench_file", BENCH_FILES, ids=str)
+def test_bench_file_reads_with_its_train_preset(bench_file):
+    from privlora.bench import read_bench_file
+
+    bench = read_bench_file(bench_file)
+    assert bench["runs"] and read_toml(bench["preset"])
 
 
 @pytest.mark.parametrize("preset", PAPER_PRESETS, ids=str)
