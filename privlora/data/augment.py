@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 FLIPPED = "latents_flipped"  # a cached-latents batch's second orientation (random_flip with cache_latents)
 _LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
+Box = tuple[int, int, int, int]  # top, left, height, width
 _GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 
 
@@ -34,8 +35,9 @@ def flip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
 
 
-def crop_boxes(n: int, height: int, width: int, scale: float, generator: torch.Generator) -> list[tuple[int, ...]]:
-    """(top, left, h, w) per image: area fraction in [scale, 1], aspect ratio w/h in [3/4, 4/3], inside the image."""
+def crop_boxes(n: int, height: int, width: int, scale: float, generator: torch.Generator) -> list[Box]:
+    """(top, left, h, w) per image: area fraction in [scale, 1], aspect ratio w/h in [3/4, 4/3], placed uniformly
+    inside the image (a side longer than the image's is clamped to it, as no retries are made)."""
     area = torch.empty(n).uniform_(scale, 1.0, generator=generator) * (height * width)
     ratio = torch.empty(n).uniform_(*_LOG_RATIO, generator=generator).exp()
     where = torch.rand(n, 2, generator=generator)
@@ -47,7 +49,7 @@ def crop_boxes(n: int, height: int, width: int, scale: float, generator: torch.G
     return boxes
 
 
-def resized_crop(x: torch.Tensor, boxes: list[tuple[int, ...]]) -> torch.Tensor:
+def resized_crop(x: torch.Tensor, boxes: list[Box]) -> torch.Tensor:
     """Each image's box cut out and resized (bilinear, antialiased) back to the batch's H × W."""
     size = x.shape[-2:]
     out = [F.interpolate(img[None, :, top:top + h, left:left + w], size=size, mode="bilinear", align_corners=False,
