@@ -38,7 +38,12 @@ class TrainConfig:
     split_seed: int = 0
     resolution: int = 512
     center_crop: bool = True
-    random_flip: bool = False
+    # augmentation of the training batches (any method; privlora.data.augment), seeded per batch position so a
+    # resumed run draws the same. Flip alone keeps the latent cache (both orientations are cached); crop or jitter
+    # need pixels, so the training images are then VAE-encoded every step (the other roles stay cached).
+    random_flip: bool = False  # kohya's flip_aug: mirror each image left-right with probability 1/2
+    random_crop_scale: float = 1.0  # random resized crop: area fraction in [s, 1], aspect 3/4..4/3; 1 = off
+    color_jitter: float = 0.0  # kohya's color_aug, as brightness/contrast/saturation factors in [1-s, 1+s]; 0 = off
     skip_bad_images: bool = False
     cache_latents: bool = True
     cache_text_encoder_outputs: bool | None = None  # default: on when the text encoder is not trained
@@ -147,6 +152,7 @@ class TrainConfig:
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise bad(f"prediction_type {self.prediction_type!r} is not epsilon or v_prediction")
         self._validate_fidelity(bad)
+        self._validate_regularisers(bad)
         if not (self.max_train_epochs or self.max_train_steps):
             raise bad("set max_train_epochs or max_train_steps")
         for key in ("network_dim", "train_batch_size", "gradient_accumulation_steps", "k_steps", "attacker_pool",
@@ -175,6 +181,16 @@ class TrainConfig:
         if self.shuffle_caption and self.cache_text_encoder_outputs:
             raise bad("shuffle_caption changes the caption every step, so text encoder outputs cannot be cached; "
                       "turn off cache_text_encoder_outputs or shuffle_caption")
+
+    def _validate_regularisers(self, bad) -> None:
+        if not 0.0 < self.random_crop_scale <= 1.0:
+            raise bad(f"random_crop_scale {self.random_crop_scale} is not in (0, 1] (1 = no crop)")
+        if not 0.0 <= self.color_jitter <= 1.0:
+            raise bad(f"color_jitter {self.color_jitter} is not in [0, 1] (0 = off)")
+        if not 0.0 <= self.network_dropout < 1.0:
+            raise bad(f"network_dropout {self.network_dropout} is not in [0, 1)")
+        if self.weight_decay < 0.0:
+            raise bad(f"weight_decay {self.weight_decay} must be ≥ 0")
 
     @property
     def caches_text(self) -> bool:

@@ -1,8 +1,9 @@
 """The training loop: one recipe for every method (plain LoRA, MP-LoRA, SMP-LoRA, DP-LoRA).
 
 ``train`` reads top to bottom: ``setup`` loads and checks everything, injects LoRA and caches the data; the
-loop then runs (method's gradients → method's clipping → LoRA step → method's after-step) per batch, evaluates on
-fixed noise at each epoch end and saves. The method (``run.objective``) is the only method-specific piece.
+loop then runs (augmentation → method's gradients → method's clipping → LoRA step → method's after-step) per
+batch, evaluates on fixed noise at each epoch end and saves. The method (``run.objective``) is the only
+method-specific piece.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from privlora import checkpoint
 from privlora.attacker_eval import BEST_SUFFIX, eval_roles, evaluate_attacker
 from privlora.captions import CaptionShuffler, TextEncoding, captions_fixed
 from privlora.config import TrainConfig, to_dict, write_resolved_config
+from privlora.data.augment import Augment
 from privlora.data.cache import RoleData
 from privlora.data.prepare import prepare_splits, write_run_files
 from privlora.denoiser import Denoiser, adapters_disabled
@@ -46,7 +48,7 @@ EVAL_ROLES = ("member_aux", "nonmember_aux", "member_test", "nonmember_test")
 RESUME_MUST_MATCH = ("method", "network_dim", "network_alpha", "conv_dim", "train_text_encoder", "train_batch_size",
                      "gradient_accumulation_steps", "seed", "pretrained_model_name_or_path", "resolution", "adv_step",
                      "attacker_input", "dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_max_grad_norm",
-                     "dp_accountant", "dp_noise_draws")
+                     "dp_accountant", "dp_noise_draws", "random_flip", "random_crop_scale", "color_jitter")
 
 
 @dataclass
@@ -75,6 +77,7 @@ def train(cfg: TrainConfig) -> Path:
             logs: dict = {}
             for batch in itertools.islice(run.loader, progress.batch_in_epoch, None):
                 progress.batch_in_epoch += 1
+                batch = run.augment(batch, progress.epoch, progress.batch_in_epoch)  # seeded by position: resumable
                 logs = train_step(run, batch, progress.step) or logs
                 if not run.accelerator.sync_gradients:
                     continue
@@ -219,6 +222,7 @@ class Run:
     max_steps: int
     epoch_start_order: torch.Tensor | None = None
     attacker_roles: dict | None = None  # role -> RoleData for the co-trained attacker's evaluation
+    augment: Augment = field(default_factory=lambda: Augment(0))  # applied to every training batch
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -245,7 +249,8 @@ def setup(cfg: TrainConfig) -> Run:
             group["lr"] *= cfg.train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
 
     cache = Cache(base, cfg, device)
-    train_data = cache.role(splits.train, expand_repeats=True)
+    augment = Augment.from_config(cfg, accelerator.process_index)
+    train_data = cache.role(splits.train, expand_repeats=True, augment=augment)
     roles = {role: cache.role(splits.role(role)) for role in EVAL_ROLES}
     aux_bs = cfg.attacker_batch_size or cfg.train_batch_size
     rank = accelerator.process_index
@@ -285,6 +290,7 @@ def setup(cfg: TrainConfig) -> Run:
     run = Run(cfg, out, accelerator, base, unet, trainable, optimizer, lr_scheduler, loader, loader_order, noise,
               aux, objective, denoiser, probe, base_maps, base_losses, lora_metadata(cfg, base), max_steps)
     run.attacker_roles = eval_roles(roles, cfg.attacker_eval_samples, cfg.seed + 6)
+    run.augment = augment
     return run
 
 
@@ -506,7 +512,7 @@ def lora_metadata(cfg: TrainConfig, base) -> dict[str, str]:
             "gradient_accumulation_steps", "max_train_epochs", "max_train_steps", "resolution", "mixed_precision",
             "clip_skip", "noise_offset", "min_snr_gamma", "seed", "privacy_alpha", "privacy_beta", "k_steps",
             "adv_step", "attacker_lr", "attacker_pool", "attacker_input", "max_token_length", "shuffle_caption",
-            "keep_tokens")
+            "keep_tokens", "random_flip", "random_crop_scale", "color_jitter", "network_dropout", "weight_decay")
     from privlora.objectives import METHODS
 
     keys += tuple(k for k in METHODS[cfg.method].settings if k not in keys)

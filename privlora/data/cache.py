@@ -9,19 +9,24 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
+from privlora.data.augment import FLIPPED
 from privlora.data.images import open_rgb, to_tensor
 from privlora.data.readers import Example
 
 
 class RoleData(Dataset):
-    """One role's examples. Items: ``index`` and ``latents`` or ``pixel_values``, ``text_emb`` or ``caption``."""
+    """One role's examples. Items: ``index`` and ``latents`` or ``pixel_values``, ``text_emb`` or ``caption``;
+    ``latents_flipped`` too when the mirrored images' latents are cached (random_flip, ``privlora.data.augment``).
+
+    Items are never augmented here: the training loop augments whole batches (``privlora.data.augment``).
+    """
 
     def __init__(self, examples: list[Example], *, resolution: int, latents: torch.Tensor | None = None,
-                 text_emb: torch.Tensor | None = None, center_crop: bool = True, random_flip: bool = False,
-                 expand_repeats: bool = False):
+                 text_emb: torch.Tensor | None = None, center_crop: bool = True, expand_repeats: bool = False,
+                 latents_flipped: torch.Tensor | None = None):
         self.examples = examples
-        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
-        self.latents, self.text_emb = latents, text_emb
+        self.resolution, self.center_crop = resolution, center_crop
+        self.latents, self.text_emb, self.latents_flipped = latents, text_emb, latents_flipped
         self.order = [i for i, ex in enumerate(examples) for _ in range(ex.repeats if expand_repeats else 1)]
 
     def __len__(self) -> int:
@@ -32,10 +37,11 @@ class RoleData(Dataset):
         item: dict = {"index": j}
         if self.latents is not None:
             item["latents"] = self.latents[j]
+            if self.latents_flipped is not None:
+                item[FLIPPED] = self.latents_flipped[j]
         else:
             img = open_rgb(self.examples[j].path)
-            item["pixel_values"] = to_tensor(img, self.resolution, center_crop=self.center_crop,
-                                             random_flip=self.random_flip)
+            item["pixel_values"] = to_tensor(img, self.resolution, center_crop=self.center_crop)
         if self.text_emb is not None:
             item["text_emb"] = self.text_emb[j]
         else:
