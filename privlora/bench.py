@@ -176,15 +176,14 @@ def jobs_for(spec: BenchSpec) -> list[Job]:
             if seed is not None:
                 controlled["seed"] = seed
             overrides = {**settings, **spec.train_overrides, **controlled}
-            epochs = build_config(spec.preset, overrides).max_train_epochs
+            try:  # a bad setting stops the bench here, before any training
+                epochs = build_config(spec.preset, overrides).max_train_epochs
+            except PrivloraError as e:
+                raise PrivloraError(f"run {name}: {e}") from None
             if epochs:  # a crashed bench resumes each training from its last state, losing ≤ 10 % of it
                 overrides["state_every_n_epochs"] = max(1, epochs // 10)
             if name == base and i == 0 and spec.budgets:
                 overrides["save_every_n_epochs"] = budget_interval(spec.budgets, epochs)
-            try:  # a bad setting stops the bench here, before any training
-                build_config(spec.preset, overrides)
-            except PrivloraError as e:
-                raise PrivloraError(f"run {name}: {e}") from None
             jobs.append(Job(out_name, name, i, overrides))
     return jobs
 
