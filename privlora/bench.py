@@ -106,15 +106,16 @@ def _toml_value(text: str) -> Any:
 
 def read_bench_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     """A bench file: ``preset = "train.toml"``, a ``[bench]`` table and ``[runs.NAME]`` tables; ``inherit``
-    reads another bench file first (its [bench] keys are updated, its runs replaced if this file has any)."""
+    reads another bench file first (its [bench] keys are updated, its runs replaced if this file has any, or
+    with ``keep_runs = [...]`` those inherited runs kept and this file's added)."""
     from privlora.config import load_toml
 
     path = Path(path)
     data = load_toml(path, _seen, "bench file")
-    unknown = set(data) - {"inherit", "preset", "bench", "runs"}
+    unknown = set(data) - {"inherit", "preset", "bench", "runs", "keep_runs"}
     if unknown:
         raise PrivloraError(f"{path}: unknown key {sorted(unknown)[0]!r} "
-                            "(a bench file has inherit, preset, [bench], [runs.NAME])")
+                            "(a bench file has inherit, keep_runs, preset, [bench], [runs.NAME])")
     bad = set(data.get("bench", {})) - set(BENCH_KEYS)
     if bad:
         raise PrivloraError(f"{path}: unknown [bench] key {sorted(bad)[0]!r} (choose from {', '.join(BENCH_KEYS)})")
@@ -124,7 +125,13 @@ def read_bench_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if "preset" in data:
         result["preset"] = str(path.parent / data["preset"])
     result["bench"] = {**result["bench"], **data.get("bench", {})}
-    if data.get("runs"):
+    if "keep_runs" in data:  # these inherited runs, then this file's
+        missing = set(data["keep_runs"]) - set(result["runs"])
+        if missing:
+            raise PrivloraError(f"{path}: keep_runs names {sorted(missing)[0]!r}, which the inherited file lacks")
+        kept = {name: result["runs"][name] for name in data["keep_runs"]}
+        result["runs"] = {**kept, **{name: dict(settings) for name, settings in data.get("runs", {}).items()}}
+    elif data.get("runs"):
         result["runs"] = {name: dict(settings) for name, settings in data["runs"].items()}
     return result
 

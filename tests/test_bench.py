@@ -94,6 +94,13 @@ def test_bench_file_inherit_and_errors(tmp_path):
     b = read_bench_file(tmp_path / "b.toml")
     assert b == {"preset": str(tmp_path / "p.toml"), "bench": {"budgets": [0.5], "n_bootstrap": 3},
                  "runs": {"lora": {}}}
+    (tmp_path / "a2.toml").write_text('inherit = "a.toml"\n[runs.mp_lora]\n[runs.x]\nmethod = "smp_lora"\n')
+    assert list(read_bench_file(tmp_path / "a2.toml")["runs"]) == ["mp_lora", "x"]  # replaced
+    (tmp_path / "a3.toml").write_text('inherit = "a2.toml"\nkeep_runs = ["x"]\n[runs.lora]\nseed = 2\n')
+    assert read_bench_file(tmp_path / "a3.toml")["runs"] == {"x": {"method": "smp_lora"}, "lora": {"seed": 2}}
+    (tmp_path / "a4.toml").write_text('inherit = "a2.toml"\nkeep_runs = ["lora"]\n')
+    with pytest.raises(PrivloraError, match="a4.toml: keep_runs names 'lora', which the inherited file lacks"):
+        read_bench_file(tmp_path / "a4.toml")
     (tmp_path / "c.toml").write_text("[bench]\nbudget = [0.5]\n")
     with pytest.raises(PrivloraError, match="c.toml: unknown \\[bench\\] key 'budget'"):
         read_bench_file(tmp_path / "c.toml")

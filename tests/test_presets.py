@@ -1,5 +1,6 @@
 """Every preset parses, and its data layout is accepted on a miniature folder tree of the same shape."""
 import shutil
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,19 @@ from privlora.config import build_config, read_toml
 from privlora.data.prepare import prepare_splits
 from privlora.data.splits import ROLES, Splits
 
-BENCH_FILES = sorted(Path("configs").rglob("bench.toml"))  # privlora bench --runs files, not train presets
-PRESETS = sorted(set(Path("configs").rglob("*.toml")) - set(BENCH_FILES))
+
+
+def is_bench_file(path: Path) -> bool:
+    """A ``privlora bench --runs`` file (bench/runs tables, or inheriting one), not a train preset."""
+    data = tomllib.loads(path.read_text())
+    if {"bench", "runs", "keep_runs"} & set(data):
+        return True
+    return "inherit" in data and is_bench_file(path.parent / data["inherit"])
+
+
+ALL_TOML = set(Path("configs").rglob("*.toml")) | set(Path("configs/demo").glob("*.toml"))  # rglob skips links
+BENCH_FILES = sorted(p for p in ALL_TOML if is_bench_file(p))
+PRESETS = sorted(ALL_TOML - set(BENCH_FILES))
 DATASET_PRESETS = [p for p in PRESETS if p.parent.name not in ("paper", "tiny")]
 PAPER_PRESETS = [p for p in DATASET_PRESETS if p.stem in ("lora", "mp_lora", "smp_lora")]  # the paper's methods
 
