@@ -200,3 +200,32 @@ def test_distill_run_publishes_only_the_student_and_reuses_its_teachers(model, t
     before = [t.stat().st_mtime_ns for t in teachers]
     train(build_config(None, {**settings, "overwrite": True, "distill_true_noise_weight": 0.5}))
     assert [t.stat().st_mtime_ns for t in teachers] == before
+
+
+def test_a_v_prediction_student_distils_velocity(tmp_path):
+    from tests.fixtures import make_tiny_folder
+
+    base, params = lora_unet(str(make_tiny_folder(tmp_path / "v", prediction_type="v_prediction")))
+    scheduler = base.noise_scheduler
+    assert scheduler.config.prediction_type == "v_prediction"
+    z, c, noise, t = inputs(base)
+    halves = torch.tensor([0, 1, 0, 1, 0, 1])
+    pure = DistillObjective(params, [random_weights(params, 1), random_weights(params, 2)], halves, 1.0)
+    torch.testing.assert_close(pure.target(torch.arange(6), base.unet, scheduler, z, c, noise, t),
+                               scheduler.get_velocity(z, noise, t))
+    taught = DistillObjective(params, pure.teachers, halves, 0.0).target(torch.arange(6), base.unet, scheduler, z, c,
+                                                                          noise, t)
+    teacher_b = prediction_with(base, params, pure.teachers[1], z, c, t, noise)  # image 0 is in half a
+    torch.testing.assert_close(taught[0], teacher_b[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_teacher_file_of_another_lora_layout_is_a_one_line_error_naming_it(model, tmp_path):
+    from privlora.models.lora import read_kohya_weights, save_kohya
+
+    base, params = lora_unet(model)
+    save_kohya(tmp_path / "teacher_a.safetensors", base.unet)
+    assert len(read_kohya_weights(tmp_path / "teacher_a.safetensors", base.unet)) == len(params)
+    other = load_base(model)
+    add_lora(other.unet, unet_lora_config(LoraSpec(2, 4), other.unet))
+    with pytest.raises(PrivloraError, match=r"teacher_a\.safetensors: .*: shape \(4, \d+.*\) is not this run's \(2, "):
+        read_kohya_weights(tmp_path / "teacher_a.safetensors", other.unet)

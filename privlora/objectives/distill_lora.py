@@ -7,8 +7,8 @@ published — trains on every image with the target ``w·(true target) + (1 − 
 teacher)`` on the same noisy latents, so no image's own noise ever reaches the published weights unless w > 0.
 
 The teachers are run by copying their LoRA weights into the student's LoRA parameters for a no-grad forward and
-copying the student's back: teachers share the student's LoRA layout, so this costs two LoRA-sized copies per
-teacher call and no extra UNet in memory (at SD1.5 size a second and third UNet would add ~3.4 GB in fp16).
+copying the student's back: teachers share the student's LoRA layout, so this costs a few LoRA-sized copies per
+step and no extra UNet in memory (at SD1.5 size a second and third UNet would add ~3.4 GB in fp16).
 Each image goes through its one teacher only, so a student step is about two UNet forwards and one backward.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import dataclasses
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -49,20 +49,22 @@ def teacher_file(teacher: TrainConfig) -> Path:
 
 
 @contextlib.contextmanager
-def wearing(unet: torch.nn.Module, params: list[torch.nn.Parameter], weights: list[torch.Tensor]) -> Iterator[None]:
-    """``unet`` runs with ``weights`` in its LoRA parameters (and LoRA dropout off); the student's come back after."""
+def student_kept(unet: torch.nn.Module,
+                 params: list[torch.nn.Parameter]) -> Iterator[Callable[[list[torch.Tensor]], None]]:
+    """Yields ``wear(weights)``, which puts a teacher's weights into the LoRA parameters; on exit the student's are
+    back. LoRA dropout is off meanwhile: a teacher's prediction is its deterministic one."""
     saved = [p.detach().clone() for p in params]
     training = unet.training
     unet.eval()
-    try:
+
+    def wear(weights: list[torch.Tensor]) -> None:
         with torch.no_grad():
             for p, w in zip(params, weights):
                 p.copy_(w)
-        yield
+    try:
+        yield wear
     finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
+        wear(saved)
         unet.train(training)
 
 
@@ -117,10 +119,11 @@ class DistillObjective(Objective):
             return true
         taught = torch.empty_like(true)
         teacher_of = (1 - self.halves[index.cpu().long()]).to(latents.device)
-        for k, weights in enumerate(self.teachers):
-            rows = teacher_of == k
-            if rows.any():
-                with wearing(unet, self.params, weights):
+        with student_kept(unet, self.params) as wear:
+            for k, weights in enumerate(self.teachers):
+                rows = teacher_of == k
+                if rows.any():
+                    wear(weights)
                     taught[rows] = predict(unet, scheduler, latents[rows], text_emb[rows], timesteps[rows],
                                            noise[rows]).float()
         return self.true_noise_weight * true + (1.0 - self.true_noise_weight) * taught
