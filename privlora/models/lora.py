@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from peft import LoraConfig
@@ -168,7 +169,9 @@ def read_kohya_weights(path: str | Path, model,
     pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     for name, layer in lora_layers(model).items():
         key = f"{prefix}_{name.replace('.', '_')}"
-        down, up = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+        # peft's ModuleDict entries are typed loosely
+        down = cast(torch.nn.Parameter, layer.lora_A[ADAPTER].weight)
+        up = cast(torch.nn.Parameter, layer.lora_B[ADAPTER].weight)
         alpha = tensors.get(f"{key}.alpha")
         if alpha is None or f"{key}.lora_down.weight" not in tensors or f"{key}.lora_up.weight" not in tensors:
             raise file_error(path, f"has no LoRA weights for {name}: not trained with this run's LoRA settings")
@@ -177,5 +180,5 @@ def read_kohya_weights(path: str | Path, model,
         for param, value in ((down, tensors[f"{key}.lora_down.weight"]), (up, tensors[f"{key}.lora_up.weight"])):
             if value.shape != param.shape:
                 raise file_error(path, f"{name}: shape {tuple(value.shape)} is not this run's {tuple(param.shape)}")
-            pairs.append((param, value.to(param.device, param.dtype)))  # type: ignore[arg-type]
+            pairs.append((param, value.to(param.device, param.dtype)))
     return pairs

@@ -34,13 +34,15 @@ if TYPE_CHECKING:
 
 def teacher_config(cfg: TrainConfig, half: str) -> TrainConfig:
     """The plain-LoRA run on one half: the student's settings, its own folder, no intermediate saves."""
-    epochs = {"max_train_epochs": cfg.distill_teacher_epochs, "max_train_steps": None} \
-        if cfg.distill_teacher_epochs else {}
+    epochs, steps = cfg.max_train_epochs, cfg.max_train_steps
+    if cfg.distill_teacher_epochs:
+        epochs, steps = cfg.distill_teacher_epochs, None
     teacher = dataclasses.replace(
         cfg, method="lora", train_subset=half, output_dir=str(Path(cfg.output_dir) / "teachers" / half),
         output_name=f"teacher_{half[-1]}", save_format="kohya", save_every_n_epochs=None, save_every_n_steps=None,
         save_state=False, resume=None, overwrite=False, sample_prompts=None, sample_every_n_epochs=None,
-        hessian_every_n_steps=0, distill_true_noise_weight=0.0, distill_teacher_epochs=None, **epochs)
+        hessian_every_n_steps=0, distill_true_noise_weight=0.0, distill_teacher_epochs=None,
+        max_train_epochs=epochs, max_train_steps=steps)
     return teacher.validate(f"{half} teacher of {cfg.output_dir}")
 
 
