@@ -297,7 +297,11 @@ def run_prerequisites(cfg: TrainConfig) -> None:
         final = Path(pre.output_dir) / f"{pre.output_name}.safetensors"
         if not final.exists():
             print(f"{cfg.method}: training the prerequisite run {pre.output_dir}")
-            train(pre)
+            try:
+                train(pre)
+            except Interrupted:  # its own "--resume <its state>" would be wrong advice for this run's command
+                raise Interrupted(f"interrupted while training the prerequisite run {pre.output_dir}; run the same "
+                                  "command again (finished prerequisites are reused, this one starts over)") from None
         elif not same_settings(pre, Path(pre.output_dir) / RESOLVED_NAME):
             raise PrivloraError(f"{final}: trained with other settings than this run needs now; "
                                 f"delete {pre.output_dir} to train it again")

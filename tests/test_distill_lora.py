@@ -173,6 +173,17 @@ def test_a_finished_teacher_with_other_settings_is_an_error_not_reused(tmp_path,
                                               "unet_lr": 5e-4}))
 
 
+def test_an_interrupted_teacher_says_to_run_the_same_command_again(tmp_path, monkeypatch):
+    from privlora.errors import Interrupted
+
+    def interrupted(cfg):
+        raise Interrupted(f"interrupted at step 3; resume with --resume {cfg.output_dir}/state-step000003")
+    monkeypatch.setattr("privlora.train.train", interrupted)
+    with pytest.raises(Interrupted, match="half_a; run the same command again") as e:
+        run_prerequisites(build_config(None, {**SMALL, "output_dir": str(tmp_path), "max_train_epochs": 2}))
+    assert "--resume" not in str(e.value)
+
+
 @pytest.mark.slow  # ~12 s on the 2-core box: two teachers and a student, then the student again
 def test_distill_run_publishes_only_the_student_and_reuses_its_teachers(model, tmp_path):
     out = tmp_path / "r"
