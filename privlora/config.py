@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from privlora.data.halves import TRAIN_SUBSETS
 from privlora.errors import PrivloraError
-
 
 
 @dataclass
@@ -36,6 +36,7 @@ class TrainConfig:
     n_nonmember_aux: int = 200
     n_nonmember_test: int = 200
     split_seed: int = 0
+    train_subset: str = "all"  # all | half_a | half_b: train on one seeded half of the train role (distill teachers)
     resolution: int = 512
     center_crop: bool = True
     # augmentation of the training batches (any method; privlora.data.augment), seeded per batch position so a
@@ -98,6 +99,9 @@ class TrainConfig:
     dp_accountant: str = "prv"  # prv | rdp (Opacus' accountants)
     dp_micro_batch_size: int = 16  # per-image gradients are formed this many images at a time (memory bound)
     dp_noise_draws: int = 1  # noise/timestep draws averaged per image before clipping (DPDM's noise multiplicity)
+    # distill_lora (Fu et al. 2024): a student learns from two teachers trained on disjoint halves of the train role
+    distill_true_noise_weight: float = 0.0  # w in target = w·ε_true + (1 − w)·ε_teacher
+    distill_teacher_epochs: int | None = None  # each teacher's max_train_epochs; None: the student's settings
     # fidelity to the reference implementation (docs/fidelity.md)
     attacker_dropout_in_adv: bool = False  # L_adv runs the attacker with dropout active (the reference); seeded masks
     shuffle_caption: bool = False  # kohya: shuffle comma-separated tags every step (seeded); no text caching then
@@ -149,6 +153,8 @@ class TrainConfig:
             raise bad(f"mixed_precision {self.mixed_precision!r} is not no, fp16 or bf16")
         if self.optimizer_type not in ("AdamW", "AdamW8bit"):
             raise bad(f"optimizer_type {self.optimizer_type!r} is not AdamW or AdamW8bit")
+        if self.train_subset not in TRAIN_SUBSETS:
+            raise bad(f"train_subset {self.train_subset!r} is not one of {', '.join(TRAIN_SUBSETS)}")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise bad(f"prediction_type {self.prediction_type!r} is not epsilon or v_prediction")
         self._validate_fidelity(bad)

@@ -19,6 +19,13 @@ def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, times
     raise ValueError(f"unsupported prediction_type {kind!r} (use epsilon or v_prediction)")
 
 
+def predict(unet, scheduler, latents: torch.Tensor, text_emb: torch.Tensor, timesteps: torch.Tensor,
+            noise: torch.Tensor) -> torch.Tensor:
+    """The UNet's output on the noised latents ``z_t``: in the scheduler's prediction space (ε or v)."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    return unet(noisy, timesteps, encoder_hidden_states=text_emb, return_dict=False)[0]
+
+
 def loss_map(
     unet,
     scheduler,
@@ -28,8 +35,7 @@ def loss_map(
     noise: torch.Tensor,
 ) -> torch.Tensor:
     """Per-sample, per-element squared error ``(ε̂_θ(z_t, t, c) − target)²``, shape (B, C, H, W), fp32."""
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    pred = unet(noisy, timesteps, encoder_hidden_states=text_emb, return_dict=False)[0]
+    pred = predict(unet, scheduler, latents, text_emb, timesteps, noise)
     target = training_target(scheduler, latents, noise, timesteps)
     return F.mse_loss(pred.float(), target.float(), reduction="none")
 

@@ -1,9 +1,9 @@
-"""The training loop: one recipe for every method (plain LoRA, MP-LoRA, SMP-LoRA, DP-LoRA).
+"""The training loop: one recipe for every method (plain LoRA, MP-LoRA, SMP-LoRA, DP-LoRA, distilled LoRA).
 
-``train`` reads top to bottom: ``setup`` loads and checks everything, injects LoRA and caches the data; the
-loop then runs (augmentation → method's gradients → method's clipping → LoRA step → method's after-step) per
-batch, evaluates on fixed noise at each epoch end and saves. The method (``run.objective``) is the only
-method-specific piece.
+``train`` reads top to bottom: the method's prerequisite runs (if any) first; ``setup`` loads and checks
+everything, injects LoRA and caches the data; the loop then runs (augmentation → method's gradients → method's
+clipping → LoRA step → method's after-step) per batch, evaluates on fixed noise at each epoch end and saves.
+The method (``run.objective``) is the only method-specific piece.
 """
 from __future__ import annotations
 
@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 from privlora import checkpoint
 from privlora.attacker_eval import BEST_SUFFIX, eval_roles, evaluate_attacker
 from privlora.captions import CaptionShuffler, TextEncoding, captions_fixed
-from privlora.config import TrainConfig, to_dict, write_resolved_config
+from privlora.config import RESOLVED_NAME, TrainConfig, resolved_toml, to_dict, write_resolved_config
 from privlora.data.augment import Augment
 from privlora.data.cache import RoleData
+from privlora.data.halves import train_subset
 from privlora.data.prepare import prepare_splits, write_run_files
 from privlora.denoiser import Denoiser, adapters_disabled
 from privlora.errors import Interrupted, PrivloraError
@@ -48,7 +49,8 @@ EVAL_ROLES = ("member_aux", "nonmember_aux", "member_test", "nonmember_test")
 RESUME_MUST_MATCH = ("method", "network_dim", "network_alpha", "conv_dim", "train_text_encoder", "train_batch_size",
                      "gradient_accumulation_steps", "seed", "pretrained_model_name_or_path", "resolution", "adv_step",
                      "attacker_input", "dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_max_grad_norm",
-                     "dp_accountant", "dp_noise_draws", "random_flip", "random_crop_scale", "color_jitter")
+                     "dp_accountant", "dp_noise_draws", "random_flip", "random_crop_scale", "color_jitter",
+                     "train_subset", "split_seed", "distill_true_noise_weight")
 
 
 @dataclass
@@ -64,6 +66,8 @@ class Progress:
 
 
 def train(cfg: TrainConfig) -> Path:
+    check_output_dir(cfg, Path(cfg.output_dir))  # before any prerequisite run spends time
+    run_prerequisites(cfg)
     run = setup(cfg)
     progress = restore(run, checkpoint.resolve(cfg.resume, run.out)) if cfg.resume else Progress()
     interrupt = InterruptFlag()
@@ -130,7 +134,7 @@ def after_step(run: Run, progress: Progress, logs: dict, bar) -> None:
     if progress.step % cfg.log_every_n_steps == 0:
         run.accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=progress.step)
     bar.update(1)
-    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("L_ada", "L_adv", "attacker_loss")})
+    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("L_ada", "L_adv", "L_distill", "attacker_loss")})
     if cfg.save_every_n_steps and progress.step % cfg.save_every_n_steps == 0 and progress.step < run.max_steps:
         save_point(run, progress, f"{cfg.output_name}-step{progress.step:06d}")
 
@@ -250,7 +254,8 @@ def setup(cfg: TrainConfig) -> Run:
 
     cache = Cache(base, cfg, device)
     augment = Augment.from_config(cfg, accelerator.process_index)
-    train_data = cache.role(splits.train, expand_repeats=True, augment=augment)
+    train_examples = train_subset(splits.train, cfg.train_subset, cfg.split_seed)
+    train_data = cache.role(train_examples, expand_repeats=True, augment=augment)
     roles = {role: cache.role(splits.role(role)) for role in EVAL_ROLES}
     aux_bs = cfg.attacker_batch_size or cfg.train_batch_size
     rank = accelerator.process_index
@@ -258,7 +263,8 @@ def setup(cfg: TrainConfig) -> Run:
            for i, r in enumerate(("member_aux", "nonmember_aux"))}
     grad_sync = (lambda m: average_gradients(accelerator, m.parameters())) if accelerator.num_processes > 1 else None
     context = BuildContext(base.unet.config.in_channels, aux["member_aux"], aux["nonmember_aux"], grad_sync,
-                           num_train_images=len(splits.train), num_processes=accelerator.num_processes)
+                           num_train_images=len(train_examples), num_processes=accelerator.num_processes,
+                           base=base, train_examples=train_examples)
     objective = build_objective(cfg, latent_channels=context.latent_channels, context=context)
     for module in objective.modules().values():
         module.to(device)
@@ -292,6 +298,30 @@ def setup(cfg: TrainConfig) -> Run:
     run.attacker_roles = eval_roles(roles, cfg.attacker_eval_samples, cfg.seed + 6)
     run.augment = augment
     return run
+
+
+def run_prerequisites(cfg: TrainConfig) -> None:
+    """The runs the method needs first, each trained unless finished (its LoRA file is there, trained with exactly
+    the settings asked now; other settings are an error rather than a silently stale prerequisite)."""
+    from privlora.objectives import METHODS
+
+    for pre in METHODS[cfg.method].prerequisites(cfg):
+        final = Path(pre.output_dir) / f"{pre.output_name}.safetensors"
+        if not final.exists():
+            print(f"{cfg.method}: training the prerequisite run {pre.output_dir}")
+            try:
+                train(pre)
+            except Interrupted:  # its own "--resume <its state>" would be wrong advice for this run's command
+                raise Interrupted(f"interrupted while training the prerequisite run {pre.output_dir}; run the same "
+                                  "command again (finished prerequisites are reused, this one starts over)") from None
+        elif not same_settings(pre, Path(pre.output_dir) / RESOLVED_NAME):
+            raise PrivloraError(f"{final}: trained with other settings than this run needs now; "
+                                f"delete {pre.output_dir} to train it again")
+
+
+def same_settings(cfg: TrainConfig, resolved: Path) -> bool:
+    """Whether the run that wrote ``resolved`` (its resolved_config.toml) had every setting of ``cfg``."""
+    return resolved.is_file() and resolved.read_text(encoding="utf-8").startswith(resolved_toml(cfg))
 
 
 def configure_captions(denoiser: Denoiser, cfg: TrainConfig, rank: int) -> None:

@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from peft import LoraConfig
@@ -154,3 +155,30 @@ def readable_lora_file(path: str | Path) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="privlora-lora-") as tmp:
         yield save_safetensors(Path(tmp) / path.name, tensors, metadata=metadata)
+
+
+def read_kohya_weights(path: str | Path, model,
+                       prefix: str = "lora_unet") -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """Pair each of ``model``'s LoRA parameters with its value in a kohya file privlora wrote for the same
+    LoRA layout (same modules, ranks and alphas): what to copy into the parameters to run that LoRA."""
+    from safetensors.torch import load_file
+
+    from privlora.files import file_error
+
+    tensors = load_file(str(path))
+    pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    for name, layer in lora_layers(model).items():
+        key = f"{prefix}_{name.replace('.', '_')}"
+        # peft's ModuleDict entries are typed loosely
+        down = cast(torch.nn.Parameter, layer.lora_A[ADAPTER].weight)
+        up = cast(torch.nn.Parameter, layer.lora_B[ADAPTER].weight)
+        alpha = tensors.get(f"{key}.alpha")
+        if alpha is None or f"{key}.lora_down.weight" not in tensors or f"{key}.lora_up.weight" not in tensors:
+            raise file_error(path, f"has no LoRA weights for {name}: not trained with this run's LoRA settings")
+        if abs(float(alpha) - layer.scaling[ADAPTER] * down.shape[0]) > 1e-4 * max(1.0, float(alpha)):
+            raise file_error(path, f"alpha of {name} differs from this run's network_alpha/conv_alpha")
+        for param, value in ((down, tensors[f"{key}.lora_down.weight"]), (up, tensors[f"{key}.lora_up.weight"])):
+            if value.shape != param.shape:
+                raise file_error(path, f"{name}: shape {tuple(value.shape)} is not this run's {tuple(param.shape)}")
+            pairs.append((param, value.to(param.device, param.dtype)))
+    return pairs

@@ -13,6 +13,7 @@ import torch
 from privlora.objectives.adversarial import make_attacker
 from privlora.objectives.attacker import LossMapAttacker
 from privlora.objectives.base import BuildContext, Objective, StepOutput
+from privlora.objectives.distill_lora import DistillObjective
 from privlora.objectives.dp_lora import DPLoraObjective
 from privlora.objectives.lora import LoraObjective
 from privlora.objectives.mp_lora import MPLoraObjective
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from privlora.config import TrainConfig
 
 METHODS: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (LoraObjective, MPLoraObjective, SMPLoraObjective, DPLoraObjective)
+    cls.name: cls for cls in (LoraObjective, MPLoraObjective, SMPLoraObjective, DPLoraObjective, DistillObjective)
 }
 
 

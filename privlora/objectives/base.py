@@ -26,6 +26,11 @@ class StepOutput:
 
 
 class DenoiserLike(Protocol):
+    base: Any  # the BaseModel (its plain UNet, scheduler, …)
+    unet: Any  # the UNet under training (possibly wrapped by accelerate / torch.compile)
+    autocast: Callable[[], Any]
+    def latents(self, batch: dict) -> torch.Tensor: ...
+    def text(self, batch: dict) -> torch.Tensor: ...
     def loss_map(self, batch: dict, *, generator: torch.Generator | None = None,
                  noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -45,6 +50,8 @@ class BuildContext:
     grad_sync: Callable[[torch.nn.Module], None] | None = None  # multi-process: average a module's gradients
     num_train_images: int = 0  # distinct training images (the unit a DP guarantee protects)
     num_processes: int = 1
+    base: Any = None  # the loaded BaseModel, LoRA already injected into its UNet (and text encoder)
+    train_examples: list = field(default_factory=list)  # the examples behind the training batches' "index"
 
 
 class Objective:
@@ -62,6 +69,12 @@ class Objective:
     def check_config(cls, cfg: TrainConfig) -> str | None:
         """A reason this method cannot run with ``cfg`` (validated before any work), or None."""
         return None
+
+    @classmethod
+    def prerequisites(cls, cfg: TrainConfig) -> list[TrainConfig]:
+        """Training runs that must have finished before this one starts (distill_lora's teachers); ``train`` runs
+        each one whose output LoRA is missing and reuses the others."""
+        return []
 
     def plan(self, max_steps: int) -> None:
         """Called once the run's length is known, before the first step."""
