@@ -8,7 +8,8 @@ draws no other attack uses), minus the base model's map on the same noise when t
 ``attacker_input = "calibrated"``, pooled by the attacker itself. Score: P(member). The attacker's own decision,
 P(member) > 0.5, gives the paper's ASR (its accuracy on member_test ∪ nonmember_test).
 
-The base model, plain LoRA and DP-LoRA have no attacker file: the attack is skipped for them.
+The base model, plain LoRA and DP-LoRA have no attacker file: the attack is skipped for them. It is also skipped,
+with the reason, for the stronger attackers of ``attacker_draws`` / ``attacker_timestep`` / ``attacker_features``.
 """
 from __future__ import annotations
 
@@ -58,6 +59,21 @@ def load_attacker(path: Path) -> tuple[LossMapAttacker, dict[str, str]]:
     return net.eval().requires_grad_(False), meta
 
 
+def unsupported_attacker(path: Path) -> str | None:
+    """Why this attack does not replay the attacker saved at ``path`` (a stronger attacker: several draws,
+    timesteps or scalar features, from ``attacker_draws`` / ``attacker_timestep`` / ``attacker_features``)."""
+    try:
+        meta = read_lora_metadata(path)
+    except Exception:  # load_attacker reports an unreadable file
+        return None
+    kind = {k: meta[k] for k in ("draws", "timestep", "features") if k in meta}
+    if kind in ({}, {"draws": "1", "timestep": "false", "features": "map"}):
+        return None
+    settings = ", ".join(f"attacker_{k}={v}" for k, v in kind.items())
+    return (f"{path.name} is a stronger proxy attacker ({settings}); this attack replays only the paper's "
+            "one-map attacker (the loss / ref_loss attacks score what it sees)")
+
+
 @dataclass
 class ProxyAttack(Attack):
     name = "proxy"
@@ -89,6 +105,9 @@ class ProxyAttack(Attack):
         path = attacker_file(Path(model.source), self.attacker)
         if not path.is_file():
             return f"no {path.name} beside the LoRA (only MP-LoRA / SMP-LoRA training saves one)"
+        reason = unsupported_attacker(path)
+        if reason:
+            return reason
         self._net, meta = load_attacker(path)
         channels = getattr(getattr(model.unet, "config", None), "in_channels", None)
         if channels is not None and int(meta["channels"]) != channels:
