@@ -4,6 +4,8 @@ Shared by both sides: MP-/SMP-LoRA train it as the proxy attacker during trainin
 and the audit's ``mlp`` attack trains a fresh one (``privlora.attacks.mlp``). Reference form (Luo et al. 2025):
 Linear(4·64·64 → 512) → ReLU → Dropout(0.5) → Linear(512 → 256) → ReLU → Dropout(0.5) → Linear(256 → 2).
 Pooling the loss map to a fixed pool×pool grid makes the input size independent of the resolution.
+``ScalarAttacker`` (``attacker_features = "scalar"``) is the stronger proxy attacker's alternative: an MLP on
+per-draw summary statistics of the map.
 """
 from __future__ import annotations
 
