@@ -203,16 +203,17 @@ def test_bad_settings_are_one_line_errors_naming_the_key(keys, named):
     assert named in str(e.value) and "\n" not in str(e.value)
 
 
-def test_saved_stronger_attackers_are_skipped_by_proxy_with_a_reason(tmp_path):
-    from privlora.attacks.proxy import unsupported_attacker
+def test_a_saved_stronger_attacker_loads_back_exactly_from_its_metadata(tmp_path):
+    from privlora.attacks.proxy import load_attacker
     from privlora.io import save_safetensors
     from privlora.objectives.adversarial import attacker_kind
 
     assert attacker_kind(TrainConfig()) == {}  # the paper's attacker file is written as before
-    cfg = TrainConfig(attacker_features="scalar", attacker_draws=4)
-    meta = {"channels": "4", "pool": "4", "hidden": "[8]", "dropout": "0.5", **attacker_kind(cfg)}
-    path = save_safetensors(tmp_path / "a.attacker.safetensors", ScalarAttacker(4).state_dict(), metadata=meta)
-    assert "attacker_features=scalar" in unsupported_attacker(path) and "attacker_draws=4" in unsupported_attacker(path)
-    plain = save_safetensors(tmp_path / "b.attacker.safetensors", LossMapAttacker(4, 4, [8]).state_dict(),
-                             metadata={k: meta[k] for k in ("channels", "pool", "hidden", "dropout")})
-    assert unsupported_attacker(plain) is None
+    obj = objective(attacker_features="scalar", attacker_draws=4, attacker_timestep=True)
+    obj.after_lora_step(DrawingDenoiser())
+    meta = {"channels": "4", "pool": "4", "hidden": "[16]", "dropout": "0.5", **attacker_kind(TrainConfig(
+        attacker_features="scalar", attacker_draws=4, attacker_timestep=True))}
+    path = save_safetensors(tmp_path / "a.attacker.safetensors", obj.attacker.state_dict(), metadata=meta)
+    net, _ = load_attacker(path)
+    assert type(net) is ScalarAttacker and (net.draws, net.timestep) == (4, True)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in obj.attacker.state_dict().items())
