@@ -59,6 +59,10 @@ class ScalarAttacker(nn.Module):
     tiny differences and the raw maps' large ones both reach the MLP at unit scale.
     """
 
+    shift: torch.Tensor  # buffers: the running feature mean, variance, and how many batches moved them
+    var: torch.Tensor
+    seen: torch.Tensor
+
     def __init__(self, draws: int = 1, timestep: bool = False, hidden: Sequence[int] = (512, 256),
                  dropout: float = 0.5, momentum: float = 0.01):
         super().__init__()

@@ -179,15 +179,16 @@ class AdversarialObjective(Objective):
         out = {}
         for key, (m, n) in {"attacker_train_acc": ("member_aux", "nonmember_aux"),
                             "attacker_test_acc": ("member_test", "nonmember_test")}.items():
-            if seen.get(m) is not None and seen.get(n) is not None:
-                out[key] = attacker_accuracy(self.attacker, seen[m], seen[n])
+            members, nonmembers = seen.get(m), seen.get(n)
+            if members is not None and nonmembers is not None:
+                out[key] = attacker_accuracy(self.attacker, members, nonmembers)
         return out
 
     def eval_view(self, maps: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor | Seen | None:
         draws = 1 if maps.dim() == 4 else maps.shape[1]
         if draws != self.draws or (self.timestep and t is None):
             return None
-        if not self.timestep:
+        if t is None or not self.timestep:
             return maps
         frac = t.float().reshape(maps.shape[0], draws) / self.num_train_timesteps
         return Seen(maps, frac.to(maps.device))
