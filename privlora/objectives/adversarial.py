@@ -118,10 +118,10 @@ class AdversarialObjective(Objective):
         """Draw-major rows → the attacker's input: per image its K maps and (with ``timestep``) their t/T."""
         b = maps.shape[0] // draws
         if draws > 1:
-            maps = maps.view(draws, b, *maps.shape[1:]).transpose(0, 1)
+            maps = maps.reshape(draws, b, *maps.shape[1:]).transpose(0, 1)
         if not self.timestep:
             return maps
-        frac = t.float().view(draws, b).T / self.num_train_timesteps
+        frac = t.float().reshape(draws, b).T / self.num_train_timesteps
         return Seen(maps, frac.to(maps.device))
 
     def lora_loss(self, batch: dict, denoiser: DenoiserLike) -> StepOutput:
