@@ -23,31 +23,50 @@ def eval_roles(roles: dict[str, RoleData], n: int | None, seed: int) -> dict[str
     return {r: d.subset(min(n, len(d)), gen) for r, d in roles.items()}
 
 
+Maps = dict[str, torch.Tensor]
+
+
 @torch.no_grad()
-def fresh_noise_maps(roles: dict[str, RoleData], denoiser, seed: int, calibrated: bool,
-                     batch_size: int = 64) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """Loss maps of every sample on noise drawn from ``seed`` (and the base model's on the same noise)."""
+def fresh_noise_maps(roles: dict[str, RoleData], denoiser, seed: int, calibrated: bool, batch_size: int = 64,
+                     draws: int = 1) -> tuple[Maps, Maps | None, Maps]:
+    """Loss maps of every sample on noise drawn from ``seed`` (and the base model's on the same noise), with their
+    timesteps: (N, C, H, W) and (N,) for one draw; (N, K, C, H, W) and (N, K) for K draws per sample."""
     gen = torch.Generator().manual_seed(seed)
-    maps: dict[str, torch.Tensor] = {}
-    refs: dict[str, torch.Tensor] = {}
+    maps: Maps = {}
+    refs: Maps = {}
+    steps: Maps = {}
     for role, data in roles.items():
-        chunks, ref_chunks = [], []
+        chunks: list[tuple[torch.Tensor, ...]] = []
         for s in range(0, len(data), batch_size):
             batch = torch.utils.data.default_collate([data[i] for i in range(s, min(s + batch_size, len(data)))])
-            noise, t = denoiser.draw(batch, gen)
-            chunks.append(denoiser.loss_map(batch, noise=noise, timesteps=t)[0].float())
-            if calibrated:
-                ref_chunks.append(denoiser.reference_map(batch, noise, t).float())
-        maps[role] = torch.cat(chunks)
+            chunks.append(draw_maps(batch, denoiser, gen, calibrated, draws))
+        maps[role], steps[role] = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
         if calibrated:
-            refs[role] = torch.cat(ref_chunks)
-    return maps, (refs if calibrated else None)
+            refs[role] = torch.cat([c[2] for c in chunks])
+    return maps, (refs if calibrated else None), steps
+
+
+def draw_maps(batch: dict, denoiser, gen: torch.Generator, calibrated: bool, draws: int) -> tuple[torch.Tensor, ...]:
+    """(maps, timesteps[, base maps]) of one batch; K draws come from one call on the batch repeated K times."""
+    from privlora.objectives.adversarial import repeat_batch
+
+    big = batch if draws == 1 else repeat_batch(batch, draws)
+    noise, t = denoiser.draw(big, gen)
+    out = [denoiser.loss_map(big, noise=noise, timesteps=t)[0].float(), t]
+    if calibrated:
+        out.append(denoiser.reference_map(big, noise, t).float())
+    if draws == 1:
+        return tuple(out)
+    b = out[0].shape[0] // draws
+    return tuple(x.reshape(draws, b, *x.shape[1:]).transpose(0, 1) for x in out)
 
 
 def evaluate_attacker(objective, roles: dict[str, RoleData], denoiser, seed: int) -> dict[str, float]:
-    """``attacker_test_acc_fresh`` (member_test ∪ nonmember_test) and ``attacker_aux_acc_fresh``; {} without one."""
+    """``attacker_test_acc_fresh`` (member_test ∪ nonmember_test) and ``attacker_aux_acc_fresh``; {} without one.
+
+    The attacker gets its own input kind: as many draws per sample as it trains on, with their timesteps."""
     if not objective.modules():
         return {}
     calibrated = getattr(objective, "attacker_input", "loss_map") == "calibrated"
-    maps, refs = fresh_noise_maps(roles, denoiser, seed, calibrated)
-    return {KEYS[k]: v for k, v in objective.evaluate(maps, refs).items() if k in KEYS}
+    maps, refs, steps = fresh_noise_maps(roles, denoiser, seed, calibrated, draws=getattr(objective, "draws", 1))
+    return {KEYS[k]: v for k, v in objective.evaluate(maps, refs, steps).items() if k in KEYS}

@@ -91,6 +91,10 @@ class TrainConfig:
     attacker_pool: int = 64  # loss maps are pooled to pool×pool (64 = the reference at 512²)
     attacker_batch_size: int | None = None  # default: train_batch_size
     attacker_input: str = "loss_map"  # loss_map (the paper) | calibrated (minus the base model's map; +1 no-grad fwd)
+    # stronger proxy attackers (departures from the paper, off by default; docs/fidelity.md)
+    attacker_draws: int = 1  # K noise/timestep draws per image shown to the attacker together (L_adv: K× batch)
+    attacker_timestep: bool = False  # the attacker also sees each draw's t/T
+    attacker_features: str = "map"  # map (MLP on pooled maps) | scalar (MLP on per-draw mean/std/quantiles)
     # DP-LoRA (DP-SGD): give dp_noise_multiplier, or dp_target_epsilon and the multiplier is solved for the run
     dp_noise_multiplier: float | None = None
     dp_target_epsilon: float | None = None
@@ -149,6 +153,8 @@ class TrainConfig:
             raise bad(f"adv_step {self.adv_step!r} is not fused or reference")
         if self.attacker_input not in ("loss_map", "calibrated"):
             raise bad(f"attacker_input {self.attacker_input!r} is not loss_map or calibrated")
+        if self.attacker_features not in ("map", "scalar"):
+            raise bad(f"attacker_features {self.attacker_features!r} is not map or scalar")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise bad(f"mixed_precision {self.mixed_precision!r} is not no, fp16 or bf16")
         if self.optimizer_type not in ("AdamW", "AdamW8bit"):
@@ -162,7 +168,7 @@ class TrainConfig:
         if not (self.max_train_epochs or self.max_train_steps):
             raise bad("set max_train_epochs or max_train_steps")
         for key in ("network_dim", "train_batch_size", "gradient_accumulation_steps", "k_steps", "attacker_pool",
-                    "eval_every_n_epochs", "dp_micro_batch_size", "dp_noise_draws"):
+                    "eval_every_n_epochs", "dp_micro_batch_size", "dp_noise_draws", "attacker_draws"):
             if getattr(self, key) < 1:
                 raise bad(f"{key} must be ≥ 1")
         if sum(bool(x) for x in (self.train_data_dir, self.splits_dir, self.splits, self.synthetic_images)) != 1:

@@ -57,6 +57,10 @@ class Denoiser:
             maps = loss_map(self.unet, self.base.noise_scheduler, z, c, timesteps, noise)
         return maps, timesteps
 
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.base.noise_scheduler.config.num_train_timesteps)
+
     def draw(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise and timesteps for a batch, from the run's generator (on the CPU)."""
         gen = generator or self.generator

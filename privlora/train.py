@@ -37,6 +37,7 @@ from privlora.models.loading import is_sd2, load_base
 from privlora.models.lora import (LoraSpec, add_lora, save_diffusers, save_kohya, text_encoder_lora_config,
                                   unet_lora_config)
 from privlora.objectives import BuildContext, build_objective
+from privlora.objectives.adversarial import attacker_kind
 from privlora.objectives.base import Objective
 
 if TYPE_CHECKING:
@@ -48,8 +49,9 @@ EVAL_ROLES = ("member_aux", "nonmember_aux", "member_test", "nonmember_test")
 # Changing these between a run and its resume would silently train something else.
 RESUME_MUST_MATCH = ("method", "network_dim", "network_alpha", "conv_dim", "train_text_encoder", "train_batch_size",
                      "gradient_accumulation_steps", "seed", "pretrained_model_name_or_path", "resolution", "adv_step",
-                     "attacker_input", "dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_max_grad_norm",
-                     "dp_accountant", "dp_noise_draws", "random_flip", "random_crop_scale", "color_jitter",
+                     "attacker_input", "attacker_draws", "attacker_timestep", "attacker_features",
+                     "dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_max_grad_norm", "dp_accountant",
+                     "dp_noise_draws", "random_flip", "random_crop_scale", "color_jitter",
                      "train_subset", "split_seed", "distill_true_noise_weight")
 
 
@@ -528,7 +530,7 @@ def evaluate_epoch(epoch: int, step: int, probe: FixedNoiseProbe, denoiser: Deno
     record.update({k: v for k, v in last_logs.items() if k != "lr"})
     record.update({f"{r}_loss": m.mean().item() for r, m in maps.items()})
     record["member_gap"] = record["nonmember_test_loss"] - record["member_test_loss"]
-    record.update(objective.evaluate(maps, base_maps))
+    record.update(objective.evaluate(maps, base_maps, probe.timesteps))
     return record
 
 
@@ -584,7 +586,8 @@ def save_modules(run: Run, name: str, suffix: str = "", extra: dict[str, str] | 
     for mod_name, module in run.objective.modules().items():
         meta = {"privlora_module": mod_name, "channels": str(run.base.unet.config.in_channels),
                 "pool": str(cfg.attacker_pool), "hidden": json.dumps(cfg.attacker_hidden),
-                "dropout": str(cfg.attacker_dropout), "attacker_input": cfg.attacker_input, **(extra or {})}
+                "dropout": str(cfg.attacker_dropout), "attacker_input": cfg.attacker_input,
+                **attacker_kind(cfg), **(extra or {})}
         save_safetensors(run.out / f"{name}.{mod_name}{suffix}.safetensors", module.state_dict(), metadata=meta)
 
 

@@ -275,6 +275,36 @@ def test_proxy_scores_are_the_saved_attackers_p_member_by_hand(tmp_path, attacke
     assert attack.details()["attacker_input"] == attacker_input
 
 
+@pytest.mark.parametrize("features", ["map", "scalar"])
+def test_proxy_replays_a_stronger_attacker_on_k_draws_with_their_timesteps(tmp_path, features):
+    from privlora.attacks.proxy import FIRST_DRAW
+    from privlora.io import save_safetensors
+    from privlora.models.attacker_net import ScalarAttacker
+
+    target, b = memorised_setup()
+    target.source, _ = save_attacker(tmp_path)
+    torch.manual_seed(4)
+    net = ScalarAttacker(2, True, [8]) if features == "scalar" else LossMapAttacker(4, 4, [8], 0.5, 2, True)
+    if features == "scalar":
+        net.observe(torch.rand(6, 2, *SHAPE), torch.rand(6, 2))  # a non-trivial feature scale
+    save_safetensors(tmp_path / "mp.attacker.safetensors", net.state_dict(),
+                     metadata={"channels": "4", "pool": "4", "hidden": "[8]", "dropout": "0.5", "draws": "2",
+                               "timestep": "true", "features": features, "attacker_input": "calibrated"})
+    attack = build_attacks(["proxy"], {"proxy": {"noises": 2}})[0]
+    assert attack.prepare(target) is None and attack.queries_per_sample() == 4
+    batch = b["member_test"]
+    got, want = attack.score(target, batch), torch.zeros(len(batch))
+    net.eval()
+    for n in range(2):  # score n sees draws 2n, 2n + 1 together, each at its own timestep
+        draws = (FIRST_DRAW + 2 * n, FIRST_DRAW + 2 * n + 1)
+        queries = [[Query(attack.timestep(target, k, d), draw=d) for d in draws] for k in batch.keys]
+        maps = target.sample_loss_maps(batch, queries) - target.reference.sample_loss_maps(batch, queries)
+        t = torch.tensor([[q.t for q in qs] for qs in queries], dtype=torch.float32) / 1000
+        want += net.member_probability(maps, t).detach() / 2
+    torch.testing.assert_close(got, want)
+    assert attack.details()["attacker_features"] == features and attack.details()["attacker_draws"] == "2"
+
+
 def test_proxy_timesteps_are_random_per_sample_seeded_and_in_range():
     target, b = memorised_setup()
     attack = build_attacks(["proxy"])[0]

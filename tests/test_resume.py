@@ -30,8 +30,13 @@ REFERENCE = ("--adv_step", "reference", "--attacker_dropout_in_adv", "--shuffle_
              "--max_token_length", "150", "--k_steps", "2")
 
 
+# The stronger proxy attacker adds K-draw batches and running feature statistics (buffers) to the state.
+STRONGER = (*REFERENCE, "--attacker_input", "calibrated", "--attacker_features", "scalar", "--attacker_timestep",
+            "--attacker_draws", "2")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("settings", [(), REFERENCE], ids=["fused", "reference"])
+@pytest.mark.parametrize("settings", [(), REFERENCE, STRONGER], ids=["fused", "reference", "stronger"])
 def test_kill_9_then_resume_is_bit_identical(tmp_path, settings):
     model = str(make_tiny_folder(tmp_path / "tiny"))
     cmd, env = command(model, tmp_path / "straight", *settings)

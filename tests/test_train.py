@@ -241,3 +241,25 @@ def test_the_saved_attackers_load_into_the_audits_proxy_attack(model, tmp_path):
         assert lora["text_encoding"] == {"clip_skip": 2, "max_token_length": 150,
                                          "from": "clip_skip: LoRA metadata; max_token_length: LoRA metadata"}
         assert 0 <= lora["results"]["proxy"]["decision_accuracy"] <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adv_step", ["fused", "reference"])
+def test_a_stronger_attacker_trains_is_evaluated_on_its_own_input_and_replayed_by_proxy(model, tmp_path, adv_step):
+    from privlora.audit import AuditConfig, run_audit
+
+    path = run(model, tmp_path / "r", method="smp_lora", adv_step=adv_step, attacker_input="calibrated",
+               attacker_features="scalar", attacker_timestep=True, attacker_draws=2, max_train_epochs=1)
+    record = json.loads((tmp_path / "r" / "history.json").read_text())["epochs"][-1]
+    for key in ("L_adv", "attacker_loss", "attacker_test_acc_fresh", "attacker_aux_acc_fresh"):
+        assert key in record and 0 <= record[key] < float("inf")
+    assert "attacker_test_acc" not in record  # the one-draw fixed-noise probe is not this attacker's input
+    with safe_open(str(tmp_path / "r" / f"{path.stem}.attacker.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert (meta["draws"], meta["timestep"], meta["features"]) == ("2", "true", "scalar")
+    report = run_audit(AuditConfig(splits=str(tmp_path / "r" / "splits.json"), out=str(tmp_path / "a"),
+                                   pretrained_model_name_or_path=model, loras=[str(path)], attacks=["loss", "proxy"],
+                                   n_bootstrap=0), log=lambda _: None)
+    [lora] = report["models"]
+    proxy = lora["results"]["proxy"]
+    assert proxy["details"]["attacker_features"] == "scalar" and 0 <= proxy["decision_accuracy"] <= 1

@@ -7,14 +7,35 @@ pool = 64 it is exactly the reference layout.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from privlora.models.attacker_net import MEMBER, NONMEMBER, LossMapAttacker  # noqa: F401  (re-exported)
+from privlora.models.attacker_net import MEMBER, NONMEMBER, LossMapAttacker, ScalarAttacker  # noqa: F401
+
+Attacker = LossMapAttacker | ScalarAttacker
 
 
-def adversarial_loss(attacker: LossMapAttacker, member_maps: torch.Tensor,
+class Seen(NamedTuple):
+    """What the attacker is shown: loss maps ((B, C, H, W), or (B, K, C, H, W) for K draws) and each draw's t/T."""
+
+    maps: torch.Tensor
+    t: torch.Tensor | None = None  # (B, K); None: the paper's attacker, which is not shown timesteps
+
+
+def as_seen(x: Seen | torch.Tensor) -> Seen:
+    return x if isinstance(x, Seen) else Seen(x)
+
+
+def join(a: Seen | torch.Tensor, b: Seen | torch.Tensor) -> Seen:
+    a, b = as_seen(a), as_seen(b)
+    t = None if a.t is None or b.t is None else torch.cat([a.t, b.t])
+    return Seen(torch.cat([a.maps, b.maps]), t)
+
+
+def adversarial_loss(attacker: Attacker, member_maps: Seen | torch.Tensor,
                      dropout_generator: torch.Generator | None = None) -> torch.Tensor:
     """L_adv: the attacker's cross-entropy against the label *member* on the training batch.
 
@@ -23,15 +44,18 @@ def adversarial_loss(attacker: LossMapAttacker, member_maps: torch.Tensor,
     it runs in train mode as the reference does, its dropout masks drawn from that (CPU, seeded) generator so
     a resumed run draws the same masks.
     """
-    logits = detached_forward(attacker, member_maps, dropout_generator)
-    labels = torch.full((member_maps.shape[0],), MEMBER, dtype=torch.long, device=member_maps.device)
+    seen = as_seen(member_maps)
+    logits = (detached_forward(attacker, seen.maps, dropout_generator) if seen.t is None
+              else detached_forward(attacker, seen.maps, dropout_generator, seen.t))
+    labels = torch.full((seen.maps.shape[0],), MEMBER, dtype=torch.long, device=seen.maps.device)
     return F.cross_entropy(logits, labels)
 
 
-def detached_forward(attacker: LossMapAttacker, maps: torch.Tensor,
-                     dropout_generator: torch.Generator | None = None) -> torch.Tensor:
-    """The attacker's logits with its weights as constants; dropout masks from ``dropout_generator`` if given."""
-    x = attacker.features(maps.float())
+def detached_forward(attacker: Attacker, maps: torch.Tensor, dropout_generator: torch.Generator | None = None,
+                     t: torch.Tensor | None = None) -> torch.Tensor:
+    """The attacker's logits with its weights (and feature scale) as constants; dropout masks from
+    ``dropout_generator`` if given."""
+    x = attacker.features(maps.float()) if t is None else attacker.features(maps.float(), t)
     for layer in attacker.mlp:
         if isinstance(layer, nn.Linear):
             x = F.linear(x, layer.weight.detach(), layer.bias.detach())
@@ -44,18 +68,21 @@ def detached_forward(attacker: LossMapAttacker, maps: torch.Tensor,
     return x
 
 
-def attacker_update(attacker: LossMapAttacker, optimizer: torch.optim.Optimizer, member_maps: torch.Tensor,
-                    nonmember_maps: torch.Tensor, k_steps: int, grad_sync=None) -> dict[str, float]:
+def attacker_update(attacker: Attacker, optimizer: torch.optim.Optimizer, member_maps: Seen | torch.Tensor,
+                    nonmember_maps: Seen | torch.Tensor, k_steps: int, grad_sync=None) -> dict[str, float]:
     """k Adam steps of the attacker on detached member (label 1) / non-member (label 0) loss maps."""
-    maps = torch.cat([member_maps, nonmember_maps]).detach()
+    seen = join(member_maps, nonmember_maps)
+    maps, t = seen.maps.detach(), seen.t
     labels = torch.cat([
-        torch.full((member_maps.shape[0],), MEMBER, dtype=torch.long),
-        torch.full((nonmember_maps.shape[0],), NONMEMBER, dtype=torch.long),
+        torch.full((as_seen(member_maps).maps.shape[0],), MEMBER, dtype=torch.long),
+        torch.full((as_seen(nonmember_maps).maps.shape[0],), NONMEMBER, dtype=torch.long),
     ]).to(maps.device)
     attacker.train()
+    if isinstance(attacker, ScalarAttacker):
+        attacker.observe(maps, t)
     for _ in range(k_steps):
         optimizer.zero_grad(set_to_none=True)
-        logits = attacker(maps)
+        logits = logits_of(attacker, Seen(maps, t))
         loss = F.cross_entropy(logits, labels)
         loss.backward()
         if grad_sync is not None:
@@ -66,8 +93,13 @@ def attacker_update(attacker: LossMapAttacker, optimizer: torch.optim.Optimizer,
 
 
 @torch.no_grad()
-def attacker_accuracy(attacker: LossMapAttacker, member_maps: torch.Tensor, nonmember_maps: torch.Tensor) -> float:
+def attacker_accuracy(attacker: Attacker, member_maps: Seen | torch.Tensor,
+                      nonmember_maps: Seen | torch.Tensor) -> float:
     attacker.eval()
-    pred_m = attacker(member_maps).argmax(-1) == MEMBER
-    pred_n = attacker(nonmember_maps).argmax(-1) == NONMEMBER
+    pred_m = logits_of(attacker, as_seen(member_maps)).argmax(-1) == MEMBER
+    pred_n = logits_of(attacker, as_seen(nonmember_maps)).argmax(-1) == NONMEMBER
     return torch.cat([pred_m, pred_n]).float().mean().item()
+
+
+def logits_of(attacker: Attacker, seen: Seen) -> torch.Tensor:
+    return attacker(seen.maps) if seen.t is None else attacker(seen.maps, seen.t)

@@ -105,10 +105,10 @@ class Objective:
         return DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
 
     # --- records ---
-    def evaluate(self, maps: dict[str, torch.Tensor],
-                 reference: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    def evaluate(self, maps: dict[str, torch.Tensor], reference: dict[str, torch.Tensor] | None = None,
+                 timesteps: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         """Epoch-end metrics from fixed-noise loss maps of the aux and test roles (``reference``: the same under
-        the base model); no training here."""
+        the base model; ``timesteps``: each map's); no training here."""
         return {}
 
     def epoch_logs(self) -> dict[str, float]:
