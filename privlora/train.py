@@ -163,12 +163,16 @@ def end_epoch(run: Run, progress: Progress, logs: dict, bar) -> None:
                                encoding=TextEncoding(cfg.clip_skip, cfg.max_token_length))
     if progress.step >= run.max_steps:  # the final save follows
         return
-    lora_due = bool(cfg.save_every_n_epochs) and progress.epoch % cfg.save_every_n_epochs == 0
-    state_due = bool(cfg.state_every_n_epochs) and progress.epoch % cfg.state_every_n_epochs == 0
+    lora_due = due(progress.epoch, cfg.save_every_n_epochs)
+    state_due = due(progress.epoch, cfg.state_every_n_epochs)
     if lora_due:
         save_lora(run, f"{cfg.output_name}-e{progress.epoch:04d}")
     if state_due or (lora_due and cfg.save_state):
         save_state(run, progress)
+
+
+def due(epoch: int, every: int | None) -> bool:
+    return every is not None and every > 0 and epoch % every == 0
 
 
 def save_point(run: Run, progress: Progress, name: str) -> None:
