@@ -12,6 +12,7 @@ from privlora.errors import PrivloraError
 from privlora.models.attacker_net import LossMapAttacker, ScalarAttacker
 from privlora.objectives import build_objective
 from privlora.objectives.attacker import Seen, attacker_accuracy, attacker_update
+from tests.test_objectives import batches
 
 KINDS = {  # name -> config keys
     "calibrated_map": dict(attacker_input="calibrated"),
@@ -55,12 +56,6 @@ class DrawingDenoiser:
 
     def adaptation_loss(self, maps, t):
         return maps.mean()
-
-
-def batches(seed, n=4):
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        yield {"x": torch.randn(n, 4, 8, 8, generator=g)}
 
 
 def objective(method="smp_lora", adv_step="fused", **keys):
