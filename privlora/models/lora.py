@@ -80,12 +80,17 @@ def lora_layers(model) -> dict[str, LoraLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
 
 
+def kohya_key(prefix: str, name: str) -> str:
+    """The kohya key stem of a peft LoRA layer's module name (``prefix`` is ``lora_unet`` or ``lora_te``)."""
+    name = standard_name(name) if prefix == "lora_te" else name
+    return f"{prefix}_{name.replace('.', '_')}"
+
+
 def kohya_state_dict(model, prefix: str) -> dict[str, torch.Tensor]:
     """Kohya keys for every peft LoRA layer of ``model`` (``prefix`` is ``lora_unet`` or ``lora_te``)."""
     out: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model).items():
-        name = standard_name(name) if prefix == "lora_te" else name
-        key = f"{prefix}_{name.replace('.', '_')}"
+        key = kohya_key(prefix, name)
         down = layer.lora_A[ADAPTER].weight
         up = layer.lora_B[ADAPTER].weight
         rank = down.shape[0]  # type: ignore[index]  # peft's ModuleDict entries are typed loosely
@@ -168,7 +173,7 @@ def read_kohya_weights(path: str | Path, model,
     tensors = load_file(str(path))
     pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     for name, layer in lora_layers(model).items():
-        key = f"{prefix}_{name.replace('.', '_')}"
+        key = kohya_key(prefix, name)
         # peft's ModuleDict entries are typed loosely
         down = cast(torch.nn.Parameter, layer.lora_A[ADAPTER].weight)
         up = cast(torch.nn.Parameter, layer.lora_B[ADAPTER].weight)
