@@ -224,19 +224,9 @@ def is_finished(job: Job) -> bool:
 
 def resumable(spec: BenchSpec, job: Job) -> bool:
     """An unfinished training of exactly this job's settings left a state (a crash, Ctrl-C, a killed bench)."""
-    from privlora.config import RESOLVED_NAME, resolved_toml
+    from privlora.config import ran_with
 
-    saved = job.out / RESOLVED_NAME
-    if not ((job.out / "state-latest").is_file() and saved.is_file()):
-        return False
-
-    def settings(text: str) -> dict:
-        return {k: v for k, v in tomllib.loads(text).items() if k not in ("resume", "overwrite")}
-
-    try:
-        return settings(saved.read_text()) == settings(resolved_toml(job_config(spec, job)))
-    except (tomllib.TOMLDecodeError, OSError):
-        return False
+    return (job.out / "state-latest").is_file() and ran_with(job_config(spec, job), job.out)
 
 
 def train_all(spec: BenchSpec, jobs: list[Job], log: Callable[[str], None]) -> None:

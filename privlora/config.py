@@ -345,6 +345,20 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid TOML basic string
 
 
+def ran_with(cfg: TrainConfig, out: str | Path) -> bool:
+    """Whether the run in folder ``out`` was started with every setting of ``cfg`` (its resolved_config.toml;
+    ``resume``/``overwrite`` say how a run was started, not what it trains, and are ignored)."""
+    path = Path(out) / RESOLVED_NAME
+
+    def settings(text: str) -> dict:
+        return {k: v for k, v in tomllib.loads(text).items() if k not in ("resume", "overwrite")}
+
+    try:
+        return settings(path.read_text(encoding="utf-8")) == settings(resolved_toml(cfg))
+    except (tomllib.TOMLDecodeError, OSError):
+        return False
+
+
 def write_resolved_config(cfg: TrainConfig, out: str | Path, derived: dict[str, str] | None = None) -> Path:
     """``derived``: what the method worked out from the settings (DP-LoRA's noise multiplier, …), as comments."""
     from privlora.io import write_text

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from privlora import checkpoint
 from privlora.attacker_eval import BEST_SUFFIX, eval_roles, evaluate_attacker
 from privlora.captions import CaptionShuffler, TextEncoding, captions_fixed
-from privlora.config import RESOLVED_NAME, TrainConfig, resolved_toml, to_dict, write_resolved_config
+from privlora.config import TrainConfig, ran_with, to_dict, write_resolved_config
 from privlora.data.augment import Augment
 from privlora.data.cache import RoleData
 from privlora.data.halves import train_subset
@@ -320,14 +320,9 @@ def run_prerequisites(cfg: TrainConfig) -> None:
             except Interrupted:  # its own "--resume <its state>" would be wrong advice for this run's command
                 raise Interrupted(f"interrupted while training the prerequisite run {pre.output_dir}; run the same "
                                   "command again (finished prerequisites are reused, this one starts over)") from None
-        elif not same_settings(pre, Path(pre.output_dir) / RESOLVED_NAME):
+        elif not ran_with(pre, pre.output_dir):
             raise PrivloraError(f"{final}: trained with other settings than this run needs now; "
                                 f"delete {pre.output_dir} to train it again")
-
-
-def same_settings(cfg: TrainConfig, resolved: Path) -> bool:
-    """Whether the run that wrote ``resolved`` (its resolved_config.toml) had every setting of ``cfg``."""
-    return resolved.is_file() and resolved.read_text(encoding="utf-8").startswith(resolved_toml(cfg))
 
 
 def configure_captions(denoiser: Denoiser, cfg: TrainConfig, rank: int) -> None:
