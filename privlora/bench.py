@@ -311,7 +311,9 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict:
         spec.data = {"train_data_dir": str(prepare_dataset(spec, log))}
     jobs = jobs_for(spec)
     spec.out.mkdir(parents=True, exist_ok=True)
+    wall = PhaseClock()
     train_all(spec, jobs, log)
+    wall.done("train")
     main_jobs = [j for j in jobs if j.seed_index == 0]
     baseline = next(j for j in main_jobs if j.run == base)
     check_same_split([baseline, *(j for j in jobs if j is not baseline)])
@@ -322,11 +324,30 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict:
     loras = canonical + budgets + extra
     log(f"auditing {len(loras)} LoRAs and the base model with {', '.join(spec.attacks)}")
     report = audit(spec, cfg, baseline.out / "splits.json", loras)
+    wall.done("audit")
     quality = utility_quality(spec, cfg, baseline.out / "splits.json", canonical + budgets)
+    wall.done("quality")
     selection = aux_selection(spec, baseline, report, log)
+    wall.done("selection")
     table = build_table(spec, jobs, report, quality, budgets, selection)
+    table["wall_seconds"] = wall.seconds
     write_outputs(spec, table, {j.run: history(j) for j in sorted(main_jobs, key=lambda j: j.run != base)})
     return table
+
+
+class PhaseClock:
+    """Wall seconds of each phase of this invocation (a reused piece counts what reusing it took)."""
+
+    def __init__(self) -> None:
+        self.started = self.last = time.time()
+        self.seconds: dict[str, float] = {}
+
+    def done(self, phase: str) -> None:
+        now = time.time()
+        self.seconds.pop("total", None)
+        self.seconds[phase] = round(now - self.last, 1)
+        self.seconds["total"] = round(now - self.started, 1)
+        self.last = now
 
 
 def prepare_dataset(spec: BenchSpec, log: Callable[[str], None]) -> Path:

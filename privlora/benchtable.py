@@ -112,6 +112,11 @@ def format_extras(table: dict) -> str:
     if rec:
         what = f"**{rec['model']}**" if rec["model"] else "**none**"
         parts.append(f"Recommendation: {what} — {rec['reason']}.")
+    wall = table.get("wall_seconds")
+    if wall:
+        jobs = (table.get("settings") or {}).get("jobs", 1)
+        phases = ", ".join(f"{k} {v:.0f} s" for k, v in wall.items() if k != "total")
+        parts.append(f"Wall time of this invocation: {wall['total']:.0f} s ({phases}; {jobs} job(s)).")
     spread = table.get("seed_spread")
     if spread:
         lines = ["| run | seeds | best-attack AUC mean ± sd | loss AUC mean ± sd | held-out loss mean ± sd |",

@@ -228,6 +228,10 @@ def test_bench_on_five_folders_end_to_end(toy, tmp_path, capsys):
                  "lora/select.json"):
         assert (out / name).stat().st_size > 0, name
     assert "Recommendation" in (out / "table.md").read_text()
+    wall = table["wall_seconds"]
+    assert list(wall) == ["train", "audit", "quality", "selection", "total"]
+    assert wall["total"] >= sum(v for k, v in wall.items() if k != "total") - 0.5 and wall["train"] > 0
+    assert "Wall time of this invocation" in (out / "table.md").read_text()
     assert set(table["seed_rows"]) == {"lora-seed4", "smp_lora-seed4"}
     assert table["seed_spread"]["smp_lora"]["n_seeds"] == 2
     assert "Spread over training seeds" in (out / "table.md").read_text()
