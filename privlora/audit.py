@@ -60,6 +60,8 @@ class AuditConfig:
     max_token_length: int | None = None  # 75 | 150 | 225; default as clip_skip
     device: str | None = None
     attack_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    jobs: int = 1  # on a CPU: the models split between this many worker processes (same numbers, less wall time)
+    threads_per_job: int | None = None  # torch threads of each worker; default: cores // jobs
 
 
 @dataclass
@@ -83,6 +85,14 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
     out = _check_settings(cfg)
     lora_files = [check_lora_file(p) for p in cfg.loras]
     splits = read_manifest(cfg.splits)  # verifies every image's hash; every role must be non-empty
+    parts = _parts(cfg, lora_files)
+    if parts:
+        from privlora.audit_parts import run_in_parts
+        from privlora.processes import threads_for
+
+        report, plot = run_in_parts(cfg, lora_files, parts, threads_for(cfg.jobs, cfg.threads_per_job), log)
+        _log_decisions(plot["results"], log)
+        return _write_report(out, report, plot["scores"], plot["results"], plot["skipped"], log)
     base = load_base(cfg.pretrained_model_name_or_path, config_dir=cfg.config_dir)
     attacks = build_attacks(names, cfg.attack_params)  # prototypes: parameters, checks and query counts
     for attack in attacks:
@@ -108,11 +118,27 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
     _log_decisions(results, log)
     report = build_report(cfg, base, splits, chosen, models, attacks, results, runs, queries_run,
                           resolution, device, time.time() - started)
+    return _write_report(out, report, runs.scores, results, runs.skipped, log)
+
+
+def _parts(cfg: AuditConfig, lora_files: list[Path]) -> list[list[Path]] | None:
+    """The LoRA files of each worker process, or None for one process (one job, a GPU, or a split that could
+    change a name)."""
+    on_cpu = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+    if cfg.jobs == 1 or not on_cpu:
+        return None
+    from privlora.audit_parts import parts_for
+
+    return parts_for(cfg, lora_files)
+
+
+def _write_report(out: Path, report: dict, scores: dict, results: dict, skipped: dict,
+                  log: Callable[[str], None]) -> dict[str, Any]:
     files = {
         "report.json": (json.dumps(report, indent=2) + "\n").encode("utf-8"),
         "report.md": render.markdown(report).encode("utf-8"),
-        "roc.png": render.roc_png(runs.scores, results),
-        "scores.png": render.scores_png(runs.scores, runs.skipped),
+        "roc.png": render.roc_png(scores, results),
+        "scores.png": render.scores_png(scores, skipped),
     }
     for name, data in files.items():  # only now, with every input checked and every number computed
         write_bytes(out / name, data)
@@ -130,6 +156,10 @@ def _check_settings(cfg: AuditConfig) -> Path:
         raise PrivloraError(f"--max_samples must be at least 2, got {cfg.max_samples}")
     if cfg.resolution is not None and (cfg.resolution <= 0 or cfg.resolution % 8):
         raise PrivloraError(f"--resolution {cfg.resolution} is not a positive multiple of 8")
+    if cfg.jobs < 1:
+        raise PrivloraError(f"--jobs must be ≥ 1, got {cfg.jobs}")
+    if cfg.threads_per_job is not None and cfg.threads_per_job < 1:
+        raise PrivloraError(f"--threads_per_job must be ≥ 1, got {cfg.threads_per_job}")
     if cfg.n_bootstrap < 0:
         raise PrivloraError(f"--n_bootstrap must be ≥ 0, got {cfg.n_bootstrap}")
     check_encoding_flags(cfg.clip_skip, cfg.max_token_length)

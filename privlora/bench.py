@@ -56,7 +56,7 @@ class BenchSpec:
     max_tpr_at_1fpr: float = 0.05
     select_attacks: list[str] = field(default_factory=lambda: ["loss", "ref_loss"])
     jobs: int = 1
-    threads_per_job: int | None = None  # torch threads of each parallel training; default: cores // jobs
+    threads_per_job: int | None = None  # torch threads of each worker process; default: cores // jobs
     label: str = "bench"
 
 
@@ -241,7 +241,9 @@ def train_all(spec: BenchSpec, jobs: list[Job], log: Callable[[str], None]) -> N
         for job in todo:
             train_here(spec, job, log)
         return
-    threads = spec.threads_per_job or max(1, (os.cpu_count() or 1) // spec.jobs)
+    from privlora.processes import threads_for
+
+    threads = threads_for(spec.jobs, spec.threads_per_job)
     with ThreadPoolExecutor(spec.jobs) as pool:
         for future in [pool.submit(train_in_child, spec, job, threads, log) for job in todo]:
             future.result()
@@ -386,7 +388,7 @@ def audit(spec: BenchSpec, cfg, splits: Path, loras: list[Path]) -> dict:
                                    pretrained_model_name_or_path=cfg.pretrained_model_name_or_path,
                                    loras=[str(p) for p in loras], attacks=list(spec.attacks), include_base=True,
                                    seed=cfg.seed, n_bootstrap=spec.n_bootstrap, config_dir=cfg.config_dir,
-                                   clip_skip=cfg.clip_skip))
+                                   clip_skip=cfg.clip_skip, jobs=spec.jobs, threads_per_job=spec.threads_per_job))
     write_json(done, inputs)
     return report
 
@@ -399,16 +401,12 @@ def _stamp(path: Path) -> str:
 
 def utility_quality(spec: BenchSpec, cfg, splits_file: Path, loras: list[Path]) -> dict[str, dict]:
     """Proxy FID (tiny-sd VAE features) of samples from nonmember_test captions against those images; each
-    model's result is cached in quality.json and reused while the sampling settings stay the same."""
+    model's result is cached in quality.json and reused while the sampling settings stay the same. With
+    ``jobs`` > 1 on a CPU, models are sampled in worker processes (each model's generator is seeded alone, so
+    the numbers do not change)."""
     if spec.quality_samples <= 0:
         return {}
-    import torch
-
-    from privlora.data.images import open_rgb
     from privlora.data.splits import read_manifest
-    from privlora.models.loading import load_base
-    from privlora.quality import score
-    from privlora.sample import build_pipeline, load_lora
 
     cache = spec.out / "quality.json"
     settings = {"quality_samples": spec.quality_samples, "quality_steps": spec.quality_steps,
@@ -418,27 +416,70 @@ def utility_quality(spec: BenchSpec, cfg, splits_file: Path, loras: list[Path]) 
     stamps = {"base": "", **{p.stem: _stamp(p) for p in loras}}
     results = {n: r for n, r in results.items() if stored.get("stamps", {}).get(n) == stamps.get(n)}
     todo = [lora for lora in [None, *loras] if ("base" if lora is None else lora.stem) not in results]
-    if not todo:
-        return results
     test = read_manifest(splits_file).nonmember_test[: spec.quality_samples]
-    real = [open_rgb(e.path) for e in test]
-    prompts = [e.caption for e in test]
-    for lora in todo:
-        name = "base" if lora is None else lora.stem
-        base = load_base(cfg.pretrained_model_name_or_path, config_dir=cfg.config_dir)
+    job = QualityJob(cfg.pretrained_model_name_or_path, cfg.config_dir, [str(e.path) for e in test],
+                     [e.caption for e in test], spec.quality_steps, spec.guidance, cfg.seed)
+
+    def keep(name: str, result: dict, sheet: bytes) -> None:
+        results[name] = result
+        write_bytes(spec.out / f"samples_{name}.png", sheet)
+        # each model's result survives an interrupt
+        write_json(cache, {"settings": settings, "models": results, "stamps": {n: stamps[n] for n in results}})
+
+    if todo and spec.jobs > 1 and len(todo) > 1 and _on_cpu():
+        from privlora.processes import threads_for, worker_pool
+
+        with worker_pool(min(spec.jobs, len(todo)), threads_for(spec.jobs, spec.threads_per_job)) as pool:
+            for lora, (result, sheet) in zip(todo, pool.map(job.run, todo)):
+                keep("base" if lora is None else lora.stem, result, sheet)
+    else:
+        for lora in todo:
+            keep("base" if lora is None else lora.stem, *job.run(lora))
+    if todo:
+        from privlora.data.images import open_rgb
+
+        write_bytes(spec.out / "samples_real_nonmembers.png", _png(_sheet([open_rgb(p) for p in job.real[:16]])))
+    return results
+
+
+def _on_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+@dataclass
+class QualityJob:
+    """Samples of one model (the base model for ``lora=None``) from the held-out captions, scored against the
+    held-out images; picklable, so a worker process can run it."""
+
+    model: str
+    config_dir: str | None
+    real: list[str]
+    prompts: list[str]
+    steps: int
+    guidance: float
+    seed: int
+
+    def run(self, lora: Path | None) -> tuple[dict, bytes]:
+        import torch
+
+        from privlora.data.images import open_rgb
+        from privlora.models.loading import load_base
+        from privlora.quality import score
+        from privlora.sample import build_pipeline, load_lora
+
+        base = load_base(self.model, config_dir=self.config_dir)
         pipe = build_pipeline(base.unet, base.vae, base.text_encoder, base.tokenizer, base.noise_scheduler.config)
         if lora is not None:
             load_lora(pipe, lora)
         pipe.set_progress_bar_config(disable=True)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        images = pipe(prompts, num_inference_steps=spec.quality_steps, guidance_scale=spec.guidance,
+        generator = torch.Generator().manual_seed(self.seed)
+        images = pipe(self.prompts, num_inference_steps=self.steps, guidance_scale=self.guidance,
                       generator=generator).images
-        results[name] = score(real, images, metrics=["fid"], feature_extractor="tiny", seed=cfg.seed)
-        write_bytes(spec.out / f"samples_{name}.png", _png(_sheet(images[:16])))
-        # each model's result survives an interrupt
-        write_json(cache, {"settings": settings, "models": results, "stamps": {n: stamps[n] for n in results}})
-    write_bytes(spec.out / "samples_real_nonmembers.png", _png(_sheet(real[:16])))
-    return results
+        result = score([open_rgb(p) for p in self.real], images, metrics=["fid"], feature_extractor="tiny",
+                       seed=self.seed)
+        return result, _png(_sheet(images[:16]))
 
 
 def _sheet(images: list):
@@ -468,7 +509,8 @@ def aux_selection(spec: BenchSpec, baseline: Job, report: dict, log) -> dict | N
     if result is None or result["settings"] != settings or done.stat().st_mtime_ns < final.stat().st_mtime_ns:
         log(f"privacy-aware selection of {baseline.name}'s checkpoints on the aux roles")
         result = select(SelectConfig(str(baseline.out), spec.max_auc, spec.max_tpr_at_1fpr, list(spec.select_attacks),
-                                     settings["seed"], spec.n_bootstrap, True), log=log)
+                                     settings["seed"], spec.n_bootstrap, True, jobs=spec.jobs,
+                                     threads_per_job=spec.threads_per_job), log=log)
     test = {m["name"]: m for m in report["models"]}
     rows = {}
     for name, est in result["checkpoints"].items():
@@ -501,7 +543,7 @@ def build_table(spec: BenchSpec, jobs: list[Job], report: dict, quality: dict, b
                           "out": str(spec.out), "runs": spec.runs,
                           "resolved": {j.name: _resolved(spec, j) for j in jobs}},
              "rows": shown, "frontier": frontier_names, "audit": str(Path("audit") / "report.md"),
-             "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+             "date": time.strftime("%Y-%m-%d"), "machine": machine(spec),
              "recommendation": recommend(shown, spec.max_auc, spec.max_tpr_at_1fpr),
              "selection": selection}
     if spec.seeds and len(spec.seeds) > 1:
@@ -517,13 +559,16 @@ def _resolved(spec: BenchSpec, job: Job) -> dict:
     return to_dict(job_config(spec, job))
 
 
-def machine() -> str:
+def machine(spec: BenchSpec) -> str:
     import platform
 
     import torch
 
-    return (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
+    from privlora.processes import threads_for
+
+    threads = (f"{torch.get_num_threads()} threads" if spec.jobs <= 1 else
+               f"{spec.jobs} processes × {threads_for(spec.jobs, spec.threads_per_job)} thread(s)")
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, {threads}"
 
 
 def write_outputs(spec: BenchSpec, table: dict, histories: dict[str, dict]) -> None:

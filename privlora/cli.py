@@ -121,7 +121,8 @@ def _audit(args: argparse.Namespace, overrides: dict) -> int:
                       resolution=args.resolution, batch_size=args.batch_size, max_samples=args.max_samples,
                       n_bootstrap=args.n_bootstrap, config_dir=args.config_dir, clip_skip=args.clip_skip,
                       max_token_length=args.max_token_length, device=args.device,
-                      attack_params={"proxy": {"attacker": args.proxy_attacker}})
+                      attack_params={"proxy": {"attacker": args.proxy_attacker}}, jobs=args.jobs,
+                      threads_per_job=args.threads_per_job)
     run_audit(cfg)
     return 0
 
@@ -153,6 +154,7 @@ def _add_audit_parser(sub) -> None:
                        help="75 | 150 | 225, kohya's long captions as used in training (default: from each LoRA's "
                             "metadata, else one 75-token window)")
     audit.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    _add_jobs_flags(audit, "on a CPU, the models split between this many worker processes (same numbers)")
     audit.set_defaults(handler=_audit)
 
 
@@ -164,13 +166,21 @@ def _demo(args: argparse.Namespace, overrides: dict) -> int:
     settings = quick_settings() if args.quick else ProtocolSettings()
     if args.seed is not None:
         settings.train.update(seed=args.seed, split_seed=args.seed)
-    settings.bench["jobs"] = args.jobs
+    settings.bench["jobs"] = args.jobs or default_demo_jobs()
     out = Path(args.out or f"runs/demo-{settings.label}")
     print(f"privlora demo ({settings.label} variant): privlora bench with {settings.bench_file} on generated "
           f"private sprites, outputs in {out}")
     table = run_protocol(settings, out)
     _print_bench(table, out)
     return 0
+
+
+def default_demo_jobs() -> int:
+    import os
+
+    import torch
+
+    return 1 if torch.cuda.is_available() else max(1, os.cpu_count() or 1)
 
 
 def _print_bench(table: dict, out) -> None:
@@ -189,7 +199,9 @@ def _add_demo_parser(sub) -> None:
     demo.add_argument("--out", default=None, help="output folder (default: runs/demo-full or runs/demo-quick)")
     demo.add_argument("--quick", action="store_true", help="fewer epochs and samples (a few minutes)")
     demo.add_argument("--seed", type=int, default=None, help="training and split seed (default: the presets')")
-    demo.add_argument("--jobs", type=int, default=1, help="trainings in parallel processes")
+    demo.add_argument("--jobs", type=int, default=None,
+                      help="processes for the trainings, audit and sampling, one torch thread each (default: one "
+                           "per CPU core, so the table does not depend on the core count; 1 with a GPU)")
     demo.set_defaults(handler=_demo)
 
 
@@ -242,7 +254,8 @@ def _select(args: argparse.Namespace, overrides: dict) -> int:
     from privlora.select import SelectConfig, format_selection, select
 
     result = select(SelectConfig(args.run_dir, args.max_auc, args.max_tpr_at_1fpr, args.attacks.split(","),
-                                 args.seed, args.n_bootstrap, not args.no_base, args.out))
+                                 args.seed, args.n_bootstrap, not args.no_base, args.out, args.jobs,
+                                 args.threads_per_job))
     print(format_selection(result))
     return 0
 
@@ -258,7 +271,14 @@ def _add_select_parser(sub) -> None:
     p.add_argument("--n_bootstrap", type=int, default=200)
     p.add_argument("--no_base", action="store_true", help="do not offer the base model as a candidate")
     p.add_argument("--out", default=None, help="where to write the choice (default: RUN_DIR/select.json)")
+    _add_jobs_flags(p, "on a CPU, the checkpoints split between this many worker processes (same numbers)")
     p.set_defaults(handler=_select)
+
+
+def _add_jobs_flags(p, what: str) -> None:
+    p.add_argument("--jobs", type=int, default=1, help=what)
+    p.add_argument("--threads_per_job", type=int, default=None,
+                   help="torch threads of each worker process (default: cores // jobs)")
 
 
 def _dataset(args: argparse.Namespace, overrides: dict) -> int:

@@ -32,6 +32,8 @@ class SelectConfig:
     n_bootstrap: int = 200
     include_base: bool = True  # the base model is a candidate too (no fine-tuning at all)
     out: str | None = None  # default: <run_dir>/select.json
+    jobs: int = 1  # on a CPU: worker processes of the audit (same numbers)
+    threads_per_job: int | None = None
 
 
 def list_checkpoints(run_dir: Path, output_name: str) -> list[Path]:
@@ -106,7 +108,7 @@ def select(cfg: SelectConfig, log=print) -> dict:
         pretrained_model_name_or_path=settings.get("pretrained_model_name_or_path", "tiny-sd"),
         loras=[str(p) for p in checkpoints], attacks=attacks, include_base=cfg.include_base, seed=cfg.seed,
         n_bootstrap=cfg.n_bootstrap, resolution=settings.get("resolution"), config_dir=settings.get("config_dir"),
-        clip_skip=settings.get("clip_skip")), log=log)
+        clip_skip=settings.get("clip_skip"), jobs=cfg.jobs, threads_per_job=cfg.threads_per_job), log=log)
     rows = {m["name"]: model_row(m, {}) for m in report["models"]}
     choice = recommend(rows, cfg.max_auc, cfg.max_tpr_at_1fpr)
     paths = {p.stem: str(p) for p in checkpoints}

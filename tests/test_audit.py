@@ -367,3 +367,54 @@ def test_cli_reports_bad_input_and_exits_2(env, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("privlora: error: ") and "wide.safetensors" in err[-1]
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_jobs_split_the_models_between_processes_with_the_serial_numbers(env, tmp_path):
+    third = make_lora(env["model"], tmp_path / "unet.safetensors")
+    loras = [str(env["loras"]["te"]), str(env["loras"]["zero"]), str(third)]
+    serial = run_audit(config(env, tmp_path / "serial", loras=loras, include_base=True), log=quiet)
+    lines: list[str] = []
+    out = tmp_path / "parallel"
+    parallel = run_audit(config(env, out, loras=loras, include_base=True, jobs=2, threads_per_job=1),
+                         log=lines.append)
+    assert "auditing 4 models in 2 processes, 1 torch thread(s) each" in lines
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "roc.png", "scores.png"]
+    assert parallel["settings"]["processes"] == 2
+    assert [m["name"] for m in parallel["models"]] == ["base", "te", "zero", "unet"]
+    timing = {"seconds", "unet_queries_run"}
+    for s, p in zip(serial["models"], parallel["models"]):
+        assert p["scores"] == s["scores"], s["name"]
+        assert p["text_encoding"] == s["text_encoding"] and p["warnings"] == s["warnings"]
+        for attack, result in s["results"].items():
+            assert {k: v for k, v in p["results"][attack].items() if k not in timing} == \
+                   {k: v for k, v in result.items() if k not in timing}, (s["name"], attack)
+    # each part runs ref_loss's base half once: more queries in all, never fewer
+    assert parallel["unet_queries"]["total_run"] >= serial["unet_queries"]["total_run"]
+
+
+def test_parts_keep_names_and_the_base_rows_encoding(env, tmp_path):
+    from privlora.audit_parts import parts_for
+
+    a = make_lora(env["model"], tmp_path / "a.safetensors", hyperparameters={"clip_skip": 2})
+    b = make_lora(env["model"], tmp_path / "b.safetensors")
+    c = make_lora(env["model"], tmp_path / "c.safetensors", hyperparameters={"clip_skip": 2})
+    cfg = config(env, tmp_path / "o", include_base=False, jobs=2)
+    assert parts_for(cfg, [a, b, c]) == [[a, c], [b]]  # round-robin
+    assert parts_for(config(env, tmp_path / "o", jobs=5), [a, b]) == [[a], [b]]  # never an empty part
+    # with the base row: the whole audit gives it the plain encoding (the LoRAs disagree), part 0 alone would
+    # give it clip_skip 2, so the audit runs whole
+    assert parts_for(config(env, tmp_path / "o", include_base=True, jobs=2), [a, b, c]) is None
+    dup = tmp_path / "other"
+    dup.mkdir()
+    a2 = shutil.copy(a, dup / "a.safetensors")
+    assert parts_for(cfg, [a, b, Path(a2)]) is None  # the serial audit renames the second "a" by position
+    assert parts_for(config(env, tmp_path / "o", jobs=2), [a]) is None
+
+
+def test_jobs_below_one_is_a_one_line_error(env, tmp_path, capsys):
+    code = main(["audit", "--splits", str(env["manifest"]), "--out", str(tmp_path / "o"),
+                 "--pretrained_model_name_or_path", env["model"], "--lora", str(env["loras"]["zero"]), "--jobs", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "--jobs must be ≥ 1, got 0" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()

@@ -271,13 +271,17 @@ def test_parallel_trainings_give_the_serial_table(toy, tmp_path, capsys):
     for jobs in ("1", "2"):
         out = tmp_path / f"jobs{jobs}"
         args = ["bench", "--out", str(out), "--train_data_dir", str(toy["kohya"]), "--preset", toy["preset"],
-                "--methods", "lora,smp_lora", *TOY, "--quality_samples", "0", "--max_train_epochs", "2",
-                "--budgets", "none", "--jobs", jobs, "--threads_per_job", "1"]
+                "--methods", "lora,smp_lora", *TOY, "--max_train_epochs", "2", "--jobs", jobs, "--threads_per_job", "1"]
         assert main(args) == 0, capsys.readouterr().err
         tables[jobs] = json.loads((out / "table.json").read_text())
     serial, parallel = tables["1"], tables["2"]
-    numbers = ("auc", "best_auc", "best_tpr_at_1pct_fpr", "heldout_loss")
+    # trainings, audit, sampling and the aux-only selection all ran in worker processes; not one number moved
+    numbers = ("auc", "best_auc", "best_tpr_at_1pct_fpr", "heldout_loss", "proxy_fid")
     for name in serial["rows"]:
         assert {k: serial["rows"][name][k] for k in numbers} == {k: parallel["rows"][name][k] for k in numbers}, name
-    assert list(serial["rows"]) == ["base", "lora", "smp_lora"]
+    assert list(serial["rows"]) == ["base", "lora-e0001", "lora", "smp_lora"]
+    assert all(r["proxy_fid"] is not None for r in serial["rows"].values())
+    assert serial["selection"] == parallel["selection"]
     assert (tmp_path / "jobs2" / "smp_lora" / "train.log").is_file()  # trained in a child process
+    assert json.loads((tmp_path / "jobs2" / "audit" / "report.json").read_text())["settings"]["processes"] == 2
+    assert "processes" not in json.loads((tmp_path / "jobs1" / "audit" / "report.json").read_text())["settings"]
