@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument("--attacker_input", choices=["loss_map", "calibrated"])
     p.add_argument("--defences", nargs="+", help="a subset of the defence runs (default: all of them)")
     args = p.parse_args()
-    from privlora.cli import quiet_libraries
+    from privlora.quiet import quiet_libraries
 
     quiet_libraries()
 

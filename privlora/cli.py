@@ -102,14 +102,6 @@ def _add_quality_parser(sub) -> None:
     p.set_defaults(handler=_quality)
 
 
-def quiet_libraries() -> None:
-    """Our own progress bars and messages only: hide the libraries' per-load bars and chatter."""
-    import diffusers
-    import transformers
-
-    for lib in (diffusers, transformers):
-        lib.utils.logging.set_verbosity_error()
-        lib.utils.logging.disable_progress_bar()
 
 
 def _audit(args: argparse.Namespace, overrides: dict) -> int:
@@ -331,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         allow_network()
     else:
         offline_by_default()
+    from privlora.quiet import quiet_libraries
+
     quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -29,7 +29,7 @@ def worker_pool(jobs: int, threads: int) -> Iterator[ProcessPoolExecutor]:
     os.environ.update({**{k: str(threads) for k in THREAD_VARIABLES}, "TQDM_DISABLE": "1"})
     try:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_set_threads, initargs=(threads,)) as pool:
+                                 initializer=_start_worker, initargs=(threads,)) as pool:
             yield pool
     finally:
         for key, value in saved.items():
@@ -39,7 +39,10 @@ def worker_pool(jobs: int, threads: int) -> Iterator[ProcessPoolExecutor]:
                 os.environ[key] = value
 
 
-def _set_threads(threads: int) -> None:
+def _start_worker(threads: int) -> None:
     import torch
 
+    from privlora.quiet import quiet_libraries
+
     torch.set_num_threads(threads)
+    quiet_libraries()
