@@ -124,10 +124,11 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
 def _parts(cfg: AuditConfig, lora_files: list[Path]) -> list[list[Path]] | None:
     """The LoRA files of each worker process, or None for one process (one job, a GPU, or a split that could
     change a name)."""
-    on_cpu = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
-    if cfg.jobs == 1 or not on_cpu:
-        return None
     from privlora.audit_parts import parts_for
+    from privlora.processes import on_cpu
+
+    if cfg.jobs == 1 or not on_cpu(cfg.device):
+        return None
 
     return parts_for(cfg, lora_files)
 
@@ -259,7 +260,7 @@ def _adapted_modules(model, adapter: str) -> int:
     return sum(1 for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.lora_A)
 
 
-def _lora_metadata(path: Path) -> dict[str, str]:
+def lora_metadata(path: Path) -> dict[str, str]:
     meta = read_lora_metadata(path)
     keep = ("privlora_method", "ss_network_dim", "ss_network_alpha", "ss_base_model_version", "ss_sd_model_name",
             "sshs_model_hash", "ss_steps", "ss_epoch", "privlora_prediction_type", "privlora_hyperparameters")
@@ -274,21 +275,26 @@ def _models(base, files: list[Path], adapters: list[str], cfg: AuditConfig, reso
     for i, (path, adapter) in enumerate(zip(files, adapters), 1):
         name = path.stem if path.stem not in seen else f"{path.stem}-{i}"
         seen.add(name)
-        model = _Model(name, "lora", path, sha256_file(path), adapter, _lora_metadata(path))
+        model = _Model(name, "lora", path, sha256_file(path), adapter, lora_metadata(path))
         model.warnings = _lora_warnings(model, base, resolution)
-        model.encoding = text_encoding(lora_hyperparameters(model.metadata), cfg.clip_skip, cfg.max_token_length,
-                                       str(path))
+        model.encoding = lora_encoding(cfg, path, model.metadata)
         loras.append(model)
     if not (cfg.include_base or not files):
         return loras
-    return [_Model("base", "base", None, base.sha256, None, encoding=_base_encoding(loras, cfg)), *loras]
+    encoding = base_encoding([m.encoding for m in loras], cfg)
+    return [_Model("base", "base", None, base.sha256, None, encoding=encoding), *loras]
 
 
-def _base_encoding(loras: list[_Model], cfg: AuditConfig) -> TextEncoding:
+def lora_encoding(cfg: AuditConfig, path: Path, metadata: dict[str, str]) -> TextEncoding:
+    """How the audit encodes captions for one LoRA: the flags, else its training setting (metadata)."""
+    return text_encoding(lora_hyperparameters(metadata), cfg.clip_skip, cfg.max_token_length, str(path))
+
+
+def base_encoding(loras: list[TextEncoding], cfg: AuditConfig) -> TextEncoding:
     """The flags; else the encoding every audited LoRA was trained with, when they agree; else the plain one."""
-    shared = {m.encoding for m in loras}
+    shared = set(loras)
     if len(shared) == 1:
-        only = loras[0].encoding
+        only = loras[0]
         return TextEncoding(only.clip_skip, only.max_token_length, "as every audited LoRA: " + only.origin)
     return text_encoding({}, cfg.clip_skip, cfg.max_token_length, "base model")
 

@@ -25,25 +25,15 @@ from privlora.attacks import TEST_ROLES
 
 def parts_for(cfg, files: list[Path]) -> list[list[Path]] | None:
     """LoRA files per part (round-robin, so parts get similar work), or None where the audit must run whole."""
-    from privlora.audit import _Model, _base_encoding, _lora_metadata
-    from privlora.captions import lora_hyperparameters, text_encoding
+    from privlora.audit import base_encoding, lora_encoding, lora_metadata
 
     n = min(cfg.jobs, len(files))
     stems = [p.stem for p in files]
-    if n < 2 or len(files) < 2 or len(set(stems)) < len(stems) or "base" in stems:
+    if n < 2 or len(set(stems)) < len(stems) or "base" in stems:
         return None
     parts = [files[k::n] for k in range(n)]
-
-    def models(paths: list[Path]) -> list:
-        out = []
-        for p in paths:
-            meta = _lora_metadata(p)
-            m = _Model(p.stem, "lora", p, "", None, meta)
-            m.encoding = text_encoding(lora_hyperparameters(meta), cfg.clip_skip, cfg.max_token_length, str(p))
-            out.append(m)
-        return out
-
-    if cfg.include_base and _base_encoding(models(files), cfg) != _base_encoding(models(parts[0]), cfg):
+    encodings = [lora_encoding(cfg, p, lora_metadata(p)) for p in files]
+    if cfg.include_base and base_encoding(encodings, cfg) != base_encoding(encodings[::n], cfg):
         return None
     return parts
 

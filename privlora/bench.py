@@ -415,9 +415,13 @@ def utility_quality(spec: BenchSpec, cfg, splits_file: Path, loras: list[Path]) 
     results = stored.get("models", {}) if stored.get("settings") == settings else {}
     stamps = {"base": "", **{p.stem: _stamp(p) for p in loras}}
     results = {n: r for n, r in results.items() if stored.get("stamps", {}).get(n) == stamps.get(n)}
-    todo = [lora for lora in [None, *loras] if ("base" if lora is None else lora.stem) not in results]
+    todo = [lora for lora in [None, *loras] if _quality_name(lora) not in results]
+    if not todo:
+        return results
+    from privlora.data.images import open_rgb
+
     test = read_manifest(splits_file).nonmember_test[: spec.quality_samples]
-    job = QualityJob(cfg.pretrained_model_name_or_path, cfg.config_dir, [str(e.path) for e in test],
+    job = QualityJob(cfg.pretrained_model_name_or_path, cfg.config_dir, [open_rgb(e.path) for e in test],
                      [e.caption for e in test], spec.quality_steps, spec.guidance, cfg.seed)
 
     def keep(name: str, result: dict, sheet: bytes) -> None:
@@ -426,26 +430,21 @@ def utility_quality(spec: BenchSpec, cfg, splits_file: Path, loras: list[Path]) 
         # each model's result survives an interrupt
         write_json(cache, {"settings": settings, "models": results, "stamps": {n: stamps[n] for n in results}})
 
-    if todo and spec.jobs > 1 and len(todo) > 1 and _on_cpu():
-        from privlora.processes import threads_for, worker_pool
+    from privlora.processes import on_cpu, threads_for, worker_pool
 
+    if spec.jobs > 1 and len(todo) > 1 and on_cpu():
         with worker_pool(min(spec.jobs, len(todo)), threads_for(spec.jobs, spec.threads_per_job)) as pool:
             for lora, (result, sheet) in zip(todo, pool.map(job.run, todo)):
-                keep("base" if lora is None else lora.stem, result, sheet)
+                keep(_quality_name(lora), result, sheet)
     else:
         for lora in todo:
-            keep("base" if lora is None else lora.stem, *job.run(lora))
-    if todo:
-        from privlora.data.images import open_rgb
-
-        write_bytes(spec.out / "samples_real_nonmembers.png", _png(_sheet([open_rgb(p) for p in job.real[:16]])))
+            keep(_quality_name(lora), *job.run(lora))
+    write_bytes(spec.out / "samples_real_nonmembers.png", _png(_sheet(job.real[:16])))
     return results
 
 
-def _on_cpu() -> bool:
-    import torch
-
-    return not torch.cuda.is_available()
+def _quality_name(lora: Path | None) -> str:
+    return "base" if lora is None else lora.stem
 
 
 @dataclass
@@ -455,7 +454,7 @@ class QualityJob:
 
     model: str
     config_dir: str | None
-    real: list[str]
+    real: list  # PIL images
     prompts: list[str]
     steps: int
     guidance: float
@@ -464,7 +463,6 @@ class QualityJob:
     def run(self, lora: Path | None) -> tuple[dict, bytes]:
         import torch
 
-        from privlora.data.images import open_rgb
         from privlora.models.loading import load_base
         from privlora.quality import score
         from privlora.sample import build_pipeline, load_lora
@@ -477,8 +475,7 @@ class QualityJob:
         generator = torch.Generator().manual_seed(self.seed)
         images = pipe(self.prompts, num_inference_steps=self.steps, guidance_scale=self.guidance,
                       generator=generator).images
-        result = score([open_rgb(p) for p in self.real], images, metrics=["fid"], feature_extractor="tiny",
-                       seed=self.seed)
+        result = score(self.real, images, metrics=["fid"], feature_extractor="tiny", seed=self.seed)
         return result, _png(_sheet(images[:16]))
 
 

@@ -15,6 +15,13 @@ from collections.abc import Iterator
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
+def on_cpu(device: str | None = None) -> bool:
+    """Whether work for ``device`` (default: cuda when available) runs on the CPU, where worker processes help."""
+    import torch
+
+    return (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+
+
 def threads_for(jobs: int, threads_per_job: int | None) -> int:
     """The given thread count, else an equal share of the cores."""
     return threads_per_job or max(1, (os.cpu_count() or 1) // jobs)
