@@ -22,10 +22,13 @@ def make_accountant(kind: str):
     return RDPAccountant() if kind == "rdp" else PRVAccountant()
 
 
-def default_delta(num_images: int) -> float:
-    """δ = 1/N^1.1: below 1/N, the usual ceiling (a mechanism leaking one whole image with probability δ must
-    not be expected to leak any)."""
-    return 1.0 / num_images**1.1
+DEFAULT_DELTA = 1e-5  # common practice for datasets up to ~10⁴ images: δ ≪ 1/N
+
+
+def max_delta(num_images: int) -> float:
+    """The largest δ accepted: 1/(10·N). A mechanism that leaks one whole image with probability δ is expected to
+    leak N·δ images; at δ = 1/N that is one, so δ must sit well below it."""
+    return 1.0 / (10 * max(num_images, 1))
 
 
 def epsilon_spent(accountant, delta: float) -> float:

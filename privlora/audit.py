@@ -500,6 +500,7 @@ def build_report(cfg: AuditConfig, base, splits: Splits, chosen: dict, models: l
              "results": {a: {**r, **runs.timing[m.name][a]} for a, r in results[m.name].items()},
              "skipped": runs.skipped[m.name],
              "dp_bound": _dp_bound(runs.scores[m.name], results[m.name], m.metadata),
+             "dp_guarantee": m.metadata.get("privlora_dp_guarantee"),
              "scores": {a: {r: s[r].tolist() for r in TEST_ROLES} for a, s in runs.scores[m.name].items()}}
             for m in models
         ],

@@ -20,7 +20,8 @@ def model_row(model: dict, quality: dict) -> dict:
     held_out = -float(np.mean(model["scores"]["loss"]["nonmember_test"])) if "loss" in model["scores"] else None
     return {"model": model["name"], "auc": aucs, "best_attack": best, "best_auc": aucs[best] if best else None,
             "best_tpr_at_1pct_fpr": max((r["tpr_at_1pct_fpr"] for r in results.values()), default=None),
-            "heldout_loss": held_out, "proxy_fid": quality.get(model["name"], {}).get("fid_proxy_tiny")}
+            "heldout_loss": held_out, "proxy_fid": quality.get(model["name"], {}).get("fid_proxy_tiny"),
+            "dp_guarantee": model.get("dp_guarantee")}
 
 
 def frontier_verdict(best_auc: float, frontier: float) -> str:
@@ -98,8 +99,10 @@ def format_table(table: dict) -> str:
             frontier = f"{r['frontier_verdict']} (frontier AUC {r['frontier_auc_at_same_loss']:.3f})"
         if "above_frontier" in r and math.isinf(r["frontier_auc_at_same_loss"]):
             frontier = "above (more useful than every baseline point)"
+        label = f"{name} (DP guarantee VOID: reproducible noise)" if (r.get("dp_guarantee") or "").startswith(
+            "void") else name
         lines.append(
-            f"| {name} | {auc.get('loss', float('nan')):.3f} | {auc.get('ref_loss', float('nan')):.3f} "
+            f"| {label} | {auc.get('loss', float('nan')):.3f} | {auc.get('ref_loss', float('nan')):.3f} "
             f"| {r['best_auc']:.3f} ({r['best_attack']}) | {r['best_tpr_at_1pct_fpr']:.3f} | {r['heldout_loss']:.4f} "
             f"| {_num(r['proxy_fid'])} | {_num(r.get('train_seconds'), '.0f')} | {frontier} |")
     return "\n".join(lines)

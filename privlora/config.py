@@ -98,7 +98,10 @@ class TrainConfig:
     # DP-LoRA (DP-SGD): give dp_noise_multiplier, or dp_target_epsilon and the multiplier is solved for the run
     dp_noise_multiplier: float | None = None
     dp_target_epsilon: float | None = None
-    dp_delta: float | None = None  # default 1/N^1.1 for N training images
+    dp_delta: float | None = None  # default 1e-5; never above 1/(10·N) for N training images
+    # research only: noise and Poisson sampling from the run's seed (repeatable), which VOIDS the guarantee for
+    # anyone who has the LoRA file (its metadata holds the seed); default: a secret per-run source
+    dp_reproducible_noise: bool = False
     dp_max_grad_norm: float = 1.0  # per-image clipping norm C
     dp_accountant: str = "prv"  # prv | rdp (Opacus' accountants)
     dp_micro_batch_size: int = 16  # per-image gradients are formed this many images at a time (memory bound)

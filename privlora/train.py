@@ -51,7 +51,7 @@ RESUME_MUST_MATCH = ("method", "network_dim", "network_alpha", "conv_dim", "trai
                      "gradient_accumulation_steps", "seed", "pretrained_model_name_or_path", "resolution", "adv_step",
                      "attacker_input", "attacker_draws", "attacker_timestep", "attacker_features",
                      "dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_max_grad_norm", "dp_accountant",
-                     "dp_noise_draws", "random_flip", "random_crop_scale", "color_jitter",
+                     "dp_noise_draws", "dp_reproducible_noise", "random_flip", "random_crop_scale", "color_jitter",
                      "train_subset", "split_seed", "distill_true_noise_weight")
 
 
@@ -274,7 +274,7 @@ def setup(cfg: TrainConfig) -> Run:
     objective = build_objective(cfg, latent_channels=context.latent_channels, context=context)
     for module in objective.modules().values():
         module.to(device)
-    loader_order = torch.Generator().manual_seed(cfg.seed)
+    loader_order = objective.data_order_generator(cfg.seed)
     loader = objective.make_loader(train_data, cfg.train_batch_size, loader_order)
 
     optimizer = make_optimizer(cfg, param_groups)

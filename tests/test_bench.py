@@ -24,8 +24,10 @@ LEGACY_RUNS: dict[str, dict[str, Any]] = {
     "lora": {},
     "mp_lora": {"privacy_alpha": 1.0, "attacker_lr": 1e-3, "k_steps": 1, "attacker_pool": 8},
     "smp_lora": {"privacy_alpha": 1.0, "privacy_beta": 1.0, "attacker_lr": 1e-3, "k_steps": 1, "attacker_pool": 8},
-    "dp_lora_eps8": {"method": "dp_lora", "dp_target_epsilon": 8.0, "train_batch_size": 64},
-    "dp_lora_eps1": {"method": "dp_lora", "dp_target_epsilon": 1.0, "train_batch_size": 64},
+    "dp_lora_eps8": {"method": "dp_lora", "dp_target_epsilon": 8.0, "train_batch_size": 64,
+                     "dp_reproducible_noise": True},
+    "dp_lora_eps1": {"method": "dp_lora", "dp_target_epsilon": 1.0, "train_batch_size": 64,
+                     "dp_reproducible_noise": True},
 }
 LEGACY_VARIANTS = {  # label: (roles m_test, nm_test, m_aux, nm_aux), epochs, eval_every, save_every of lora
     "full": ((200, 200, 64, 64), 100, 5, 5),

@@ -185,10 +185,85 @@ def test_a_target_epsilon_no_noise_can_reach_is_refused_before_the_first_step(mo
     assert not (tmp_path / "r" / "lora.safetensors").exists()
 
 
+def run_files(run_dir):
+    """Every file of a run folder except the private training state (state-*)."""
+    return [p for p in run_dir.rglob("*") if p.is_file() and not any(q.name.startswith("state-") for q in p.parents)]
+
+
 @pytest.mark.slow
-def test_dp_resume_is_bit_identical(model, tmp_path):
+def test_dp_noise_is_secret_different_per_run_and_each_run_resumes_bit_exactly(model, tmp_path, monkeypatch):
+    from privlora.objectives import dp_lora
+
+    seeds = []
+
+    def recorded():
+        seeds.append(dp_lora.secrets.randbits(63))
+        return seeds[-1]
+
+    monkeypatch.setattr(dp_lora, "secret_seed", recorded)
     common = {**SMALL, "pretrained_model_name_or_path": model, "dp_noise_multiplier": 1.0, "network_dropout": 0.1,
               "max_train_epochs": 4}
+    first = load_file(train(build_config(None, {**common, "output_dir": str(tmp_path / "a")})))
+    saving = {**common, "output_dir": str(tmp_path / "b"), "save_state": True, "save_every_n_steps": 5}
+    second_path = train(build_config(None, saving))
+    second = load_file(second_path)
+    assert len(seeds) == 4  # noise + sampling, per run
+    # the same settings and seed, different secret noise and batches: different weights
+    assert first.keys() == second.keys() and not all(torch.equal(first[k], second[k]) for k in first)
+    # each run resumes bit-exactly from its own private state
+    with safe_open(str(second_path), "pt") as f:
+        meta = f.metadata()
+    second_path.unlink()
+    resumed_path = train(build_config(None, {**saving, "resume": str(tmp_path / "b" / "state-step000015")}))
+    resumed = load_file(resumed_path)
+    assert all(torch.equal(second[k], resumed[k]) for k in second)
+    assert len(seeds) == 6  # the resumed run drew fresh seeds, then restored the saved generator states over them
+    # nothing outside the private state regenerates the noise: no secret seed in any file or the metadata
+    with safe_open(str(resumed_path), "pt") as f:
+        meta_text = json.dumps({**meta, **f.metadata()})
+    assert meta["privlora_dp_guarantee"].startswith("holds: ")
+    checked = 0
+    for path in run_files(tmp_path / "a") + run_files(tmp_path / "b"):
+        data = path.read_bytes()
+        for seed in seeds:
+            for text in (str(seed), f"{seed:x}", f"{seed:#x}"):
+                assert text.encode() not in data, f"{path} holds a secret seed"
+        checked += 1
+    assert checked > 5 and not any(str(seed) in meta_text or f"{seed:x}" in meta_text for seed in seeds)
+
+
+@pytest.mark.slow
+def test_reproducible_noise_is_an_opt_in_that_voids_the_guarantee(model, tmp_path, capsys):
+    common = {**SMALL, "pretrained_model_name_or_path": model, "dp_noise_multiplier": 1.0, "max_train_epochs": 2,
+              "dp_reproducible_noise": True}
+    a = train(build_config(None, {**common, "output_dir": str(tmp_path / "a")}))
+    b = train(build_config(None, {**common, "output_dir": str(tmp_path / "b")}))
+    wa, wb = load_file(a), load_file(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with safe_open(str(a), "pt") as f:
+        assert f.metadata()["privlora_dp_guarantee"] == "void: reproducible noise"
+    assert "guarantee is VOID" in capsys.readouterr().err
+
+
+def test_delta_defaults_to_1e_5_and_is_refused_above_one_tenth_over_n(model, tmp_path):
+    from privlora.objectives.base import BuildContext
+
+    cfg = build_config(None, {**SMALL, "output_dir": str(tmp_path / "r"), "dp_noise_multiplier": 1.0,
+                              "max_train_epochs": 1})
+    obj = DPLoraObjective.from_config(cfg, BuildContext(4, num_train_images=25))
+    assert obj.delta == 1e-5 and obj.metadata()["privlora_dp_num_images"] == "25"
+    assert accounting.max_delta(25) == pytest.approx(1 / 250)
+    high = build_config(None, {**SMALL, "output_dir": str(tmp_path / "r"), "dp_noise_multiplier": 1.0,
+                               "dp_delta": 0.005, "max_train_epochs": 1})
+    with pytest.raises(PrivloraError, match=r"dp_delta 0.005 is above 1/\(10·N\) = 0.004 for N = 25") as e:
+        DPLoraObjective.from_config(high, BuildContext(4, num_train_images=25))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_dp_resume_is_bit_identical_with_reproducible_noise(model, tmp_path):
+    common = {**SMALL, "pretrained_model_name_or_path": model, "dp_noise_multiplier": 1.0, "network_dropout": 0.1,
+              "max_train_epochs": 4, "dp_reproducible_noise": True}
     straight = train(build_config(None, {**common, "output_dir": str(tmp_path / "a")}))
     saving = {**common, "output_dir": str(tmp_path / "b"), "save_state": True, "save_every_n_steps": 5}
     train(build_config(None, saving))

@@ -36,6 +36,13 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def guarantee_cell(guarantee: str | None) -> str:
+    """A DP-LoRA file's own statement of its guarantee; a void one (reproducible noise) in capitals."""
+    if not guarantee:
+        return ""
+    return guarantee.upper() if guarantee.startswith("void") else guarantee.split(";")[0]
+
+
 def _dp_bounds(report: dict[str, Any]) -> list[str]:
     """Empirical ε lower bounds (95 % confidence) and, for DP-LoRA files, whether the claim holds."""
     models = [m for m in report["models"] if m.get("dp_bound")]
@@ -44,7 +51,8 @@ def _dp_bounds(report: dict[str, Any]) -> list[str]:
     lines = ["## Differential privacy: what the attacks prove", "",
              "ε lower bound: the largest ε any attack's ROC certifies at 95 % confidence (Clopper–Pearson, "
              "Bonferroni over thresholds); a DP-LoRA's claimed ε must not be below it.", "",
-             "| model | ε lower bound (attack) | ε point estimate | claimed ε (δ) | verdict |", "|---|---|---|---|---|"]
+             "| model | ε lower bound (attack) | ε point estimate | claimed ε (δ) | verdict | guarantee |",
+             "|---|---|---|---|---|---|"]
     for m in models:
         b = m["dp_bound"]
         claim, verdict = "", ""
@@ -53,7 +61,7 @@ def _dp_bounds(report: dict[str, Any]) -> list[str]:
             ok = b["consistent"] and b["tpr_at_1pct_fpr_within_limit"]
             verdict = "consistent" if ok else "VIOLATED: an attack does better than the claimed ε allows"
         lines.append(f"| {m['name']} | {b['epsilon_lower_bound']:.3f} ({b['attack']}) | {b['epsilon_point']:.3f} "
-                     f"| {claim} | {verdict} |")
+                     f"| {claim} | {verdict} | {guarantee_cell(m.get('dp_guarantee'))} |")
     return lines + [""]
 
 

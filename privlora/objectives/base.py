@@ -100,6 +100,11 @@ class Objective:
         return {}
 
     # --- data ---
+    def data_order_generator(self, seed: int) -> torch.Generator:
+        """The generator ``make_loader`` draws the data order (or sampling) from; its state is kept only in the
+        private training state (state-*), so a method whose guarantee needs secret sampling seeds it secretly."""
+        return torch.Generator().manual_seed(seed)
+
     def make_loader(self, data: Dataset, batch_size: int, generator: torch.Generator) -> DataLoader:
         """How training batches are drawn: shuffled fixed-size batches, each epoch's order from ``generator``."""
         return DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)

@@ -4,12 +4,20 @@ Per step: a Poisson-sampled batch (each training image independently with rate q
 image the gradient of its own loss (averaged over ``dp_noise_draws`` noise/timestep draws, as in DPDM) with
 ``torch.func`` (``vmap`` over ``grad`` of a ``functional_call``), computed in physical micro-batches; each
 per-image gradient clipped to norm C; Gaussian noise of std σ·C added to their sum; the result divided by the
-expected batch size q·N. The noise comes from a seeded generator so runs are repeatable and resumable — a
-guarantee against an adversary who does not know the seed (see the README).
+expected batch size q·N.
+
+The Gaussian noise and the Poisson sampling are the mechanism's secret randomness: anyone who can regenerate them
+learns the clipped gradient sums from the released weights, and subsampling amplifies nothing once the batches are
+known. Both generators are seeded from the operating system's secure source (``secrets``), fresh for every run;
+their states live only in the private training state (``state-*``), so a resume continues bit-exactly, and nothing
+in the LoRA file, resolved_config.toml, history.json or the logs regenerates them. ``dp_reproducible_noise`` (for
+research) seeds them from the run's seed instead and marks the guarantee void in the file's metadata.
 """
 from __future__ import annotations
 
 import math
+import secrets
+import sys
 from typing import TYPE_CHECKING
 from collections.abc import Callable, Iterator
 
@@ -25,6 +33,14 @@ from privlora.objectives.base import BuildContext, DenoiserLike, Objective, Step
 
 if TYPE_CHECKING:
     from privlora.config import TrainConfig
+
+
+VOID = "void: reproducible noise"
+
+
+def secret_seed() -> int:
+    """A 63-bit seed from the operating system's cryptographically secure source, never written anywhere."""
+    return secrets.randbits(63)
 
 
 class PoissonBatches(torch.utils.data.Sampler[list[int]]):
@@ -65,11 +81,14 @@ class DPLoraObjective(Objective):
     name = "dp_lora"
     summary = "DP-LoRA: DP-SGD on the LoRA weights (per-image clipping, Gaussian noise, Poisson sampling), ε accounted"
     settings = ("dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_max_grad_norm", "dp_accountant",
-                "dp_micro_batch_size", "dp_noise_draws")
+                "dp_micro_batch_size", "dp_noise_draws", "dp_reproducible_noise")
 
     def __init__(self, *, max_grad_norm: float, num_images: int, batch_size: int, delta: float,
                  noise_multiplier: float | None = None, target_epsilon: float | None = None,
-                 accountant: str = "prv", micro_batch_size: int = 16, noise_draws: int = 1, seed: int = 0):
+                 accountant: str = "prv", micro_batch_size: int = 16, noise_draws: int = 1,
+                 reproducible_seed: int | None = None):
+        """``reproducible_seed``: seed the noise (and the sampling) from it — research only, the guarantee is void
+        for anyone who knows it; None (the default): a secret seed from the OS's secure source."""
         if batch_size > num_images:
             raise PrivloraError(f"dp_lora: train_batch_size {batch_size} exceeds the {num_images} training images")
         self.max_grad_norm, self.num_images, self.delta = max_grad_norm, num_images, delta
@@ -78,7 +97,9 @@ class DPLoraObjective(Objective):
         self.accountant_kind = accountant
         self.accountant = accounting.make_accountant(accountant)
         self.micro_batch_size, self.noise_draws = micro_batch_size, noise_draws
-        self.noise = torch.Generator().manual_seed(seed)
+        self.reproducible = reproducible_seed is not None
+        noise_seed = reproducible_seed + 7 if reproducible_seed is not None else secret_seed()
+        self.noise = torch.Generator().manual_seed(noise_seed)
         self._names: dict[int, str] | None = None
         self.planned_steps, self.planned_epsilon = 0, math.nan  # set by plan()
 
@@ -87,11 +108,21 @@ class DPLoraObjective(Objective):
         if ctx.num_processes > 1:
             raise PrivloraError("dp_lora runs in one process (the noise must be added once per step); "
                                 "launch it without torchrun/accelerate multi-process")
-        delta = cfg.dp_delta if cfg.dp_delta is not None else accounting.default_delta(ctx.num_train_images)
+        delta = cfg.dp_delta if cfg.dp_delta is not None else accounting.DEFAULT_DELTA
+        ceiling = accounting.max_delta(ctx.num_train_images)
+        if delta > ceiling:
+            raise PrivloraError(f"dp_delta {delta:g} is above 1/(10·N) = {ceiling:.3g} for N = {ctx.num_train_images} "
+                                "training images: a mechanism that leaks one whole image with probability δ would "
+                                "be expected to leak some; lower dp_delta")
+        if cfg.dp_reproducible_noise:
+            print("dp_lora: dp_reproducible_noise is on: the noise and sampling follow the seed, which the LoRA file "
+                  "records, so the DP guarantee is VOID for anyone who has the file (metadata: "
+                  f"privlora_dp_guarantee = \"{VOID}\")", file=sys.stderr)
         return cls(max_grad_norm=cfg.dp_max_grad_norm, num_images=ctx.num_train_images,
                    batch_size=cfg.train_batch_size, delta=delta, noise_multiplier=cfg.dp_noise_multiplier,
                    target_epsilon=cfg.dp_target_epsilon, accountant=cfg.dp_accountant,
-                   micro_batch_size=cfg.dp_micro_batch_size, noise_draws=cfg.dp_noise_draws, seed=cfg.seed + 7)
+                   micro_batch_size=cfg.dp_micro_batch_size, noise_draws=cfg.dp_noise_draws,
+                   reproducible_seed=cfg.seed if cfg.dp_reproducible_noise else None)
 
     @classmethod
     def check_config(cls, cfg: TrainConfig) -> str | None:
@@ -127,6 +158,9 @@ class DPLoraObjective(Objective):
                                                        self.accountant_kind) if self.noise_multiplier else math.inf)
 
     # --- data: Poisson sampling, the accountant's assumption ---
+    def data_order_generator(self, seed: int) -> torch.Generator:
+        return torch.Generator().manual_seed(seed if self.reproducible else secret_seed())
+
     def make_loader(self, data: Dataset, batch_size: int, generator: torch.Generator) -> DataLoader:
         n = len(data)  # type: ignore[arg-type]  # our datasets are map-style, sized
         if n != self.num_images:
@@ -211,7 +245,11 @@ class DPLoraObjective(Objective):
                 "privlora_dp_accountant": self.accountant_kind,
                 "privlora_dp_planned_steps": str(self.planned_steps),
                 "privlora_dp_planned_epsilon": f"{self.planned_epsilon:.6g}",
-                "privlora_dp_unit": "one training image (with its caption)"}
+                "privlora_dp_unit": "one training image (with its caption)",
+                "privlora_dp_num_images": str(self.num_images),
+                "privlora_dp_guarantee": VOID if self.reproducible else
+                f"holds: (ε, δ) = ({self.epsilon():.6g}, {self.delta:.3g}) per training image; noise and sampling "
+                "from a secret per-run source"}
 
     def state_dict(self) -> dict:
         return {"accountant": self.accountant.state_dict(), "noise": self.noise.get_state(),
