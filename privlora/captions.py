@@ -42,6 +42,19 @@ class CaptionShuffler:
         return [shuffle_tags(c, self.keep_tokens, self.generator) for c in captions]
 
 
+SHUFFLED = "captions_shuffled"  # batch key: its captions were shuffled already; the denoiser uses them as they are
+
+
+def shuffled_once(batch: dict, denoiser) -> dict:
+    """The batch with its captions shuffled now, once, so every forward that reuses the batch (the reference
+    step's L_ada and L_adv copies) sees the same shuffle: kohya shuffles when a batch is fetched."""
+    shuffle = getattr(denoiser, "caption_shuffle", None)
+    if shuffle is None or "caption" not in batch or SHUFFLED in batch:
+        return batch
+    captions = shuffle(list(batch["caption"]))
+    return {**batch, "caption": captions, SHUFFLED: [True] * len(captions)}
+
+
 @contextlib.contextmanager
 def captions_fixed(denoiser):
     """Evaluation sees each caption as written (no shuffling), and draws nothing from the shuffle generator."""

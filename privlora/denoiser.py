@@ -35,10 +35,11 @@ class Denoiser:
     def text(self, batch: dict) -> torch.Tensor:
         if "text_emb" in batch:
             return batch["text_emb"].to(self.device)
+        from privlora.captions import SHUFFLED
         from privlora.models.loading import encode_prompt
 
         captions = list(batch["caption"])
-        if self.caption_shuffle is not None:  # kohya's shuffle_caption, per step (privlora.captions)
+        if self.caption_shuffle is not None and SHUFFLED not in batch:  # kohya's shuffle_caption, per step
             captions = self.caption_shuffle(captions)
         return encode_prompt(self.base, captions, clip_skip=self.clip_skip, max_token_length=self.max_token_length)
 

@@ -62,7 +62,9 @@ class Progress:
     batch_in_epoch: int = 0  # batches consumed in the epoch under way
     collapsed_epochs: int = 0
     history: list = field(default_factory=list)
-    best_attacker_acc: float = -1.0  # the co-trained attacker's best fresh-noise test accuracy so far
+    # the co-trained attacker's best fresh-noise test accuracy so far; the reference keeps a best attacker only
+    # above chance (50 %)
+    best_attacker_acc: float = 0.5
     hessian: list = field(default_factory=list)  # {"step", "hessian_top_eig"} every hessian_every_n_steps
     period: dict = field(default_factory=dict)  # per-step log key -> [sum, count, max] since the last evaluation
 
@@ -479,7 +481,8 @@ def probe_roles(roles: dict[str, RoleData], cfg: TrainConfig) -> dict[str, RoleD
 
 
 def keep_best_attacker(run: Run, progress: Progress, record: dict) -> None:
-    """``<output_name>.attacker_best.safetensors``: the attacker with the best fresh-noise test accuracy so far."""
+    """``<output_name>.attacker_best.safetensors``: the attacker with the best fresh-noise test accuracy so far,
+    once one beats chance (none is saved while every evaluation is at or below 50 %)."""
     acc = record.get("attacker_test_acc_fresh")
     if acc is None or acc <= progress.best_attacker_acc:
         return

@@ -191,3 +191,71 @@ def test_an_audit_target_encodes_a_long_caption_in_225_token_windows(tiny):
                   torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)))
     maps = {n: t.loss_maps(batch, [Query(500)]) for n, t in targets.items()}
     assert not torch.allclose(maps[None], maps[225])  # the tail of the caption reaches the UNet
+
+
+# --- issue 24's last fidelity corrections (docs/fidelity.md rows 5, 11, 15) ---------------------------------------
+
+from privlora.captions import SHUFFLED, CaptionShuffler, shuffled_once  # noqa: E402
+from privlora.objectives.adversarial import repeat_batch  # noqa: E402
+
+
+class _ShufflingDenoiser:
+    def __init__(self):
+        self.caption_shuffle = CaptionShuffler(keep_tokens=0, seed=3)
+
+
+def test_the_reference_steps_two_copies_share_one_caption_shuffle():
+    captions = ["a, b, c, d, e, f, g", "h, i, j, k, l, m"]
+    den = _ShufflingDenoiser()
+    doubled = repeat_batch(shuffled_once({"caption": captions, "latents": torch.zeros(2, 1)}, den), 2)
+    assert doubled["caption"][:2] == doubled["caption"][2:]  # L_ada's copy and L_adv's copy: the same shuffle
+    assert doubled["caption"][:2] != captions and sorted(doubled["caption"][0].split(", ")) == sorted(
+        captions[0].split(", "))
+    assert doubled[SHUFFLED] == [True] * 4  # the denoiser will not shuffle them a second time
+    assert shuffled_once(doubled, den) is doubled
+    # shuffling each copy on its own (the old behaviour) would have differed for these captions and this seed
+    independent = _ShufflingDenoiser().caption_shuffle(captions * 2)
+    assert independent[:2] != independent[2:]
+
+
+def test_the_denoiser_leaves_already_shuffled_captions_alone(monkeypatch):
+    from privlora import denoiser as denoiser_module
+    from privlora.models import loading
+
+    seen = []
+    monkeypatch.setattr(loading, "encode_prompt", lambda base, caps, **kw: seen.append(caps) or torch.zeros(1))
+    den = denoiser_module.Denoiser(type("Base", (), {"unet": None})(), device="cpu", generator=torch.Generator())
+    den.caption_shuffle = CaptionShuffler(keep_tokens=0, seed=3)
+    den.text({"caption": ["a, b, c, d, e, f"], SHUFFLED: [True]})
+    den.text({"caption": ["a, b, c, d, e, f"]})
+    assert seen[0] == ["a, b, c, d, e, f"] and seen[1] != seen[0]
+
+
+def test_the_attackers_own_step_runs_under_the_runs_autocast():
+    from privlora.models.attacker_net import LossMapAttacker
+    from privlora.objectives.attacker import attacker_update
+
+    torch.manual_seed(0)
+    net = LossMapAttacker(4, 4)
+    dtypes = []
+    linear = next(m for m in net.modules() if isinstance(m, torch.nn.Linear))
+    linear.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    maps = torch.rand(8, 4, 4, 4)
+    attacker_update(net, opt, maps[:4], maps[4:], 1)
+    attacker_update(net, opt, maps[:4], maps[4:], 1,
+                    autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert dtypes == [torch.float32, torch.bfloat16]
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in net.parameters())  # weights stay fp32
+
+
+def test_a_best_attacker_is_kept_only_above_chance(monkeypatch):
+    from privlora import train as train_module
+
+    saved = []
+    monkeypatch.setattr(train_module, "save_modules", lambda run, name, suffix, extra: saved.append(extra))
+    progress = train_module.Progress()
+    run = type("FakeRun", (), {"cfg": type("Cfg", (), {"output_name": "lora"})()})()
+    for acc in (0.45, 0.5, 0.5625, 0.55, 0.6):
+        train_module.keep_best_attacker(run, progress, {"attacker_test_acc_fresh": acc})
+    assert [float(s["privlora_attacker_test_acc_fresh"]) for s in saved] == [0.5625, 0.6]

@@ -60,5 +60,8 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, settings):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     for name in ("lora.attacker.safetensors", "lora.attacker_best.safetensors"):
+        assert (tmp_path / "straight" / name).exists() == (tmp_path / "killed" / name).exists()
+        if not (tmp_path / "straight" / name).exists():  # no evaluation beat chance: no best attacker
+            continue
         att_a, att_b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "killed" / name)
         assert all(torch.equal(att_a[k], att_b[k]) for k in att_a)

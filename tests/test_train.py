@@ -185,9 +185,11 @@ def test_reference_run_evaluates_the_cotrained_attacker_on_fresh_noise_and_keeps
     assert all(abs(r["attacker_test_acc_fresh"] * n_test - round(r["attacker_test_acc_fresh"] * n_test)) < 1e-4
                for r in history)
     best = tmp_path / "r" / f"{path.stem}.attacker_best.safetensors"
-    with safe_open(str(best), "pt") as f:
-        saved = float(f.metadata()["privlora_attacker_test_acc_fresh"])
-    assert saved == max(r["attacker_test_acc_fresh"] for r in history)
+    top = max(r["attacker_test_acc_fresh"] for r in history)
+    assert best.exists() == (top > 0.5)  # the reference keeps a best attacker only above chance
+    if best.exists():
+        with safe_open(str(best), "pt") as f:
+            assert float(f.metadata()["privlora_attacker_test_acc_fresh"]) == top
     resolved = (tmp_path / "r" / "resolved_config.toml").read_text()
     assert 'adv_step = "reference"' in resolved and "attacker_dropout_in_adv = true" in resolved
 

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from privlora.captions import shuffled_once
 from privlora.objectives.attacker import (Attacker, LossMapAttacker, ScalarAttacker, Seen, adversarial_loss,
                                           attacker_accuracy, attacker_update)
 from privlora.objectives.base import BuildContext, DenoiserLike, Objective, StepOutput
@@ -129,13 +130,14 @@ class AdversarialObjective(Objective):
         k = self.draws
         if self.adv_step == "fused":  # L_ada over all K draws (K = 1: the batch's own map)
             maps, adv_maps, t = self.attacker_view(batch, denoiser, k)
-        else:  # the reference's second forward (same batch, K fresh draws), batched into one UNet call
-            every, seen, t_all = self.raw_view(repeat_batch(batch, 1 + k), denoiser)
+        else:  # the reference's second forward (same batch, K fresh draws), batched into one UNet call;
+            # kohya shuffles a caption once when the batch is fetched, and both forwards reuse it
+            every, seen, t_all = self.raw_view(repeat_batch(shuffled_once(batch, denoiser), 1 + k), denoiser)
             n = every.shape[0] // (1 + k)
             maps, t = every[:n], t_all[:n]
             adv_maps = self.shown(seen[n:], t_all[n:], k)
         l_ada = denoiser.adaptation_loss(maps, t)
-        with getattr(denoiser, "autocast", contextlib.nullcontext)():  # the reference's mixed precision
+        with autocast_of(denoiser)():  # the reference's mixed precision
             l_adv = adversarial_loss(self.attacker, adv_maps, self.dropout_generator)
         self._last_member_maps = detached(adv_maps)
         loss = self.combine(l_ada, l_adv)
@@ -147,7 +149,8 @@ class AdversarialObjective(Objective):
         logs: dict[str, float] = {}
         for _ in range(self.k_steps):  # the reference: fresh aux batches and fresh noise for every attacker step
             members, nonmembers = self._aux_views(denoiser)
-            logs = attacker_update(self.attacker, self.optimizer, members, nonmembers, 1, self.grad_sync)
+            logs = attacker_update(self.attacker, self.optimizer, members, nonmembers, 1, self.grad_sync,
+                                   autocast_of(denoiser))
         return logs
 
     def _fused_attacker_update(self, denoiser: DenoiserLike) -> dict[str, float]:
@@ -158,7 +161,8 @@ class AdversarialObjective(Objective):
                 members = self.attacker_view(next(self.member_aux), denoiser, self.draws)[1]
             nonmembers = self.attacker_view(next(self.nonmember_aux), denoiser, self.draws)[1]
         self._last_member_maps = None
-        return attacker_update(self.attacker, self.optimizer, members, nonmembers, self.k_steps, self.grad_sync)
+        return attacker_update(self.attacker, self.optimizer, members, nonmembers, self.k_steps, self.grad_sync,
+                               autocast_of(denoiser))
 
     @torch.no_grad()
     def _aux_views(self, denoiser: DenoiserLike) -> tuple[torch.Tensor | Seen, torch.Tensor | Seen]:
@@ -208,6 +212,11 @@ class AdversarialObjective(Objective):
         self.optimizer.load_state_dict(state["attacker_optimizer"])
         if self.dropout_generator is not None and "dropout_generator" in state:
             self.dropout_generator.set_state(state["dropout_generator"])
+
+
+def autocast_of(denoiser: DenoiserLike):
+    """The run's mixed-precision context (accelerate's autocast; a no-op without mixed precision)."""
+    return getattr(denoiser, "autocast", contextlib.nullcontext)
 
 
 def dropout_generator_for(cfg) -> torch.Generator | None:

@@ -7,6 +7,8 @@ pool = 64 it is exactly the reference layout.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -69,8 +71,13 @@ def detached_forward(attacker: Attacker, maps: torch.Tensor, dropout_generator: 
 
 
 def attacker_update(attacker: Attacker, optimizer: torch.optim.Optimizer, member_maps: Seen | torch.Tensor,
-                    nonmember_maps: Seen | torch.Tensor, k_steps: int, grad_sync=None) -> dict[str, float]:
-    """k Adam steps of the attacker on detached member (label 1) / non-member (label 0) loss maps."""
+                    nonmember_maps: Seen | torch.Tensor, k_steps: int, grad_sync=None,
+                    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                    ) -> dict[str, float]:
+    """k Adam steps of the attacker on detached member (label 1) / non-member (label 0) loss maps.
+
+    Forward and loss run under ``autocast`` (the run's mixed precision, as the reference's attacker step does),
+    the backward is a plain ``.backward()`` as there."""
     seen = join(member_maps, nonmember_maps)
     maps, t = seen.maps.detach(), seen.t
     labels = torch.cat([
@@ -82,8 +89,9 @@ def attacker_update(attacker: Attacker, optimizer: torch.optim.Optimizer, member
         attacker.observe(maps, t)
     for _ in range(k_steps):
         optimizer.zero_grad(set_to_none=True)
-        logits = logits_of(attacker, Seen(maps, t))
-        loss = F.cross_entropy(logits, labels)
+        with autocast():
+            logits = logits_of(attacker, Seen(maps, t))
+            loss = F.cross_entropy(logits, labels)
         loss.backward()
         if grad_sync is not None:
             grad_sync(attacker)
