@@ -94,6 +94,8 @@ def select(cfg: SelectConfig, log=print) -> dict:
 
     run_dir = Path(cfg.run_dir)
     settings = run_settings(run_dir)
+    if dp_guarantee(run_dir, settings):
+        return select_on_nonmembers(cfg, run_dir, settings, log)
     attacks = parse_attack_names(cfg.attacks)
     if "loss" not in attacks:
         attacks = ["loss", *attacks]  # its scores on the nonmember half are the utility estimate
@@ -125,7 +127,80 @@ def select(cfg: SelectConfig, log=print) -> dict:
     return result
 
 
+def dp_guarantee(run_dir: Path, settings: dict) -> str | None:
+    """The run's DP claim (its final LoRA's ``privlora_dp_*`` metadata), or None for a run without one."""
+    from privlora.captions import read_lora_metadata
+
+    final = run_dir / f"{settings.get('output_name', 'lora')}.safetensors"
+    checkpoints = list_checkpoints(run_dir, settings.get("output_name", "lora"))
+    path = final if final.is_file() else (checkpoints[-1] if checkpoints else None)
+    meta = read_lora_metadata(path) if path else {}
+    if "privlora_dp_epsilon" not in meta:
+        return None
+    return f"(ε, δ) = ({meta['privlora_dp_epsilon']}, {meta.get('privlora_dp_delta', '?')})"
+
+
+def nonmember_manifest(splits_file: Path, out_file: Path, seed: int) -> Path:
+    """A manifest of nonmember_aux images only, in four seeded quarters playing the five roles (the audit needs
+    them all): no training image — member_aux included — is listed, opened or queried."""
+    from privlora.data.splits import MANIFEST_VERSION, MANIFEST_WARNING, _load_manifest, _manifest_root
+
+    manifest = _load_manifest(splits_file)
+    root = _manifest_root(splits_file, manifest).resolve()
+    entries = manifest["roles"].get("nonmember_aux") or []
+    if len(entries) < 4:
+        raise PrivloraError(f"{splits_file}: nonmember_aux has {len(entries)} images; selecting a DP run's "
+                            "checkpoint on non-members needs at least 4")
+    order = np.random.default_rng(seed).permutation(len(entries))
+    q = [[entries[i] for i in part] for part in np.array_split(order, 4)]
+    roles = {"train": q[0] + q[1], "member_aux": q[0], "member_test": q[1], "nonmember_aux": q[2],
+             "nonmember_test": q[3]}
+    write_json(out_file, {"warning": MANIFEST_WARNING, "version": MANIFEST_VERSION, "seed": seed, "root": str(root),
+                          "root_from_manifest": Path(os.path.relpath(root, out_file.parent.resolve())).as_posix(),
+                          "roles": roles})
+    return out_file
+
+
+def select_on_nonmembers(cfg: SelectConfig, run_dir: Path, settings: dict, log=print) -> dict:
+    """A DP run: its checkpoint is chosen on utility alone, measured on non-member data (nonmember_aux), which is
+    post-processing of the DP outputs and costs no privacy. Leakage is not estimated — that would query
+    member_aux, training data the accountant does not count — the DP guarantee bounds it instead."""
+    from privlora.audit import AuditConfig, run_audit
+
+    checkpoints = list_checkpoints(run_dir, settings.get("output_name", "lora"))
+    guarantee = dp_guarantee(run_dir, settings)
+    log(f"{run_dir}: a DP-LoRA run {guarantee}: choosing the most useful checkpoint on nonmember_aux only "
+        "(post-processing; member_aux is training data and is not used); the leakage bounds are not applied")
+    work = run_dir / "select"
+    manifest = nonmember_manifest(run_dir / "splits.json", work / "nonmember_splits.json", cfg.seed)
+    report = run_audit(AuditConfig(
+        splits=str(manifest), out=str(work),
+        pretrained_model_name_or_path=settings.get("pretrained_model_name_or_path", "tiny-sd"),
+        loras=[str(p) for p in checkpoints], attacks=["loss"], include_base=cfg.include_base, seed=cfg.seed,
+        n_bootstrap=0, resolution=settings.get("resolution"), config_dir=settings.get("config_dir"),
+        clip_skip=settings.get("clip_skip"), jobs=cfg.jobs, threads_per_job=cfg.threads_per_job), log=log)
+    losses = {m["name"]: -float(np.mean(m["scores"]["loss"]["member_test"] + m["scores"]["loss"]["nonmember_test"]))
+              for m in report["models"]}
+    best = min(losses, key=lambda n: (losses[n], n))
+    paths = {p.stem: str(p) for p in checkpoints}
+    rule = ("DP run: the lowest held-out loss on nonmember_aux, a choice that uses no training data "
+            f"(post-processing: the guarantee {guarantee} holds for it unchanged); leakage bounds not applied")
+    result = {
+        "run_dir": str(run_dir), "estimated_on": "nonmember_aux only (DP run: member_aux is training data)",
+        "dp_guarantee": guarantee,
+        "settings": {"attacks": ["loss"], "seed": cfg.seed, "include_base": cfg.include_base, "rule": "dp_nonmember"},
+        "checkpoints": {name: {"path": paths.get(name), "heldout_loss": loss} for name, loss in losses.items()},
+        "choice": {"model": best, "path": paths.get(best), "heldout_loss": losses[best], "reason": rule},
+    }
+    write_json(Path(cfg.out) if cfg.out else run_dir / "select.json", result)
+    return result
+
+
 def format_selection(result: dict) -> str:
+    if result.get("dp_guarantee"):
+        lines = ["| checkpoint | held-out loss on nonmember_aux |", "|---|---|"]
+        lines += [f"| {name} | {r['heldout_loss']:.4f} |" for name, r in result["checkpoints"].items()]
+        return "\n".join(lines) + f"\n\nchoice: {result['choice']['model']} — {result['choice']['reason']}"
     lines = ["| checkpoint | est. best AUC (attack) | est. TPR@1%FPR | est. held-out loss |", "|---|---|---|---|"]
     for name, r in result["checkpoints"].items():
         lines.append(f"| {name} | {r['best_auc']:.3f} ({r['best_attack']}) | {r['best_tpr_at_1pct_fpr']:.3f} "

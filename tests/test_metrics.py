@@ -104,3 +104,29 @@ def test_decision_accuracy_is_the_fixed_rule_score_above_threshold():
     result = metrics.evaluate(member, nonmember, seed=0, n_bootstrap=0, threshold=0.5)
     assert result["decision_accuracy"] == pytest.approx(5 / 7) and result["asr"] >= result["decision_accuracy"]
     assert "decision_accuracy" not in metrics.evaluate(member, nonmember, seed=0, n_bootstrap=0)
+
+
+def test_tpr_at_low_fpr_carries_an_exact_clopper_pearson_interval():
+    from scipy.stats import binomtest
+
+    nonmember = np.arange(200, dtype=float)  # at FPR 1 % the threshold may pass the two highest: 198 and 199
+    member = np.concatenate([np.full(10, 300.0), np.full(5, 198.5), np.full(85, -1.0)])
+    result = metrics.evaluate(member, nonmember, seed=0, n_bootstrap=0)
+    assert result["tpr_at_1pct_fpr"] == pytest.approx(0.15)  # 15 of 100 members caught
+    expected = binomtest(15, 100).proportion_ci(confidence_level=0.95, method="exact")
+    assert result["tpr_cp95"]["tpr_at_1pct_fpr"] == pytest.approx([expected.low, expected.high])
+    assert result["tpr_cp95"]["tpr_at_0.1pct_fpr"] is None  # 200 non-members cannot resolve 0.1 %
+    assert result["estimable"] == {"tpr_at_5pct_fpr": True, "tpr_at_1pct_fpr": True, "tpr_at_0.1pct_fpr": False}
+    assert result["nonmembers_needed"] == {"tpr_at_5pct_fpr": 20, "tpr_at_1pct_fpr": 100, "tpr_at_0.1pct_fpr": 1000}
+    # 1000 non-members resolve 0.1 %: one false positive (199) is allowed, so the 198.5 members count too
+    wide = metrics.evaluate(member, np.arange(1000, dtype=float) - 800, seed=0, n_bootstrap=0)
+    assert wide["tpr_cp95"]["tpr_at_0.1pct_fpr"] == pytest.approx([expected.low, expected.high])
+    none_caught = metrics.evaluate(np.zeros(50), np.arange(100.0) + 1, seed=0, n_bootstrap=0)
+    assert none_caught["tpr_cp95"]["tpr_at_1pct_fpr"] == pytest.approx([0.0, 1 - 0.025 ** (1 / 50)])
+
+
+def test_leakage_is_measured_both_ways():
+    member, nonmember = np.arange(100.0), np.arange(100.0) + 100  # members score LOW: an inverted attack
+    result = metrics.evaluate(member, nonmember, seed=0, n_bootstrap=0)
+    assert result["auc"] == 0.0 and result["abs_auc_gap"] == 0.5
+    assert result["tpr_at_1pct_fpr"] == 0.0 and result["inverted"]["tpr_at_1pct_fpr"] == 1.0

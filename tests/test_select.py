@@ -74,3 +74,42 @@ def test_select_never_reads_a_test_image_and_picks_the_most_useful_checkpoint_un
     tight = min(r["best_auc"] for r in est.values())
     assert main(["select", str(run_dir), "--max_auc", str(tight), "--attacks", "loss,mlp"]) == 0
     assert json.loads((run_dir / "select.json").read_text())["choice"]["best_auc"] <= tight
+
+
+@pytest.mark.slow
+def test_select_on_a_dp_run_uses_nonmember_data_only_and_says_so(tmp_path, monkeypatch, capsys):
+    model = make_tiny_folder(tmp_path / "model")
+    run = tmp_path / "dp"
+    train(build_config(None, {**RUN, "method": "dp_lora", "dp_noise_multiplier": 1.0, "max_train_epochs": 2,
+                              "save_every_n_epochs": 1, "pretrained_model_name_or_path": str(model),
+                              "output_dir": str(run), "output_name": "dp"}))
+    manifest = json.loads((run / "splits.json").read_text())
+    root = Path(manifest["root"])
+    allowed = {(root / e["path"]).resolve() for e in manifest["roles"]["nonmember_aux"]}
+    training = {(root / e["path"]).resolve() for r in ("train", "member_aux", "member_test")
+                for e in manifest["roles"][r]}
+    opened = []
+    original = PIL.Image.open
+
+    def spy(fp, *a, **k):
+        opened.append(Path(fp).resolve())
+        return original(fp, *a, **k)
+
+    monkeypatch.setattr(PIL.Image, "open", spy)
+    hidden = training - allowed
+    for path in hidden:
+        path.rename(path.with_suffix(".hidden"))  # not one training image may be needed
+    try:
+        code = main(["select", str(run), "--max_auc", "0.55", "--max_tpr_at_1fpr", "0.01"])
+    finally:
+        for path in hidden:
+            path.with_suffix(".hidden").rename(path)
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert opened and set(opened) <= allowed
+    result = json.loads((run / "select.json").read_text())
+    assert result["dp_guarantee"].startswith("(ε, δ) = (") and result["settings"]["rule"] == "dp_nonmember"
+    est = result["checkpoints"]
+    assert list(est) == ["base", "dp-e0001", "dp"]
+    assert result["choice"]["model"] == min(est, key=lambda n: est[n]["heldout_loss"])
+    assert "post-processing" in result["choice"]["reason"] and "nonmember_aux" in out.out

@@ -3,13 +3,17 @@
 AUC is scikit-learn's ``roc_auc_score``; the ROC is ``roc_curve`` with every threshold kept. ASR is the accuracy
 of the best single threshold (SecMI/PIA's definition). TPR at a fixed FPR is read off the ROC by linear
 interpolation between its points; where the ROC is vertical at exactly that FPR, the highest TPR reached there.
-Confidence intervals: percentile bootstrap, members and non-members resampled separately, seeded.
+Confidence intervals: percentile bootstrap, members and non-members resampled separately, seeded; and for every
+TPR at a fixed FPR an exact Clopper–Pearson interval on the members caught at that operating point, reported only
+where the non-members can resolve the FPR (at least 1/FPR of them), else "not estimable" with the count needed.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
+from scipy.stats import beta
 from sklearn.metrics import auc as area_under, roc_auc_score, roc_curve
 
 # 5%: the MP-LoRA paper's tables; 1% and 0.1%: the low-FPR regime (Carlini et al.).
@@ -69,6 +73,36 @@ def bootstrap(member: np.ndarray, nonmember: np.ndarray, n: int, seed: int,
     return {name: [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))] for name, v in draws.items()}
 
 
+def nonmembers_needed(target: float) -> int:
+    """Non-members needed before FPR = target is one false positive or more (below it, not estimable)."""
+    return math.ceil(round(1.0 / target, 9))
+
+
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> list[float]:
+    """The exact (Clopper–Pearson) interval of a binomial proportion k/n."""
+    tail = (1.0 - level) / 2
+    lo = 0.0 if k == 0 else float(beta.ppf(tail, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1.0 - tail, k + 1, n - k))
+    return [lo, hi]
+
+
+def members_caught(member: np.ndarray, nonmember: np.ndarray, target: float) -> int:
+    """Members called members by the most permissive threshold whose FPR on these non-members is ≤ target (the
+    ROC point at or left of the target, not the interpolation)."""
+    fpr, tpr, _ = roc(member, nonmember)
+    return int(round(float(tpr[np.flatnonzero(fpr <= target)[-1]]) * len(member)))
+
+
+def low_fpr_intervals(member: np.ndarray, nonmember: np.ndarray, level: float = 0.95) -> dict[str, Any]:
+    """Per FPR level: whether the non-members can resolve it, how many it needs, and a Clopper–Pearson interval on
+    the TPR at that operating point (None where not estimable)."""
+    estimable = {name: len(nonmember) >= nonmembers_needed(t) for name, t in FPR_TARGETS.items()}
+    cp = {name: clopper_pearson(members_caught(member, nonmember, t), len(member), level) if estimable[name]
+          else None for name, t in FPR_TARGETS.items()}
+    return {"estimable": estimable, "nonmembers_needed": {n: nonmembers_needed(t) for n, t in FPR_TARGETS.items()},
+            "tpr_cp95": cp}
+
+
 def small_set_notes(n_nonmember: int) -> list[str]:
     notes = []
     for name, target in FPR_TARGETS.items():
@@ -113,5 +147,10 @@ def evaluate(member, nonmember, *, seed: int, n_bootstrap: int = 1000,
     if bad:
         notes.append(f"{bad} non-finite scores were counted as least member-like")
     result["reliable"] = {name: len(nonmember) * target >= 1 for name, target in FPR_TARGETS.items()}
+    result.update(low_fpr_intervals(member, nonmember))
+    # two-sided leakage: an attack whose scores run the wrong way is exploitable by flipping them
+    result["abs_auc_gap"] = abs(result["auc"] - 0.5)
+    flipped = point_metrics(-member, -nonmember, fast_auc=True)
+    result["inverted"] = {name: flipped[name] for name in FPR_TARGETS}
     result["notes"] = notes
     return result

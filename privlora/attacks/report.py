@@ -12,6 +12,8 @@ COLUMNS = (("auc", "AUC"), ("asr", "ASR"), ("tpr_at_5pct_fpr", "TPR@5%FPR"), ("t
 
 
 def _cell(result: dict[str, Any], metric: str) -> str:
+    if metric in result.get("estimable", {}):
+        return _tpr_cell(result, metric)
     text = f"{result[metric]:.3f}"
     if "ci95" in result:
         lo, hi = result["ci95"][metric]
@@ -19,6 +21,15 @@ def _cell(result: dict[str, Any], metric: str) -> str:
     if metric in result.get("reliable", {}) and not result["reliable"][metric]:
         text += " †"
     return text
+
+
+def _tpr_cell(result: dict[str, Any], metric: str) -> str:
+    """TPR at a fixed FPR with its Clopper–Pearson 95 % interval, or "n/e" where the non-members cannot resolve
+    that FPR."""
+    if not result["estimable"][metric]:
+        return f"n/e (needs ≥ {result['nonmembers_needed'][metric]} non-members)"
+    lo, hi = result["tpr_cp95"][metric]
+    return f"{result[metric]:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def _short(sha: str) -> str:
@@ -75,7 +86,8 @@ def _header(report: dict[str, Any]) -> list[str]:
         "non-members; "
         f"aux (fitting only): {used.get('member_aux', 0)} vs {used.get('nonmember_aux', 0)}",
         f"- seed {report['seed']}, resolution {s['resolution']}, UNet batch {s['batch_size']}, device {s['device']}, "
-        f"{s['n_bootstrap']} bootstrap resamples (95% intervals in brackets)",
+        f"{s['n_bootstrap']} bootstrap resamples (95% intervals in brackets; for TPR at a fixed FPR the exact "
+        "Clopper–Pearson interval on the members caught there; n/e: too few non-members to resolve that FPR)",
         f"- wall time {report['wall_seconds']:.1f} s, "
         f"{report['unet_queries']['total_run']} UNet sample-evaluations run",
         "",
