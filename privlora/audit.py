@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from privlora.attacks import (ATTACKS, AUX_ROLES, DEFAULT_ATTACKS, TEST_ROLES, Attack, Batch, Target,
                               build_attacks, parse_attack_names)
 from privlora.attacks import metrics, report as render
-from privlora.attacks.dp_audit import dp_check
+from privlora.attacks.dp_audit import claimed_dp, dp_check
 from privlora.attacks.target import stable_seed
 from privlora.captions import (TextEncoding, check_encoding_flags, lora_hyperparameters, read_lora_metadata,
                                text_encoding)
@@ -35,6 +35,7 @@ from privlora.data.splits import Splits, read_manifest
 from privlora.errors import PrivloraError
 from privlora.models.lora_files import check_lora_file, lora_module_names
 from privlora.models.vae import vae_scale_factor
+from privlora.files import file_error, sha256_file
 from privlora.files import one_line_error as _one_line
 from privlora.io import write_bytes
 
@@ -60,6 +61,8 @@ class AuditConfig:
     max_token_length: int | None = None  # 75 | 150 | 225; default as clip_skip
     device: str | None = None
     attack_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    canaries: str | None = None  # a run's canaries.json: the one-run ε audit of each LoRA (privlora.attacks.canary)
+    canary_attack: str = "ref_loss"  # a single-model attack that fits nothing (loss, ref_loss, secmi, pia)
     jobs: int = 1  # on a CPU: the models split between this many worker processes (same numbers, less wall time)
     threads_per_job: int | None = None  # torch threads of each worker; default: cores // jobs
 
@@ -111,6 +114,7 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
         log("UNet queries per sample: " + ", ".join(f"{a.name} {a.queries_per_sample()}" for a in attacks)
             + " (loss, ref_loss and mlp share theirs; ref_loss's base half is run once per audit)")
         runs = run_attacks(models, targets, names, cfg, batches)
+        canary = canary_audits(base, models, targets, cfg, resolution, device, log) if cfg.canaries else {}
         distinct = {id(t): t for x in targets.values() for t in (x, x.reference)}
         queries_run = sum(t.unet_queries for t in distinct.values())
 
@@ -118,6 +122,9 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
     _log_decisions(results, log)
     report = build_report(cfg, base, splits, chosen, models, attacks, results, runs, queries_run,
                           resolution, device, time.time() - started)
+    for model in report["models"]:
+        if model["name"] in canary:
+            model["canary_audit"] = canary[model["name"]]
     return _write_report(out, report, runs.scores, results, runs.skipped, log)
 
 
@@ -166,6 +173,10 @@ def _check_settings(cfg: AuditConfig) -> Path:
     check_encoding_flags(cfg.clip_skip, cfg.max_token_length)
     if not cfg.splits:
         raise PrivloraError("--splits: give the split manifest (splits.json in the training run's output folder)")
+    if cfg.canaries:
+        from privlora.data.canaries import read_canaries
+
+        read_canaries(cfg.canaries)  # a bad canary file fails before any work
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise PrivloraError(f"{out}: --out exists and is not a folder")
@@ -506,6 +517,48 @@ def build_report(cfg: AuditConfig, base, splits: Splits, chosen: dict, models: l
         ],
         "wall_seconds": round(wall, 2),
     }
+
+
+def canary_audits(base, models: list[_Model], targets: dict[str, Target], cfg: AuditConfig, resolution: int, device,
+                  log: Callable[[str], None]) -> dict[str, dict]:
+    """The one-run ε lower bound of every LoRA from its run's canaries: each canary scored by ``canary_attack``,
+    guesses on the extremes, Steinke et al.'s bound at the LoRA's claimed δ (0 without a DP claim)."""
+    from privlora.attacks import canary
+    from privlora.data.canaries import read_canaries
+    from privlora.models.cache import encode_latents
+
+    record = read_canaries(cfg.canaries)  # type: ignore[arg-type]  # only called with canaries set
+    examples = [Example(Path(c["path"]), c["caption"]) for c in record["canaries"]]
+    for example, c in zip(examples, record["canaries"]):
+        if not example.path.is_file() or sha256_file(example.path) != c["sha256"]:
+            raise file_error(example.path, f"canary listed in {cfg.canaries} is missing or changed")
+    included = np.array([bool(c["included"]) for c in record["canaries"]])
+    latents = encode_latents(base, examples, resolution, cfg.center_crop, device, batch_size=min(cfg.batch_size, 32))
+    step = cfg.batch_size
+    batches = [Batch(keys=[c["sha256"] for c in record["canaries"][s:s + step]],
+                     paths=[e.path for e in examples[s:s + step]], roles=["canary"] * len(examples[s:s + step]),
+                     captions=[e.caption for e in examples[s:s + step]], latents=latents[s:s + step])
+               for s in range(0, len(examples), step)]
+    out = {}
+    for model in models:
+        (attack,) = build_attacks([cfg.canary_attack], cfg.attack_params)
+        if attack.fits:
+            raise PrivloraError(f"canary_attack {cfg.canary_attack} learns from the aux roles; the canary audit "
+                                "needs one that fits nothing (loss, ref_loss, secmi, pia)")
+        reason = attack.prepare(targets[model.name])
+        if reason:
+            continue
+        scores = np.concatenate([attack.score(targets[model.name], b).detach().double().cpu().numpy()
+                                 for b in batches])
+        claim = claimed_dp(model.metadata)
+        result = canary.audit(scores, included, delta=claim[1] if claim else 0.0)
+        result.update(attack=cfg.canary_attack, claimed_epsilon=claim[0] if claim else None,
+                      kind="one-run canary audit (Steinke, Nasr & Jagielski 2023): a sound 95 % lower bound")
+        out[model.name] = result
+        log(f"{model.name}: canary audit ({len(included)} canaries, {cfg.canary_attack}): ε ≥ "
+            f"{result['epsilon_lower_bound']:.3f} at 95 % ({result['best']['correct'] if result['best'] else 0} of "
+            f"{result['best']['guesses'] if result['best'] else 0} guesses right)")
+    return out
 
 
 def _dp_bound(scores: dict, results: dict, metadata: dict[str, str]) -> dict[str, Any] | None:

@@ -114,7 +114,8 @@ def _audit(args: argparse.Namespace, overrides: dict) -> int:
                       n_bootstrap=args.n_bootstrap, config_dir=args.config_dir, clip_skip=args.clip_skip,
                       max_token_length=args.max_token_length, device=args.device,
                       attack_params={"proxy": {"attacker": args.proxy_attacker}}, jobs=args.jobs,
-                      threads_per_job=args.threads_per_job)
+                      threads_per_job=args.threads_per_job, canaries=args.canaries,
+                      canary_attack=args.canary_attack)
     run_audit(cfg)
     return 0
 
@@ -146,6 +147,11 @@ def _add_audit_parser(sub) -> None:
                        help="75 | 150 | 225, kohya's long captions as used in training (default: from each LoRA's "
                             "metadata, else one 75-token window)")
     audit.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    audit.add_argument("--canaries", default=None, metavar="CANARIES_JSON",
+                       help="the training run's canaries.json (train --canaries M): a sound one-run ε lower bound "
+                            "per LoRA (Steinke, Nasr & Jagielski 2023)")
+    audit.add_argument("--canary_attack", default="ref_loss",
+                       help="the single-model attack that scores the canaries (loss, ref_loss, secmi, pia)")
     _add_jobs_flags(audit, "on a CPU, the models split between this many worker processes (same numbers)")
     audit.set_defaults(handler=_audit)
 

@@ -30,6 +30,10 @@ class TrainConfig:
     synthetic_images: int = 0  # >0: generate this many private synthetic sprites into <output_dir>/data
     synthetic_seed: int = 1
     synthetic_style: str = "framed"  # plain | framed (a style tiny-sd was not pretrained on)
+    # the one-run ε audit (privlora audit --canaries): extra training images, each included with probability ½ by
+    # a secret coin, recorded in <output_dir>/canaries.json (private, like splits.json)
+    canaries: int = 0
+    canary_source: str = "generated"  # generated (sprites of their own) | a folder of images never in the split
     caption_extension: str = ".txt"
     n_member_aux: int = 200
     n_member_test: int | None = None
@@ -176,6 +180,10 @@ class TrainConfig:
                 raise bad(f"{key} must be ≥ 1")
         if sum(bool(x) for x in (self.train_data_dir, self.splits_dir, self.splits, self.synthetic_images)) != 1:
             raise bad("give exactly one data source: train_data_dir, splits_dir, splits or synthetic_images")
+        if self.canaries < 0 or self.canaries == 1:
+            raise bad(f"canaries {self.canaries}: give 0 (none) or at least 2")
+        if self.canaries and self.canary_source != "generated" and not Path(self.canary_source).exists():
+            raise bad(f"canary_source {self.canary_source}: no such folder (or use \"generated\")")
         if self.state_every_n_epochs is not None and self.state_every_n_epochs < 1:
             raise bad("state_every_n_epochs must be ≥ 1")
         if self.sample_every_n_epochs and not self.sample_prompts:

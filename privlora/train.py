@@ -26,6 +26,7 @@ from privlora.captions import CaptionShuffler, TextEncoding, captions_fixed
 from privlora.config import TrainConfig, ran_with, to_dict, write_resolved_config
 from privlora.data.augment import Augment
 from privlora.data.cache import RoleData
+from privlora.data.canaries import prepare_canaries
 from privlora.data.halves import train_subset
 from privlora.data.prepare import prepare_splits, write_run_files
 from privlora.denoiser import Denoiser, adapters_disabled
@@ -247,8 +248,10 @@ def setup(cfg: TrainConfig) -> Run:
                               cpu=not torch.cuda.is_available(),  # lets torchrun start multi-process CPU (gloo)
                               project_config=ProjectConfiguration(str(out), logging_dir=str(out / "logs")),
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps)
-    with accelerator.main_process_first():  # only the main process generates synthetic data
+    with accelerator.main_process_first():  # only the main process generates synthetic data and flips canary coins
         splits, skipped = prepare_splits(cfg, out)  # reads and checks every image; writes nothing yet
+        canaries = prepare_canaries(cfg, out, set(splits.hashes.values()),
+                                    draw=accelerator.is_main_process and not cfg.resume)
     base = load_base(cfg.pretrained_model_name_or_path, config_dir=cfg.config_dir, allow_pickle=cfg.allow_pickle,
                      prediction_type=cfg.prediction_type)
     if accelerator.is_main_process and not cfg.resume:
@@ -262,7 +265,7 @@ def setup(cfg: TrainConfig) -> Run:
 
     cache = Cache(base, cfg, device)
     augment = Augment.from_config(cfg, accelerator.process_index)
-    train_examples = train_subset(splits.train, cfg.train_subset, cfg.split_seed)
+    train_examples = train_subset(splits.train, cfg.train_subset, cfg.split_seed) + canaries
     train_data = cache.role(train_examples, expand_repeats=True, augment=augment)
     roles = {role: cache.role(splits.role(role)) for role in EVAL_ROLES}
     aux_bs = cfg.attacker_batch_size or cfg.train_batch_size

@@ -43,6 +43,7 @@ def markdown(report: dict[str, Any]) -> str:
     for model in report["models"]:
         lines += _model_table(report, model)
     lines += _dp_bounds(report)
+    lines += _canary_audits(report)
     lines += _attack_notes(report)
     return "\n".join(lines) + "\n"
 
@@ -59,9 +60,11 @@ def _dp_bounds(report: dict[str, Any]) -> list[str]:
     models = [m for m in report["models"] if m.get("dp_bound")]
     if not models:
         return []
-    lines = ["## Differential privacy: what the attacks prove", "",
-             "ε lower bound: the largest ε any attack's ROC certifies at 95 % confidence (Clopper–Pearson, "
-             "Bonferroni over thresholds); a DP-LoRA's claimed ε must not be below it.", "",
+    lines = ["## Differential privacy: a heuristic check", "",
+             "Heuristic ε lower bound: the largest ε any attack's ROC suggests at 95 % (Clopper–Pearson, Bonferroni "
+             "over thresholds and over the attacks). It treats one model's per-example scores as independent "
+             "trials, which they are not, so it is a flag, not a proof; the sound bound is the canary audit "
+             "(`--canaries`).", "",
              "| model | ε lower bound (attack) | ε point estimate | claimed ε (δ) | verdict | guarantee |",
              "|---|---|---|---|---|---|"]
     for m in models:
@@ -73,6 +76,25 @@ def _dp_bounds(report: dict[str, Any]) -> list[str]:
             verdict = "consistent" if ok else "VIOLATED: an attack does better than the claimed ε allows"
         lines.append(f"| {m['name']} | {b['epsilon_lower_bound']:.3f} ({b['attack']}) | {b['epsilon_point']:.3f} "
                      f"| {claim} | {verdict} | {guarantee_cell(m.get('dp_guarantee'))} |")
+    return lines + [""]
+
+
+def _canary_audits(report: dict[str, Any]) -> list[str]:
+    models = [m for m in report["models"] if m.get("canary_audit")]
+    if not models:
+        return []
+    lines = ["## Differential privacy: the one-run canary audit", "",
+             "A sound 95 % lower bound on ε (Steinke, Nasr & Jagielski 2023): each canary was trained on with "
+             "probability ½ by a secret coin; the attack guesses IN on the highest and OUT on the lowest scores; the "
+             "confidence is split over the guess sizes tried. A DP-LoRA's claimed ε must not be below it.", "",
+             "| model | canaries (trained) | attack | guesses | correct | ε lower bound | claimed ε |",
+             "|---|---|---|---|---|---|---|"]
+    for m in models:
+        c = m["canary_audit"]
+        best = c.get("best") or {"guesses": 0, "correct": 0}
+        claim = "" if c.get("claimed_epsilon") is None else f"{c['claimed_epsilon']:.3g}"
+        lines.append(f"| {m['name']} | {c['canaries']} ({c['included']}) | {c['attack']} | {best['guesses']} "
+                     f"| {best['correct']} | {c['epsilon_lower_bound']:.3f} | {claim} |")
     return lines + [""]
 
 

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from privlora.errors import PrivloraError
 
-NAMESPACES = {"public": 0x7075626C, "private": 0x70726976}
+NAMESPACES = {"public": 0x7075626C, "private": 0x70726976, "canary": 0x63616E61}
 LAYOUTS = ("flat", "kohya", "jsonl")
 
 COLORS: dict[str, tuple[int, int, int]] = {
