@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from privlora.attacks import (ATTACKS, AUX_ROLES, DEFAULT_ATTACKS, TEST_ROLES, Attack, Batch, Target,
                               build_attacks, parse_attack_names)
-from privlora.attacks import metrics, report as render
+from privlora.attacks import canary, metrics, report as render
 from privlora.attacks.dp_audit import claimed_dp, dp_check
 from privlora.attacks.target import stable_seed
 from privlora.captions import (TextEncoding, check_encoding_flags, lora_hyperparameters, read_lora_metadata,
@@ -61,7 +61,9 @@ class AuditConfig:
     max_token_length: int | None = None  # 75 | 150 | 225; default as clip_skip
     device: str | None = None
     attack_params: dict[str, dict[str, Any]] = field(default_factory=dict)
-    canaries: str | None = None  # a run's canaries.json: the one-run ε audit of each LoRA (privlora.attacks.canary)
+    # a run's canaries.json: the one-run ε audit of each LoRA (privlora.attacks.canary); "auto": each LoRA's own
+    # run folder's canaries.json (the bench: every run drew its own coins), LoRAs without one skipped
+    canaries: str | None = None
     canary_attack: str = "ref_loss"  # a single-model attack that fits nothing (loss, ref_loss, secmi, pia)
     jobs: int = 1  # on a CPU: the models split between this many worker processes (same numbers, less wall time)
     threads_per_job: int | None = None  # torch threads of each worker; default: cores // jobs
@@ -173,7 +175,7 @@ def _check_settings(cfg: AuditConfig) -> Path:
     check_encoding_flags(cfg.clip_skip, cfg.max_token_length)
     if not cfg.splits:
         raise PrivloraError("--splits: give the split manifest (splits.json in the training run's output folder)")
-    if cfg.canaries:
+    if cfg.canaries and cfg.canaries != AUTO:
         from privlora.data.canaries import read_canaries
 
         read_canaries(cfg.canaries)  # a bad canary file fails before any work
@@ -519,19 +521,60 @@ def build_report(cfg: AuditConfig, base, splits: Splits, chosen: dict, models: l
     }
 
 
+AUTO = "auto"
+
+
 def canary_audits(base, models: list[_Model], targets: dict[str, Target], cfg: AuditConfig, resolution: int, device,
                   log: Callable[[str], None]) -> dict[str, dict]:
     """The one-run ε lower bound of every LoRA from its run's canaries: each canary scored by ``canary_attack``,
-    guesses on the extremes, Steinke et al.'s bound at the LoRA's claimed δ (0 without a DP claim)."""
-    from privlora.attacks import canary
+    guesses on the extremes, Steinke et al.'s bound at the LoRA's claimed δ (0 without a DP claim). With
+    ``canaries = "auto"`` each LoRA uses the canaries.json beside it; the base model (and a LoRA without one) is
+    audited against the first file found. The base model, trained on no canary, is a control."""
+    from privlora.data.canaries import CANARY_NAME
+
+    files = {m.name: (Path(cfg.canaries) if cfg.canaries != AUTO else  # type: ignore[arg-type]
+                      (m.path.parent / CANARY_NAME if m.path else None)) for m in models}
+    found = [f for f in files.values() if f is not None and f.is_file()]
+    if not found:
+        log("canary audit: no canaries.json beside any audited LoRA; skipped")
+        return {}
+    prepared: dict[Path, tuple[np.ndarray, list[Batch]]] = {}
+    out = {}
+    for model in models:
+        file = files[model.name]
+        file = file if file is not None and file.is_file() else found[0]
+        if file not in prepared:
+            prepared[file] = _canary_batches(base, file, cfg, resolution, device)
+        included, batches = prepared[file]
+        (attack,) = build_attacks([cfg.canary_attack], cfg.attack_params)
+        if attack.fits:
+            raise PrivloraError(f"canary_attack {cfg.canary_attack} learns from the aux roles; the canary audit "
+                                "needs one that fits nothing (loss, ref_loss, secmi, pia)")
+        if attack.prepare(targets[model.name]):
+            continue
+        scores = np.concatenate([attack.score(targets[model.name], b).detach().double().cpu().numpy()
+                                 for b in batches])
+        claim = claimed_dp(model.metadata)
+        result = canary.audit(scores, included, delta=claim[1] if claim else 0.0)
+        result.update(attack=cfg.canary_attack, claimed_epsilon=claim[0] if claim else None, file=str(file),
+                      control=model.kind == "base",  # trained on no canary: its bound should be 0
+                      kind="one-run canary audit (Steinke, Nasr & Jagielski 2023): a sound 95 % lower bound")
+        out[model.name] = result
+        best = result["best"] or {"correct": 0, "guesses": 0}
+        log(f"{model.name}: canary audit ({len(included)} canaries, {cfg.canary_attack}): ε ≥ "
+            f"{result['epsilon_lower_bound']:.3f} at 95 % ({best['correct']} of {best['guesses']} guesses right)")
+    return out
+
+
+def _canary_batches(base, file: Path, cfg: AuditConfig, resolution: int, device) -> tuple[np.ndarray, list[Batch]]:
     from privlora.data.canaries import read_canaries
     from privlora.models.cache import encode_latents
 
-    record = read_canaries(cfg.canaries)  # type: ignore[arg-type]  # only called with canaries set
+    record = read_canaries(file)
     examples = [Example(Path(c["path"]), c["caption"]) for c in record["canaries"]]
     for example, c in zip(examples, record["canaries"]):
         if not example.path.is_file() or sha256_file(example.path) != c["sha256"]:
-            raise file_error(example.path, f"canary listed in {cfg.canaries} is missing or changed")
+            raise file_error(example.path, f"canary listed in {file} is missing or changed")
     included = np.array([bool(c["included"]) for c in record["canaries"]])
     latents = encode_latents(base, examples, resolution, cfg.center_crop, device, batch_size=min(cfg.batch_size, 32))
     step = cfg.batch_size
@@ -539,26 +582,7 @@ def canary_audits(base, models: list[_Model], targets: dict[str, Target], cfg: A
                      paths=[e.path for e in examples[s:s + step]], roles=["canary"] * len(examples[s:s + step]),
                      captions=[e.caption for e in examples[s:s + step]], latents=latents[s:s + step])
                for s in range(0, len(examples), step)]
-    out = {}
-    for model in models:
-        (attack,) = build_attacks([cfg.canary_attack], cfg.attack_params)
-        if attack.fits:
-            raise PrivloraError(f"canary_attack {cfg.canary_attack} learns from the aux roles; the canary audit "
-                                "needs one that fits nothing (loss, ref_loss, secmi, pia)")
-        reason = attack.prepare(targets[model.name])
-        if reason:
-            continue
-        scores = np.concatenate([attack.score(targets[model.name], b).detach().double().cpu().numpy()
-                                 for b in batches])
-        claim = claimed_dp(model.metadata)
-        result = canary.audit(scores, included, delta=claim[1] if claim else 0.0)
-        result.update(attack=cfg.canary_attack, claimed_epsilon=claim[0] if claim else None,
-                      kind="one-run canary audit (Steinke, Nasr & Jagielski 2023): a sound 95 % lower bound")
-        out[model.name] = result
-        log(f"{model.name}: canary audit ({len(included)} canaries, {cfg.canary_attack}): ε ≥ "
-            f"{result['epsilon_lower_bound']:.3f} at 95 % ({result['best']['correct'] if result['best'] else 0} of "
-            f"{result['best']['guesses'] if result['best'] else 0} guesses right)")
-    return out
+    return included, batches
 
 
 def _dp_bound(scores: dict, results: dict, metadata: dict[str, str]) -> dict[str, Any] | None:

@@ -380,7 +380,7 @@ def audit(spec: BenchSpec, cfg, splits: Path, loras: list[Path]) -> dict:
     folder = spec.out / "audit"
     inputs = {"loras": [[str(p), _stamp(p)] for p in loras], "attacks": list(spec.attacks), "seed": cfg.seed,
               "n_bootstrap": spec.n_bootstrap, "model": cfg.pretrained_model_name_or_path,
-              "splits": str(splits)}
+              "splits": str(splits), "canaries": "auto" if cfg.canaries else None}
     done = folder / "inputs.json"
     if (folder / "report.json").is_file() and done.is_file() and json.loads(done.read_text()) == inputs:
         return json.loads((folder / "report.json").read_text())
@@ -388,7 +388,8 @@ def audit(spec: BenchSpec, cfg, splits: Path, loras: list[Path]) -> dict:
                                    pretrained_model_name_or_path=cfg.pretrained_model_name_or_path,
                                    loras=[str(p) for p in loras], attacks=list(spec.attacks), include_base=True,
                                    seed=cfg.seed, n_bootstrap=spec.n_bootstrap, config_dir=cfg.config_dir,
-                                   clip_skip=cfg.clip_skip, jobs=spec.jobs, threads_per_job=spec.threads_per_job))
+                                   clip_skip=cfg.clip_skip, jobs=spec.jobs, threads_per_job=spec.threads_per_job,
+                                   canaries="auto" if cfg.canaries else None))
     write_json(done, inputs)
     return report
 

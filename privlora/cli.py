@@ -149,7 +149,7 @@ def _add_audit_parser(sub) -> None:
     audit.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     audit.add_argument("--canaries", default=None, metavar="CANARIES_JSON",
                        help="the training run's canaries.json (train --canaries M): a sound one-run ε lower bound "
-                            "per LoRA (Steinke, Nasr & Jagielski 2023)")
+                            "per LoRA (Steinke, Nasr & Jagielski 2023); 'auto': each LoRA's own run folder's file")
     audit.add_argument("--canary_attack", default="ref_loss",
                        help="the single-model attack that scores the canaries (loss, ref_loss, secmi, pia)")
     _add_jobs_flags(audit, "on a CPU, the models split between this many worker processes (same numbers)")

@@ -128,6 +128,14 @@ def test_canaries_train_only_their_included_half_resume_with_the_same_coins_and_
     assert "one-run canary audit" in (out / "report.md").read_text()
     heuristic = report["models"][0]["dp_bound"]
     assert heuristic["kind"].startswith("heuristic")
+    # the bench's form: each LoRA's own canaries.json, the base model audited as a control
+    assert main(["audit", "--lora", str(lora), "--splits", str(tmp_path / "run" / "splits.json"), "--out",
+                 str(tmp_path / "auto"), "--pretrained_model_name_or_path", str(model), "--attacks", "loss",
+                 "--n_bootstrap", "0", "--canaries", "auto", "--include_base"]) == 0
+    models = {m["name"]: m for m in json.loads((tmp_path / "auto" / "report.json").read_text())["models"]}
+    assert models["base"]["canary_audit"]["control"] and not models[lora.stem]["canary_audit"]["control"]
+    assert models[lora.stem]["canary_audit"]["file"] == str(tmp_path / "run" / CANARY_NAME)
+    assert models[lora.stem]["canary_audit"]["tried"] == audit["tried"]  # the same scores as with the file named
 
 
 def test_canary_settings_and_files_fail_with_one_line(tmp_path):

@@ -93,7 +93,8 @@ def _canary_audits(report: dict[str, Any]) -> list[str]:
         c = m["canary_audit"]
         best = c.get("best") or {"guesses": 0, "correct": 0}
         claim = "" if c.get("claimed_epsilon") is None else f"{c['claimed_epsilon']:.3g}"
-        lines.append(f"| {m['name']} | {c['canaries']} ({c['included']}) | {c['attack']} | {best['guesses']} "
+        name = f"{m['name']} (control: trained on none)" if c.get("control") else m["name"]
+        lines.append(f"| {name} | {c['canaries']} ({c['included']}) | {c['attack']} | {best['guesses']} "
                      f"| {best['correct']} | {c['epsilon_lower_bound']:.3f} | {claim} |")
     return lines + [""]
 
