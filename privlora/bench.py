@@ -190,24 +190,52 @@ def jobs_for(spec: BenchSpec) -> list[Job]:
             if epochs:  # a crashed bench resumes each training from its last state, losing ≤ 10 % of it
                 overrides["state_every_n_epochs"] = max(1, epochs // 10)
             if name == base and i == 0 and spec.budgets:
-                overrides["save_every_n_epochs"] = budget_interval(spec.budgets, epochs)
+                interval = budget_interval(spec.budgets, epochs)
+                if interval:
+                    overrides["save_every_n_epochs"] = interval
+                else:  # too few epochs to resolve the budgets: checkpoints at those fractions of the steps
+                    overrides["save_at_fractions"] = list(spec.budgets)
             jobs.append(Job(out_name, name, i, overrides))
     return jobs
 
 
-def budget_interval(budgets: list[float], epochs: int | None) -> int:
+def budget_interval(budgets: list[float], epochs: int | None) -> int | None:
+    """The epoch interval that saves a checkpoint at every budget (fractions of the epochs), or None when the
+    epochs are too few (or unset) to give each budget its own epoch inside the run: then step checkpoints."""
+    if any(not 0 < f < 1 for f in budgets):
+        raise PrivloraError(f"--budgets {budgets}: each must lie strictly between 0 and 1 (a fraction of the run)")
     if not epochs:
-        raise PrivloraError("--budgets: the plain LoRA run needs max_train_epochs "
-                            "(budgets are fractions of its epochs)")
+        return None
     points = [round(f * epochs) for f in budgets]
-    if any(e < 1 or e >= epochs for e in points):
-        raise PrivloraError(f"--budgets {budgets} of {epochs} epochs must fall strictly inside the run")
+    if any(e < 1 or e >= epochs for e in points) or len(set(points)) < len(points):
+        return None
     return math.gcd(*points)
 
 
 def budget_files(spec: BenchSpec, job: Job) -> list[Path]:
-    epochs = job_config(spec, job).max_train_epochs
-    return [job.out / f"{job.name}-e{round(f * epochs):04d}.safetensors" for f in spec.budgets]
+    cfg = job_config(spec, job)
+    if not cfg.save_at_fractions:
+        return [job.out / f"{job.name}-e{round(f * cfg.max_train_epochs):04d}.safetensors" for f in spec.budgets]
+    from privlora.captions import read_lora_metadata
+
+    steps = int(read_lora_metadata(job.out / f"{job.name}.safetensors")["ss_steps"])
+    wanted = sorted({max(1, round(f * steps)) for f in spec.budgets})
+    files = [job.out / f"{job.name}-step{s:06d}.safetensors" for s in wanted]
+    if len(wanted) != len(spec.budgets) or any(s >= steps for s in wanted):
+        raise PrivloraError(f"--budgets {spec.budgets}: the {steps}-step plain LoRA run has too few steps for "
+                            "distinct budget checkpoints; train longer or give fewer budgets")
+    missing = [p.name for p in files if not p.is_file()]
+    if missing:
+        raise PrivloraError(f"{job.out}: budget checkpoints {', '.join(missing)} are missing")
+    return files
+
+
+def budget_steps(lora: Path) -> int | None:
+    """The optimizer steps a checkpoint was trained for (its ss_steps), for the table's budget rows."""
+    from privlora.captions import read_lora_metadata
+
+    steps = read_lora_metadata(lora).get("ss_steps")
+    return int(steps) if steps and steps.isdigit() else None
 
 
 def job_config(spec: BenchSpec, job: Job):
@@ -536,6 +564,8 @@ def build_table(spec: BenchSpec, jobs: list[Job], report: dict, quality: dict, b
     add_verdicts(rows, frontier_names, defences)
     for j in jobs:
         rows[j.name]["train_seconds"] = json.loads((j.out / "train_time.json").read_text())["seconds"]
+    for path in [*budgets, next(j for j in main if j.run == base).out / f"{base}.safetensors"]:
+        rows[path.stem]["steps"] = budget_steps(path)
     shown = {n: rows[n] for n in ["base", *frontier_names[1:], *defences]}
     table = {"settings": {**{k: v for k, v in asdict(spec).items() if k not in ("out", "runs")},
                           "out": str(spec.out), "runs": spec.runs,

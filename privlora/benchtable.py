@@ -99,8 +99,9 @@ def format_table(table: dict) -> str:
             frontier = f"{r['frontier_verdict']} (frontier AUC {r['frontier_auc_at_same_loss']:.3f})"
         if "above_frontier" in r and math.isinf(r["frontier_auc_at_same_loss"]):
             frontier = "above (more useful than every baseline point)"
-        label = f"{name} (DP guarantee VOID: reproducible noise)" if (r.get("dp_guarantee") or "").startswith(
-            "void") else name
+        label = f"{name} ({r['steps']} steps)" if r.get("steps") else name
+        if (r.get("dp_guarantee") or "").startswith("void"):
+            label += " (DP guarantee VOID: reproducible noise)"
         lines.append(
             f"| {label} | {auc.get('loss', float('nan')):.3f} | {auc.get('ref_loss', float('nan')):.3f} "
             f"| {r['best_auc']:.3f} ({r['best_attack']}) | {r['best_tpr_at_1pct_fpr']:.3f} | {r['heldout_loss']:.4f} "

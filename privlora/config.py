@@ -135,6 +135,7 @@ class TrainConfig:
     save_format: str = "kohya"  # kohya | diffusers
     save_every_n_epochs: int | None = None
     save_every_n_steps: int | None = None
+    save_at_fractions: list[float] | None = None  # also save -stepNNNNNN files at these fractions of the run's steps
     save_state: bool = False
     state_every_n_epochs: int | None = None  # a resumable state (no LoRA file) every N epochs: a crash loses ≤ N
     resume: str | None = None
@@ -184,6 +185,8 @@ class TrainConfig:
             raise bad(f"canaries {self.canaries}: give 0 (none) or at least 2")
         if self.canaries and self.canary_source != "generated" and not Path(self.canary_source).exists():
             raise bad(f"canary_source {self.canary_source}: no such folder (or use \"generated\")")
+        if self.save_at_fractions and not all(0 < f < 1 for f in self.save_at_fractions):
+            raise bad(f"save_at_fractions {self.save_at_fractions}: each must lie strictly between 0 and 1")
         if self.state_every_n_epochs is not None and self.state_every_n_epochs < 1:
             raise bad("state_every_n_epochs must be ≥ 1")
         if self.sample_every_n_epochs and not self.sample_prompts:
@@ -239,10 +242,10 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             if str(value).lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError
-        if "list[int]" in hint:
+        if "list[int]" in hint or "list[float]" in hint:
             if isinstance(value, str):
                 value = [v for v in value.replace(",", " ").split() if v]
-            return [int(v) for v in value]
+            return [int(v) if "list[int]" in hint else float(v) for v in value]
         if "int" in hint and "float" not in hint:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError

@@ -140,7 +140,9 @@ def after_step(run: Run, progress: Progress, logs: dict, bar) -> None:
         run.accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=progress.step)
     bar.update(1)
     bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("L_ada", "L_adv", "L_distill", "attacker_loss")})
-    if cfg.save_every_n_steps and progress.step % cfg.save_every_n_steps == 0 and progress.step < run.max_steps:
+    if progress.step < run.max_steps and (
+            (cfg.save_every_n_steps and progress.step % cfg.save_every_n_steps == 0)
+            or progress.step in fraction_steps(cfg.save_at_fractions, run.max_steps)):
         save_point(run, progress, f"{cfg.output_name}-step{progress.step:06d}")
 
 
@@ -174,12 +176,19 @@ def end_epoch(run: Run, progress: Progress, logs: dict, bar) -> None:
         save_state(run, progress)
 
 
+def fraction_steps(fractions: list[float] | None, max_steps: int) -> set[int]:
+    """The steps at these fractions of the run (each at least 1): where ``save_at_fractions`` saves."""
+    return {max(1, round(f * max_steps)) for f in fractions or ()}
+
+
 def due(epoch: int, every: int | None) -> bool:
     return every is not None and every > 0 and epoch % every == 0
 
 
 def save_point(run: Run, progress: Progress, name: str) -> None:
-    """An intermediate LoRA file, plus a resumable state when --save_state is on."""
+    """An intermediate LoRA file (its metadata names its step and epoch, as kohya's do), plus a resumable state
+    when --save_state is on."""
+    run.metadata.update(ss_steps=str(progress.step), ss_epoch=str(progress.epoch))
     save_lora(run, name)
     if run.cfg.save_state:
         save_state(run, progress)

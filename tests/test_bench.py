@@ -117,11 +117,20 @@ def test_a_bad_run_setting_stops_the_bench_before_any_training(tmp_path, capsys)
     assert not (tmp_path / "o" / "lora").exists()
 
 
-def test_budgets_must_fall_inside_the_run(tmp_path):
-    spec = BenchSpec(out=tmp_path, runs=check_runs({"lora": {}}, "t"), budgets=[0.01],
-                     train_overrides={"synthetic_images": 40, "max_train_epochs": 10})
-    with pytest.raises(PrivloraError, match="strictly inside"):
-        jobs_for(spec)
+def test_budgets_are_fractions_and_fall_back_to_steps_when_the_epochs_are_too_few(tmp_path):
+    def baseline(budgets, epochs):
+        spec = BenchSpec(out=tmp_path, runs=check_runs({"lora": {}}, "t"), budgets=budgets,
+                         train_overrides={"synthetic_images": 40, "max_train_epochs": epochs})
+        return jobs_for(spec)[0].overrides
+
+    with pytest.raises(PrivloraError, match="strictly between 0 and 1"):
+        baseline([0.5, 1.5], 10)
+    ten = baseline([0.1, 0.25, 0.5], 10)
+    assert ten["save_every_n_epochs"] == 1 and "save_at_fractions" not in ten
+    for epochs in (4, 1):  # 0.1 of 4 epochs rounds to 0; 1 epoch has no epoch inside it
+        few = baseline([0.1, 0.25, 0.5], epochs)
+        assert few["save_at_fractions"] == [0.1, 0.25, 0.5] and "save_every_n_epochs" not in few
+    assert "save_at_fractions" in baseline([0.01], 10)
 
 
 # --- the recommendation -----------------------------------------------------------------------------------
@@ -287,3 +296,19 @@ def test_parallel_trainings_give_the_serial_table(toy, tmp_path, capsys):
     assert (tmp_path / "jobs2" / "smp_lora" / "train.log").is_file()  # trained in a child process
     assert json.loads((tmp_path / "jobs2" / "audit" / "report.json").read_text())["settings"]["processes"] == 2
     assert "processes" not in json.loads((tmp_path / "jobs1" / "audit" / "report.json").read_text())["settings"]
+
+
+@pytest.mark.slow
+def test_default_budgets_run_on_a_one_epoch_run_with_step_checkpoints(toy, tmp_path, capsys):
+    """The issue's failing command: default budgets (0.1, 0.25, 0.5) with too few epochs for epoch checkpoints."""
+    out = tmp_path / "bench"
+    args = [a for a in TOY if a not in ("--budgets", "0.5")]
+    args[args.index("--max_train_epochs") + 1] = "1"
+    assert main(["bench", "--out", str(out), "--train_data_dir", str(toy["kohya"]), "--preset", toy["preset"],
+                 "--methods", "lora", *args, "--train_batch_size", "1"]) == 0, capsys.readouterr().err
+    table = json.loads((out / "table.json").read_text())
+    steps = table["rows"]["lora"]["steps"]  # 18 training images at batch 1: 18 steps
+    budget_rows = table["frontier"][1:-1]
+    assert budget_rows == [f"lora-step{max(1, round(f * steps)):06d}" for f in (0.1, 0.25, 0.5)]
+    assert [table["rows"][n]["steps"] for n in budget_rows] == [max(1, round(f * steps)) for f in (0.1, 0.25, 0.5)]
+    assert f"lora-step{round(0.5 * steps):06d} ({round(0.5 * steps)} steps)" in (out / "table.md").read_text()
