@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
-from privlora.benchtable import add_verdicts, format_extras, format_table, model_row, recommend, seed_spread
+from privlora.benchtable import (add_verdicts, format_extras, format_table, model_row, recommend, recommendation,
+                                 seed_spread)
 from privlora.errors import PrivloraError
 from privlora.io import write_bytes, write_json, write_text
 
@@ -351,15 +352,19 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict:
     canonical = [j.out / f"{j.name}.safetensors" for j in main_jobs]
     extra = [j.out / f"{j.name}.safetensors" for j in jobs if j.seed_index > 0]
     cfg = job_config(spec, baseline)
-    loras = canonical + budgets + extra
+    chosen = aux_selection(spec, baseline, log)  # on the aux roles only, before any test role is audited
+    wall.done("selection")
+    pick = chosen["choice"].get("path")
+    extra_pick = [Path(pick)] if pick and Path(pick) not in canonical + budgets else []
+    loras = canonical + budgets + extra_pick + extra
     log(f"auditing {len(loras)} LoRAs and the base model with {', '.join(spec.attacks)}")
     report = audit(spec, cfg, baseline.out / "splits.json", loras)
     wall.done("audit")
-    quality = utility_quality(spec, cfg, baseline.out / "splits.json", canonical + budgets)
+    quality = utility_quality(spec, cfg, baseline.out / "splits.json", canonical + budgets + extra_pick)
     wall.done("quality")
-    selection = aux_selection(spec, baseline, report, log)
-    wall.done("selection")
-    table = build_table(spec, jobs, report, quality, budgets, selection)
+    selection = compare_selection(chosen, report)
+    points = sorted(budgets + extra_pick, key=lambda p: budget_steps(p) or 0)  # the train-less points in order
+    table = build_table(spec, jobs, report, quality, points, selection)
     table["wall_seconds"] = wall.seconds
     write_outputs(spec, table, {j.run: history(j) for j in sorted(main_jobs, key=lambda j: j.run != base)})
     return table
@@ -522,8 +527,9 @@ def _png(image) -> bytes:
     return buf.getvalue()
 
 
-def aux_selection(spec: BenchSpec, baseline: Job, report: dict, log) -> dict | None:
-    """``privlora select`` on the baseline's checkpoints, compared with the test-role audit of the same models."""
+def aux_selection(spec: BenchSpec, baseline: Job, log) -> dict:
+    """``privlora select`` on the baseline's checkpoints (aux roles only); a bound the aux roles cannot support is
+    recorded as a refusal, not an error: the table then says why there is no recommendation."""
     from privlora.select import SelectConfig, select
 
     done = baseline.out / "select.json"
@@ -534,9 +540,19 @@ def aux_selection(spec: BenchSpec, baseline: Job, report: dict, log) -> dict | N
     final = baseline.out / f"{baseline.name}.safetensors"
     if result is None or result["settings"] != settings or done.stat().st_mtime_ns < final.stat().st_mtime_ns:
         log(f"privacy-aware selection of {baseline.name}'s checkpoints on the aux roles")
-        result = select(SelectConfig(str(baseline.out), spec.max_auc, spec.max_tpr_at_1fpr, list(spec.select_attacks),
-                                     settings["seed"], spec.n_bootstrap, True, jobs=spec.jobs,
-                                     threads_per_job=spec.threads_per_job), log=log)
+        try:
+            result = select(SelectConfig(str(baseline.out), spec.max_auc, spec.max_tpr_at_1fpr,
+                                         list(spec.select_attacks), settings["seed"], spec.n_bootstrap, True,
+                                         jobs=spec.jobs, threads_per_job=spec.threads_per_job), log=log)
+        except PrivloraError as e:
+            log(f"selection refused: {e}")
+            return {"settings": settings, "refused": str(e), "checkpoints": {},
+                    "choice": {"model": None, "path": None, "reason": f"select refused: {e}"}}
+    return result
+
+
+def compare_selection(result: dict, report: dict) -> dict:
+    """The aux-only estimates next to the test-role audit of the same checkpoints."""
     test = {m["name"]: m for m in report["models"]}
     rows = {}
     for name, est in result["checkpoints"].items():
@@ -545,9 +561,11 @@ def aux_selection(spec: BenchSpec, baseline: Job, report: dict, log) -> dict | N
         t = model_row(test[name], {})
         same = [t["auc"][a] for a in result["settings"]["attacks"] if a in t["auc"]]
         rows[name] = {"aux_best_auc": est["best_auc"], "aux_best_attack": est["best_attack"],
-                      "aux_heldout_loss": est["heldout_loss"], "test_auc_same_attacks": max(same) if same else None,
+                      "aux_auc_upper": est.get("auc_upper"), "aux_heldout_loss": est["heldout_loss"],
+                      "test_auc_same_attacks": max(same) if same else None,
                       "test_best_auc": t["best_auc"], "test_heldout_loss": t["heldout_loss"]}
-    return {"attacks": result["settings"]["attacks"], "choice": result["choice"], "rows": rows}
+    return {"attacks": result["settings"]["attacks"], "choice": result["choice"], "rows": rows,
+            "refused": result.get("refused")}
 
 
 def job_seed(spec: BenchSpec, job: Job) -> int:
@@ -572,7 +590,9 @@ def build_table(spec: BenchSpec, jobs: list[Job], report: dict, quality: dict, b
                           "resolved": {j.name: _resolved(spec, j) for j in jobs}},
              "rows": shown, "frontier": frontier_names, "audit": str(Path("audit") / "report.md"),
              "date": time.strftime("%Y-%m-%d"), "machine": machine(spec),
-             "recommendation": recommend(shown, spec.max_auc, spec.max_tpr_at_1fpr),
+             "recommendation": recommendation(shown, selection),
+             "oracle": {**recommend(shown, spec.max_auc, spec.max_tpr_at_1fpr),
+                        "note": "chosen on the test roles: for reference only, never a recommendation"},
              "selection": selection}
     if spec.seeds and len(spec.seeds) > 1:
         by_run = {run: [rows[j.name] for j in jobs if j.run == run] for run in spec.runs}

@@ -70,6 +70,20 @@ def recommend(rows: dict[str, dict], max_auc: float, max_tpr_at_1fpr: float) -> 
             "reason": f"the lowest held-out loss among the {len(ok)} model(s) with {bound}"}
 
 
+def recommendation(rows: dict[str, dict], selection: dict | None) -> dict:
+    """The one recommendation: the aux-only choice (``privlora select``), with its test-role numbers from the table
+    — never a choice made on the test roles."""
+    choice = (selection or {}).get("choice") or {}
+    name = choice.get("model")
+    if not name:
+        return {"model": None, "chosen_on": "aux roles only (privlora select)",
+                "reason": choice.get("reason") or "no aux-only selection was run"}
+    r = rows.get(name, {})
+    return {"model": name, "chosen_on": "aux roles only (privlora select)", "best_auc": r.get("best_auc"),
+            "best_tpr_at_1pct_fpr": r.get("best_tpr_at_1pct_fpr"), "heldout_loss": r.get("heldout_loss"),
+            "reason": f"{choice.get('reason')}; its test-role numbers are its row in the table"}
+
+
 def seed_spread(rows_by_seed: dict[str, list[dict]]) -> dict[str, dict]:
     """Per run: mean and sample standard deviation of best AUC, loss AUC and held-out loss over its seeds."""
     out = {}
@@ -115,7 +129,11 @@ def format_extras(table: dict) -> str:
     rec = table.get("recommendation")
     if rec:
         what = f"**{rec['model']}**" if rec["model"] else "**none**"
-        parts.append(f"Recommendation: {what} — {rec['reason']}.")
+        parts.append(f"Recommendation (chosen on the aux roles only): {what} — {rec['reason']}.")
+    oracle = table.get("oracle")
+    if oracle and oracle.get("model"):
+        parts.append(f"Oracle, for reference only (chosen on the test roles, which a real user does not have): "
+                     f"{oracle['model']} — {oracle['reason']}.")
     wall = table.get("wall_seconds")
     if wall:
         jobs = (table.get("settings") or {}).get("jobs", 1)
@@ -139,9 +157,13 @@ def format_extras(table: dict) -> str:
                          f"| {_num(r['test_best_auc'])} | {_num(r['aux_heldout_loss'], '.4f')} "
                          f"| {_num(r['test_heldout_loss'], '.4f')} |")
         choice = selection["choice"]["model"] or "none"
-        parts.append(f"Privacy-aware checkpoint selection on the aux roles only ({', '.join(selection['attacks'])}; "
-                     f"`privlora select`), against the test-role audit of the same checkpoints; "
-                     f"choice under the bound: **{choice}**:\n\n" + "\n".join(lines))
+        if selection.get("refused"):
+            parts.append(f"Privacy-aware checkpoint selection on the aux roles refused: {selection['refused']}")
+        else:
+            parts.append(f"Privacy-aware checkpoint selection on the aux roles only "
+                         f"({', '.join(selection['attacks'])}; `privlora select`, deciding on 95 % upper bounds), "
+                         f"against the test-role audit of the same checkpoints; choice under the bound: "
+                         f"**{choice}**:\n\n" + "\n".join(lines))
     return "\n\n".join(parts)
 
 

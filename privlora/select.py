@@ -5,9 +5,17 @@ aux role is split in two seeded halves: the first halves fit the attacks that le
 second halves are scored (member_aux half vs nonmember_aux half). Utility is the held-out denoising loss on
 the scored nonmember_aux half. The audit runs on a derived manifest that lists the aux images only, so no
 test-role image is ever opened, hashed or queried.
+
+It decides on upper confidence bounds, not point estimates: a checkpoint qualifies when the upper end of the 95 %
+bootstrap interval of every attack's AUC — two-sided: max(upper, 1 − lower), since an inverted attack leaks too — is
+≤ ``max_auc`` and, with a TPR bound, the Clopper–Pearson upper limit of every TPR@1%FPR is ≤ ``max_tpr_at_1fpr``.
+Before any audit it refuses, in one line, a bound the aux set cannot support: one that even a model at chance would
+fail at this many scored images (the AUC's null standard error, Hanley & McNeil), or a TPR bound at a 1 % FPR that
+the scored non-members cannot resolve or that zero caught members could not meet.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,6 +27,8 @@ from privlora.errors import PrivloraError
 from privlora.io import write_json
 
 DEFAULT_SELECT_ATTACKS = ("loss", "ref_loss")
+Z95 = 1.959964  # the two-sided 95 % normal quantile
+MIN_BOOTSTRAP = 50  # the AUC's upper bound is a bootstrap percentile: too few resamples make it noise
 _CHECKPOINT = r"^{name}(?:-e(?P<epoch>\d{{4,}})|-step(?P<step>\d{{6,}}))?\.safetensors$"
 
 
@@ -90,7 +100,6 @@ def select(cfg: SelectConfig, log=print) -> dict:
     """Estimate every checkpoint's leakage and utility on the aux roles; write and return select.json's content."""
     from privlora.attacks import parse_attack_names
     from privlora.audit import AuditConfig, run_audit
-    from privlora.benchtable import model_row, recommend
 
     run_dir = Path(cfg.run_dir)
     settings = run_settings(run_dir)
@@ -103,6 +112,8 @@ def select(cfg: SelectConfig, log=print) -> dict:
     if not checkpoints:
         raise PrivloraError(f"{run_dir}: no LoRA checkpoints named "
                             f"{settings.get('output_name')}[-eNNNN|-stepNNNNNN].safetensors")
+    scored = scored_sizes(run_dir / "splits.json")
+    check_support(cfg, *scored, run_dir / "splits.json")
     work = run_dir / "select"
     manifest = aux_manifest(run_dir / "splits.json", work / "aux_splits.json", cfg.seed)
     report = run_audit(AuditConfig(
@@ -111,20 +122,112 @@ def select(cfg: SelectConfig, log=print) -> dict:
         loras=[str(p) for p in checkpoints], attacks=attacks, include_base=cfg.include_base, seed=cfg.seed,
         n_bootstrap=cfg.n_bootstrap, resolution=settings.get("resolution"), config_dir=settings.get("config_dir"),
         clip_skip=settings.get("clip_skip"), jobs=cfg.jobs, threads_per_job=cfg.threads_per_job), log=log)
-    rows = {m["name"]: model_row(m, {}) for m in report["models"]}
-    choice = recommend(rows, cfg.max_auc, cfg.max_tpr_at_1fpr)
+    rows = {m["name"]: estimate(m) for m in report["models"]}
+    choice = choose(rows, cfg.max_auc, cfg.max_tpr_at_1fpr)
     paths = {p.stem: str(p) for p in checkpoints}
     result = {
         "run_dir": str(run_dir), "estimated_on": "aux roles only: first halves fit, second halves scored",
+        "scored": {"member_aux": scored[0], "nonmember_aux": scored[1]},
         "settings": {"max_auc": cfg.max_auc, "max_tpr_at_1fpr": cfg.max_tpr_at_1fpr, "attacks": attacks,
                      "seed": cfg.seed, "n_bootstrap": cfg.n_bootstrap, "include_base": cfg.include_base},
-        "checkpoints": {name: {"path": paths.get(name), "auc": r["auc"], "best_attack": r["best_attack"],
-                               "best_auc": r["best_auc"], "best_tpr_at_1pct_fpr": r["best_tpr_at_1pct_fpr"],
-                               "heldout_loss": r["heldout_loss"]} for name, r in rows.items()},
+        "decides_on": "upper 95 % bounds: the two-sided bootstrap AUC bound of every attack and the "
+                      "Clopper–Pearson upper limit of every TPR@1%FPR",
+        "checkpoints": {name: {"path": paths.get(name), **r} for name, r in rows.items()},
         "choice": {**choice, "path": paths.get(choice["model"]) if choice["model"] else None},
     }
     write_json(Path(cfg.out) if cfg.out else run_dir / "select.json", result)
     return result
+
+
+def scored_sizes(splits_file: Path) -> tuple[int, int]:
+    """(members, non-members) the aux-only estimate scores: the second halves of member_aux and nonmember_aux."""
+    from privlora.data.splits import _load_manifest
+
+    roles = _load_manifest(splits_file)["roles"]
+    sizes = [len(roles.get(r) or []) for r in ("member_aux", "nonmember_aux")]
+    return sizes[0] - sizes[0] // 2, sizes[1] - sizes[1] // 2
+
+
+def null_auc_upper(n_member: int, n_nonmember: int) -> float:
+    """The 95 % upper bound a model at chance (AUC 0.5) would show: 0.5 + z·SE₀, Hanley & McNeil's null SE."""
+    return 0.5 + Z95 * math.sqrt((n_member + n_nonmember + 1) / (12 * n_member * n_nonmember))
+
+
+def aux_needed_for_auc(max_auc: float) -> int | None:
+    """Images per aux role (twice the scored half) at which a chance-level model can meet ``max_auc``."""
+    if max_auc <= 0.5:
+        return None
+    n = 2
+    while null_auc_upper(n, n) > max_auc:
+        n += 1
+    return 2 * n
+
+
+def members_needed_for_tpr(max_tpr: float) -> int:
+    """Scored members at which zero caught members give a Clopper–Pearson upper limit ≤ ``max_tpr``."""
+    return math.ceil(math.log(0.025) / math.log(1 - max_tpr)) if max_tpr < 1 else 1
+
+
+def check_support(cfg: SelectConfig, n_member: int, n_nonmember: int, splits_file: Path) -> None:
+    """Refuse, in one line and before any audit, a bound these aux roles cannot support."""
+    from privlora.attacks.metrics import FPR_TARGETS, nonmembers_needed
+
+    if cfg.n_bootstrap < MIN_BOOTSTRAP:
+        raise PrivloraError(f"select decides on bootstrap upper bounds: --n_bootstrap {cfg.n_bootstrap} is below "
+                            f"{MIN_BOOTSTRAP}")
+    where = f"{splits_file}: select scores {n_member} member_aux vs {n_nonmember} nonmember_aux images (half of each)"
+    chance = null_auc_upper(n_member, n_nonmember)
+    if chance > cfg.max_auc:
+        need = aux_needed_for_auc(cfg.max_auc)
+        raise PrivloraError(f"{where}; even a model at chance has a 95 % AUC upper bound of {chance:.3f} > --max_auc "
+                            f"{cfg.max_auc:g} there: " + (f"needs ≥ {need} images in each aux role (member_aux, "
+                                                          f"nonmember_aux), or --max_auc ≥ {chance:.3f}"
+                                                          if need else "no aux size supports a bound ≤ 0.5"))
+    if cfg.max_tpr_at_1fpr < 1:
+        needs_nm = nonmembers_needed(FPR_TARGETS["tpr_at_1pct_fpr"])
+        needs_m = members_needed_for_tpr(cfg.max_tpr_at_1fpr)
+        if n_nonmember < needs_nm or n_member < needs_m:
+            levels = [f"{t:g}" for t in FPR_TARGETS.values() if n_nonmember >= nonmembers_needed(t)]
+            lowest = f"{100 * float(levels[-1]):g} %" if levels else "none of 5 %, 1 %, 0.1 %"
+            raise PrivloraError(
+                f"{where}; --max_tpr_at_1fpr {cfg.max_tpr_at_1fpr:g} needs ≥ {needs_nm} scored non-members to resolve "
+                f"a 1 % FPR and ≥ {needs_m} scored members for a Clopper–Pearson upper limit that low, i.e. ≥ "
+                f"{2 * max(needs_nm, needs_m)} images in each aux role; the lowest standard FPR level these aux roles "
+                f"resolve is {lowest} (1/{n_nonmember} ≈ {100 / n_nonmember:.1f} % is the lowest FPR they measure)")
+
+
+def estimate(model: dict) -> dict:
+    """One checkpoint's aux-only estimate: per attack the AUC and its interval; the worst two-sided upper bound and
+    the worst TPR@1%FPR upper limit over the held-out attacks; utility from the loss scores."""
+    results = {a: r for a, r in model["results"].items() if (r.get("details") or {}).get("held_out", True)}
+    upper = {a: max(r["ci95"]["auc"][1], 1 - r["ci95"]["auc"][0]) for a, r in results.items()}
+    tpr_upper = [(r.get("tpr_cp95") or {}).get("tpr_at_1pct_fpr") for r in results.values()]
+    best = max(upper, key=lambda a: upper[a])
+    return {"auc": {a: r["auc"] for a, r in results.items()},
+            "auc_ci95": {a: r["ci95"]["auc"] for a, r in results.items()},
+            "best_attack": best, "best_auc": results[best]["auc"], "auc_upper": upper[best],
+            "best_tpr_at_1pct_fpr": max(r["tpr_at_1pct_fpr"] for r in results.values()),
+            "tpr_upper": None if any(t is None for t in tpr_upper) else max(t[1] for t in tpr_upper if t),
+            "heldout_loss": -float(np.mean(model["scores"]["loss"]["nonmember_test"]))}
+
+
+def choose(rows: dict[str, dict], max_auc: float, max_tpr_at_1fpr: float) -> dict:
+    """The most useful checkpoint (lowest held-out loss) whose upper bounds meet the bound; ties to the lower AUC
+    bound. ``model`` is None when none does."""
+    def meets(r: dict) -> bool:
+        tpr_ok = max_tpr_at_1fpr >= 1 or (r["tpr_upper"] is not None and r["tpr_upper"] <= max_tpr_at_1fpr)
+        return r["auc_upper"] <= max_auc and tpr_ok
+
+    bound = f"95 % upper bounds: AUC ≤ {max_auc:g}" + (
+        f" and TPR@1%FPR ≤ {max_tpr_at_1fpr:g}" if max_tpr_at_1fpr < 1 else "")
+    ok = {name: r for name, r in rows.items() if meets(r)}
+    if not ok:
+        return {"model": None, "reason": f"no checkpoint meets {bound}"}
+    name = min(ok, key=lambda n: (ok[n]["heldout_loss"], ok[n]["auc_upper"], n))
+    r = ok[name]
+    return {"model": name, "best_auc": r["best_auc"], "auc_upper": r["auc_upper"], "tpr_upper": r["tpr_upper"],
+            "heldout_loss": r["heldout_loss"],
+            "reason": f"the lowest held-out loss among the {len(ok)} checkpoint(s) whose {bound}"}
 
 
 def dp_guarantee(run_dir: Path, settings: dict) -> str | None:
@@ -201,10 +304,12 @@ def format_selection(result: dict) -> str:
         lines = ["| checkpoint | held-out loss on nonmember_aux |", "|---|---|"]
         lines += [f"| {name} | {r['heldout_loss']:.4f} |" for name, r in result["checkpoints"].items()]
         return "\n".join(lines) + f"\n\nchoice: {result['choice']['model']} — {result['choice']['reason']}"
-    lines = ["| checkpoint | est. best AUC (attack) | est. TPR@1%FPR | est. held-out loss |", "|---|---|---|---|"]
+    lines = ["| checkpoint | est. best AUC (attack) | its 95 % upper bound (two-sided) | est. TPR@1%FPR "
+             "| its upper limit | est. held-out loss |", "|---|---|---|---|---|---|"]
     for name, r in result["checkpoints"].items():
-        lines.append(f"| {name} | {r['best_auc']:.3f} ({r['best_attack']}) | {r['best_tpr_at_1pct_fpr']:.3f} "
-                     f"| {r['heldout_loss']:.4f} |")
+        tpr_up = "n/e" if r["tpr_upper"] is None else f"{r['tpr_upper']:.3f}"
+        lines.append(f"| {name} | {r['best_auc']:.3f} ({r['best_attack']}) | {r['auc_upper']:.3f} "
+                     f"| {r['best_tpr_at_1pct_fpr']:.3f} | {tpr_up} | {r['heldout_loss']:.4f} |")
     choice = result["choice"]
     lines.append(f"\nchoice: {choice['model'] or 'none'} — {choice['reason']}")
     return "\n".join(lines)

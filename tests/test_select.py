@@ -5,6 +5,8 @@ from pathlib import Path
 import PIL.Image
 import pytest
 
+from privlora.errors import PrivloraError
+
 from privlora.cli import main
 from privlora.config import build_config
 from privlora.select import aux_manifest, list_checkpoints
@@ -71,9 +73,9 @@ def test_select_never_reads_a_test_image_and_picks_the_most_useful_checkpoint_un
     est = result["checkpoints"]
     assert list(est) == ["base", "toy-e0002", "toy"]
     assert result["choice"]["model"] == min(est, key=lambda n: est[n]["heldout_loss"])  # every model under AUC 1.0
-    tight = min(r["best_auc"] for r in est.values())
-    assert main(["select", str(run_dir), "--max_auc", str(tight), "--attacks", "loss,mlp"]) == 0
-    assert json.loads((run_dir / "select.json").read_text())["choice"]["best_auc"] <= tight
+    assert result["scored"] == {"member_aux": 3, "nonmember_aux": 3}
+    assert all(r["auc_upper"] >= max(r["auc_ci95"][a][1] for a in r["auc_ci95"]) for r in est.values())
+    assert result["decides_on"].startswith("upper 95 % bounds")
 
 
 @pytest.mark.slow
@@ -113,3 +115,43 @@ def test_select_on_a_dp_run_uses_nonmember_data_only_and_says_so(tmp_path, monke
     assert list(est) == ["base", "dp-e0001", "dp"]
     assert result["choice"]["model"] == min(est, key=lambda n: est[n]["heldout_loss"])
     assert "post-processing" in result["choice"]["reason"] and "nonmember_aux" in out.out
+
+
+def test_a_tpr_bound_the_aux_roles_cannot_support_is_refused_in_one_line_before_any_audit(run_dir, capsys):
+    select_json = run_dir / "select.json"
+    before = select_json.stat().st_mtime_ns if select_json.exists() else None
+    assert main(["select", str(run_dir), "--max_auc", "1.0", "--max_tpr_at_1fpr", "0.03"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "3 member_aux vs 3 nonmember_aux" in err
+    assert "≥ 100 scored non-members" in err and "≥ 122 scored members" in err and "≥ 244 images in each aux role" in err
+    assert "the lowest standard FPR level these aux roles resolve is none" in err
+    assert (select_json.stat().st_mtime_ns if select_json.exists() else None) == before  # nothing was run or written
+
+
+def test_64_plus_64_aux_images_refuse_a_3_percent_tpr_bound_and_name_what_would_do():
+    from privlora.select import SelectConfig, check_support
+
+    cfg = SelectConfig("run", max_auc=0.75, max_tpr_at_1fpr=0.03)
+    with pytest.raises(PrivloraError) as e:
+        check_support(cfg, 32, 32, Path("splits.json"))
+    assert "≥ 244 images in each aux role" in str(e.value) and "resolve is 5 % (1/32 ≈ 3.1 %" in str(e.value)
+    check_support(SelectConfig("run", max_auc=0.75), 32, 32, Path("splits.json"))  # AUC alone: supported
+    check_support(SelectConfig("run", max_auc=0.6, max_tpr_at_1fpr=0.03), 122, 122, Path("splits.json"))
+    with pytest.raises(PrivloraError, match="needs ≥ 130 images in each aux role"):  # 0.6 needs 65 vs 65 scored
+        check_support(SelectConfig("run", max_auc=0.6), 32, 32, Path("splits.json"))
+
+
+def test_select_decides_on_upper_bounds_not_point_estimates():
+    from privlora.select import choose
+
+    def est(auc, upper, tpr_upper, loss):
+        return {"best_auc": auc, "auc_upper": upper, "tpr_upper": tpr_upper, "heldout_loss": loss}
+
+    rows = {"base": est(0.50, 0.56, 0.01, 0.130),
+            "e0010": est(0.55, 0.59, 0.02, 0.080),
+            "e0020": est(0.57, 0.66, 0.02, 0.070),  # point estimate under 0.6, upper bound over: rejected
+            "final": est(0.58, 0.59, 0.06, 0.060)}  # AUC fine, TPR upper limit over the bound: rejected
+    choice = choose(rows, 0.6, 0.05)
+    assert choice["model"] == "e0010" and choice["auc_upper"] == 0.59
+    assert choose(rows, 0.6, 1.0)["model"] == "final"  # no TPR bound asked for
+    assert choose(rows, 0.5, 1.0)["model"] is None
