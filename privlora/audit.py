@@ -65,6 +65,9 @@ class AuditConfig:
     # run folder's canaries.json (the bench: every run drew its own coins), LoRAs without one skipped
     canaries: str | None = None
     canary_attack: str = "ref_loss"  # a single-model attack that fits nothing (loss, ref_loss, secmi, pia)
+    shadows: int = 0  # lira / lira_offline: shadow LoRAs per audited LoRA's settings (privlora.shadows)
+    shadow_dir: str | None = None  # where shadows are cached and reused; default <out>/shadows
+    shadow_method: str | None = None  # train the shadows with this method (e.g. lora) instead of the run's own
     jobs: int = 1  # on a CPU: the models split between this many worker processes (same numbers, less wall time)
     threads_per_job: int | None = None  # torch threads of each worker; default: cores // jobs
 
@@ -90,6 +93,7 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
     out = _check_settings(cfg)
     lora_files = [check_lora_file(p) for p in cfg.loras]
     splits = read_manifest(cfg.splits)  # verifies every image's hash; every role must be non-empty
+    shadow_sets = shadows_for(cfg, names, lora_files, out, log)  # trained (or found) before any part starts
     parts = _parts(cfg, lora_files)
     if parts:
         from privlora.audit_parts import run_in_parts
@@ -97,6 +101,7 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
 
         report, plot = run_in_parts(cfg, lora_files, parts, threads_for(cfg.jobs, cfg.threads_per_job), log)
         _log_decisions(plot["results"], log)
+        _add_shadow_report(report, shadow_sets)
         return _write_report(out, report, plot["scores"], plot["results"], plot["skipped"], log)
     base = load_base(cfg.pretrained_model_name_or_path, config_dir=cfg.config_dir)
     attacks = build_attacks(names, cfg.attack_params)  # prototypes: parameters, checks and query counts
@@ -109,10 +114,13 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
     roles = TEST_ROLES + (AUX_ROLES if any(a.fits for a in attacks) else ())
     chosen = select_samples(splits, roles, cfg.max_samples, cfg.seed)
 
-    with loaded_loras(base, lora_files) as (switch, adapters):
-        models = _models(base, lora_files, adapters, cfg, resolution)
+    shadow_files = list(dict.fromkeys(f for s in shadow_sets.values() for f in s.files))
+    with loaded_loras(base, lora_files + shadow_files) as (switch, adapters):
+        models = _models(base, lora_files, adapters[:len(lora_files)], cfg, resolution)
         batches = encode_batches(base, splits, chosen, resolution, cfg.center_crop, device, cfg.batch_size)
         targets = _targets(base, models, switch, cfg, device)
+        attach_shadows(base, models, targets, shadow_sets, dict(zip(shadow_files, adapters[len(lora_files):])),
+                       switch, cfg, device)
         log("UNet queries per sample: " + ", ".join(f"{a.name} {a.queries_per_sample()}" for a in attacks)
             + " (loss, ref_loss and mlp share theirs; ref_loss's base half is run once per audit)")
         runs = run_attacks(models, targets, names, cfg, batches)
@@ -127,6 +135,7 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
     for model in report["models"]:
         if model["name"] in canary:
             model["canary_audit"] = canary[model["name"]]
+    _add_shadow_report(report, shadow_sets)
     return _write_report(out, report, runs.scores, results, runs.skipped, log)
 
 
@@ -499,7 +508,9 @@ def build_report(cfg: AuditConfig, base, splits: Splits, chosen: dict, models: l
                        "loss_quantity": "epsilon" if base.prediction_type == "epsilon" else
                        "v (loss/ref_loss/mlp/clid use the v-target training loss; secmi/pia convert v to epsilon)"},
         "data": {"manifest": str(cfg.splits), "roles_in_manifest": {r: len(e) for r, e in splits.items()},
-                 "used": {r: len(e) for r, e in chosen.items()}, "max_samples": cfg.max_samples},
+                 "used": {r: len(e) for r, e in chosen.items()}, "max_samples": cfg.max_samples,
+                 # in score order; with a shadow attack the report names the most exposed members: keep it private
+                 **({"member_test_paths": [str(e.path) for e in chosen["member_test"]]} if cfg.shadows else {})},
         "settings": {"resolution": resolution, "center_crop": cfg.center_crop, "batch_size": cfg.batch_size,
                      "n_bootstrap": cfg.n_bootstrap, "clip_skip": cfg.clip_skip,
                      "max_token_length": cfg.max_token_length, "device": str(device),
@@ -519,6 +530,74 @@ def build_report(cfg: AuditConfig, base, splits: Splits, chosen: dict, models: l
         ],
         "wall_seconds": round(wall, 2),
     }
+
+
+def shadows_for(cfg: AuditConfig, names: list[str], lora_files: list[Path], out: Path,
+                log: Callable[[str], None]) -> dict[Path, Any]:
+    """Each LoRA's shadow set (privlora.shadows) when a shadow attack is asked for; {} otherwise."""
+    from privlora.attacks import SHADOW_ATTACKS
+    from privlora.shadows import ensure_shadows
+
+    if not any(n in SHADOW_ATTACKS for n in names):
+        return {}
+    if cfg.shadows < 2:
+        raise PrivloraError(f"--attacks {', '.join(n for n in names if n in SHADOW_ATTACKS)} needs --shadows K "
+                            "(at least 2 shadow LoRAs)")
+    folder = Path(cfg.shadow_dir) if cfg.shadow_dir else out / "shadows"
+    return {path: ensure_shadows(path, Path(cfg.splits), cfg.shadows, cfg.seed, folder, cfg.shadow_method,
+                                 cfg.jobs, cfg.threads_per_job, log) for path in lora_files}
+
+
+def attach_shadows(base, models: list[_Model], targets: dict[str, Target], shadow_sets: dict[Path, Any],
+                   adapters: dict[Path, str], switch: AdapterSwitch, cfg: AuditConfig, device) -> None:
+    """Give each LoRA's target its shadow set, with one Target per shadow (the model's text encoding and base
+    reference; shared between LoRAs whose shadows and encoding agree, so each shadow answers each query once)."""
+    import dataclasses
+
+    made: dict[tuple[Path, TextEncoding], Target] = {}
+    for m in models:
+        shadow_set = shadow_sets.get(m.path) if m.path else None
+        if shadow_set is None:
+            continue
+        own = targets[m.name]
+        shadow_targets = []
+        for file in shadow_set.files:
+            key = (file, m.encoding)
+            if key not in made:
+                made[key] = Target(f"shadow:{file.parent.name}", base.unet, base.noise_scheduler,
+                                   _encoder(base, m.encoding), seed=cfg.seed, batch_size=cfg.batch_size,
+                                   device=device, activate=_activator(switch, adapters[file]),
+                                   reference=own.reference)
+            shadow_targets.append(made[key])
+        own.shadows = dataclasses.replace(shadow_set, targets=shadow_targets)  # type: ignore[attr-defined]
+
+
+def _encoder(base, encoding: TextEncoding) -> Callable[[list[str]], torch.Tensor]:
+    return lambda captions: encoding.encode(base, captions)
+
+
+def _activator(switch: AdapterSwitch, adapter: str) -> Callable[[], None]:
+    return lambda: switch.use(adapter)
+
+
+def _add_shadow_report(report: dict, shadow_sets: dict[Path, Any]) -> None:
+    """The shadows' cost per audited LoRA, and each shadow attack's most exposed members (top 1 %, at least 1)."""
+    if not shadow_sets:
+        return
+    by_path = {str(p): s.cost() for p, s in shadow_sets.items()}
+    report["shadows"] = {"per_lora": by_path,
+                         "trained_now": sum(s.trained for s in {id(s): s for s in shadow_sets.values()}.values()),
+                         "wall_seconds": round(sum(s.wall_seconds for s in shadow_sets.values()), 1)}
+    for model in report["models"]:
+        exposed = {}
+        for attack, scores in model["scores"].items():
+            paths = report["data"].get("member_test_paths")
+            if attack in ("lira", "lira_offline") and paths:
+                member = np.asarray(scores["member_test"])
+                top = np.argsort(-member, kind="stable")[:max(1, len(member) // 100)]
+                exposed[attack] = [{"path": paths[i], "score": float(member[i])} for i in top]
+        if exposed:
+            model["most_exposed"] = exposed
 
 
 AUTO = "auto"

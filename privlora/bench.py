@@ -33,7 +33,7 @@ from privlora.io import write_bytes, write_json, write_text
 
 DATA_KEYS = ("train_data_dir", "splits_dir", "splits")
 BENCH_KEYS = ("budgets", "attacks", "n_bootstrap", "quality_samples", "quality_steps", "guidance", "seeds",
-              "max_auc", "max_tpr_at_1fpr", "select_attacks")
+              "max_auc", "max_tpr_at_1fpr", "select_attacks", "shadows")
 RUN_CONTROLLED = ("train_data_dir", "splits_dir", "splits", "synthetic_images", "output_dir", "output_name",
                   "overwrite", "resume", "state_every_n_epochs")
 
@@ -56,6 +56,7 @@ class BenchSpec:
     max_auc: float = 0.6  # the recommendation's leakage bound
     max_tpr_at_1fpr: float = 0.05
     select_attacks: list[str] = field(default_factory=lambda: ["loss", "ref_loss"])
+    shadows: int = 0  # lira / lira_offline in attacks: shadow LoRAs per audited run's settings (<out>/shadows)
     jobs: int = 1
     threads_per_job: int | None = None  # torch threads of each worker process; default: cores // jobs
     label: str = "bench"
@@ -413,7 +414,7 @@ def audit(spec: BenchSpec, cfg, splits: Path, loras: list[Path]) -> dict:
     folder = spec.out / "audit"
     inputs = {"loras": [[str(p), _stamp(p)] for p in loras], "attacks": list(spec.attacks), "seed": cfg.seed,
               "n_bootstrap": spec.n_bootstrap, "model": cfg.pretrained_model_name_or_path,
-              "splits": str(splits), "canaries": "auto" if cfg.canaries else None}
+              "splits": str(splits), "canaries": "auto" if cfg.canaries else None, "shadows": spec.shadows}
     done = folder / "inputs.json"
     if (folder / "report.json").is_file() and done.is_file() and json.loads(done.read_text()) == inputs:
         return json.loads((folder / "report.json").read_text())
@@ -422,7 +423,8 @@ def audit(spec: BenchSpec, cfg, splits: Path, loras: list[Path]) -> dict:
                                    loras=[str(p) for p in loras], attacks=list(spec.attacks), include_base=True,
                                    seed=cfg.seed, n_bootstrap=spec.n_bootstrap, config_dir=cfg.config_dir,
                                    clip_skip=cfg.clip_skip, jobs=spec.jobs, threads_per_job=spec.threads_per_job,
-                                   canaries="auto" if cfg.canaries else None))
+                                   canaries="auto" if cfg.canaries else None, shadows=spec.shadows,
+                                   shadow_dir=str(spec.out / "shadows")))
     write_json(done, inputs)
     return report
 
@@ -647,7 +649,7 @@ def bench_spec_from_args(args: dict[str, Any]) -> BenchSpec:
         if key in args:
             bench[key] = _list_flag(key, args.pop(key))
     for key in ("n_bootstrap", "quality_samples", "quality_steps", "guidance", "max_auc", "max_tpr_at_1fpr", "jobs",
-                "threads_per_job"):
+                "threads_per_job", "shadows"):
         if key in args:
             bench[key] = args.pop(key)
     preset = args.pop("preset", None) or file["preset"]

@@ -115,7 +115,8 @@ def _audit(args: argparse.Namespace, overrides: dict) -> int:
                       max_token_length=args.max_token_length, device=args.device,
                       attack_params={"proxy": {"attacker": args.proxy_attacker}}, jobs=args.jobs,
                       threads_per_job=args.threads_per_job, canaries=args.canaries,
-                      canary_attack=args.canary_attack)
+                      canary_attack=args.canary_attack, shadows=args.shadows, shadow_dir=args.shadow_dir,
+                      shadow_method=args.shadow_method)
     run_audit(cfg)
     return 0
 
@@ -147,6 +148,13 @@ def _add_audit_parser(sub) -> None:
                        help="75 | 150 | 225, kohya's long captions as used in training (default: from each LoRA's "
                             "metadata, else one 75-token window)")
     audit.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    audit.add_argument("--shadows", type=int, default=0, metavar="K",
+                       help="lira / lira_offline: K shadow LoRAs with each audited run's own settings, each on a "
+                            "random half of the queries and aux images (trained once, cached, reused)")
+    audit.add_argument("--shadow_dir", default=None, help="where shadows are cached (default: OUT/shadows); give the "
+                                                          "same folder to reuse them across audits")
+    audit.add_argument("--shadow_method", default=None, help="train the shadows with this method (e.g. lora) "
+                                                             "instead of the audited run's own")
     audit.add_argument("--canaries", default=None, metavar="CANARIES_JSON",
                        help="the training run's canaries.json (train --canaries M): a sound one-run ε lower bound "
                             "per LoRA (Steinke, Nasr & Jagielski 2023); 'auto': each LoRA's own run folder's file")
@@ -240,6 +248,8 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--max_auc", type=float, help="recommendation bound on the best-attack AUC (default 0.6)")
     p.add_argument("--max_tpr_at_1fpr", type=float, help="recommendation bound on TPR@1%%FPR (default 0.05)")
     p.add_argument("--select_attacks", help="attacks of the aux-only checkpoint selection (default loss,ref_loss)")
+    p.add_argument("--shadows", type=int, help="with lira / lira_offline in --attacks: K shadow LoRAs per audited "
+                                               "run's settings and length (cached in OUT/shadows)")
     p.add_argument("--n_bootstrap", type=int, help="bootstrap resamples of the audit (default 500)")
     p.add_argument("--quality_samples", type=int, help="images per model for the proxy FID (default 200; 0: none)")
     p.add_argument("--quality_steps", type=int, help="sampler steps of those images (default 20)")

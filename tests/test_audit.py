@@ -334,7 +334,7 @@ def not_a_lora(env, tmp):
 
 
 def unknown_attack(env, tmp):
-    return {"attacks": ["loss", "lira"]}, "unknown attack 'lira'"
+    return {"attacks": ["loss", "rmia"]}, "unknown attack 'rmia'"
 
 
 def bad_attacker_file(env, tmp):

@@ -10,6 +10,7 @@ from typing import Any
 
 from privlora.attacks.base import AUX_ROLES, TEST_ROLES, Attack, Batch, Query
 from privlora.attacks.clid import ClidAttack
+from privlora.attacks.lira import LiraAttack, LiraOfflineAttack
 from privlora.attacks.loss import LossAttack
 from privlora.attacks.mlp import MlpAttack
 from privlora.attacks.pia import PIAAttack
@@ -20,10 +21,13 @@ from privlora.attacks.target import Target
 from privlora.errors import PrivloraError
 
 ATTACKS: dict[str, type[Attack]] = {
-    cls.name: cls for cls in (LossAttack, RefLossAttack, MlpAttack, SecMIAttack, PIAAttack, ClidAttack, ProxyAttack)
+    cls.name: cls for cls in (LossAttack, RefLossAttack, MlpAttack, SecMIAttack, PIAAttack, ClidAttack, ProxyAttack,
+                              LiraAttack, LiraOfflineAttack)
 }
-# proxy is opt-in: it applies only to MP-/SMP-LoRA files, and only reference-step runs give a held-out number
-DEFAULT_ATTACKS = tuple(n for n in ATTACKS if n != "proxy")
+# opt-in: proxy applies only to MP-/SMP-LoRA files (and only reference-step runs give a held-out number); lira and
+# lira_offline train shadow LoRAs first (--shadows K)
+SHADOW_ATTACKS = ("lira", "lira_offline")
+DEFAULT_ATTACKS = tuple(n for n in ATTACKS if n != "proxy" and n not in SHADOW_ATTACKS)
 
 
 def parse_attack_names(text: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -48,5 +52,5 @@ def build_attacks(names: list[str], params: dict[str, dict[str, Any]] | None = N
     return attacks
 
 
-__all__ = ["ATTACKS", "AUX_ROLES", "Attack", "Batch", "DEFAULT_ATTACKS", "Query", "TEST_ROLES", "Target",
-           "build_attacks", "parse_attack_names"]
+__all__ = ["ATTACKS", "AUX_ROLES", "Attack", "Batch", "DEFAULT_ATTACKS", "Query", "SHADOW_ATTACKS", "TEST_ROLES",
+           "Target", "build_attacks", "parse_attack_names"]

@@ -44,6 +44,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += _model_table(report, model)
     lines += _dp_bounds(report)
     lines += _canary_audits(report)
+    lines += _shadow_lines(report)
     lines += _attack_notes(report)
     return "\n".join(lines) + "\n"
 
@@ -76,6 +77,23 @@ def _dp_bounds(report: dict[str, Any]) -> list[str]:
             verdict = "consistent" if ok else "VIOLATED: an attack does better than the claimed ε allows"
         lines.append(f"| {m['name']} | {b['epsilon_lower_bound']:.3f} ({b['attack']}) | {b['epsilon_point']:.3f} "
                      f"| {claim} | {verdict} | {guarantee_cell(m.get('dp_guarantee'))} |")
+    return lines + [""]
+
+
+def _shadow_lines(report: dict[str, Any]) -> list[str]:
+    shadows = report.get("shadows")
+    if not shadows:
+        return []
+    lines = ["## Shadow LoRAs (lira, lira_offline)", "",
+             f"Trained by this audit: {shadows['trained_now']} shadow LoRA(s), {shadows['wall_seconds']:.0f} s; "
+             "the others were reused from the cache.", ""]
+    for lora, cost in shadows["per_lora"].items():
+        lines.append(f"- `{lora}`: {cost['shadows']} shadows in `{cost['folder']}` ({cost['reused']} reused)")
+    exposed = [(m["name"], a, e) for m in report["models"] for a, e in (m.get("most_exposed") or {}).items()]
+    if exposed:
+        lines += ["", "Most exposed members (top 1 % by score; private: these name training images):", ""]
+        lines += [f"- {name}, {attack}: " + ", ".join(f"`{x['path']}` ({x['score']:.3g})" for x in items)
+                  for name, attack, items in exposed]
     return lines + [""]
 
 

@@ -1,0 +1,153 @@
+"""LiRA on shadow LoRAs: the likelihood-ratio math by hand, the balanced IN/OUT design, shadows that never see their
+OUT examples, a calibration case where the raw loss is weak and LiRA is not, and the audit end to end with reuse."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from privlora.attacks import build_attacks
+from privlora.attacks.base import Batch
+from privlora.attacks.lira import lira_scores, pooled_sds
+from privlora.attacks.metrics import evaluate
+from privlora.attacks.target import stable_seed
+from privlora.shadows import ShadowSet, balanced_masks, pool_entries, shadow_manifest
+
+
+def test_likelihood_ratio_by_hand():
+    shadows = np.array([[-1.0, -2.0], [-1.2, -2.2], [-0.8, -2.6], [-1.4, -2.4]])  # (K=4, B=2)
+    inside = np.array([[1, 0], [1, 1], [0, 1], [0, 0]], dtype=bool)
+    target = np.array([-1.0, -2.0])
+    sd_in, sd_out = 0.2, 0.4
+    # example 0: μ_IN = (−1.0 − 1.2)/2 = −1.1, μ_OUT = (−0.8 − 1.4)/2 = −1.1 → ratio of two Gaussians at −1.0
+    # example 1: μ_IN = (−2.2 − 2.6)/2 = −2.4, μ_OUT = (−2.0 − 2.4)/2 = −2.2
+    def log_n(x, mu, sd):
+        return -0.5 * ((x - mu) / sd) ** 2 - math.log(sd) - 0.5 * math.log(2 * math.pi)
+
+    expected = [log_n(-1.0, -1.1, 0.2) - log_n(-1.0, -1.1, 0.4), log_n(-2.0, -2.4, 0.2) - log_n(-2.0, -2.2, 0.4)]
+    assert lira_scores(target, shadows, inside, sd_in, sd_out) == pytest.approx(expected)
+    assert lira_scores(target, shadows, inside, sd_in, sd_out, online=False) == pytest.approx(
+        [(-1.0 + 1.1) / 0.4, (-2.0 + 2.2) / 0.4])
+    # pooled variances: residuals around each example's IN and OUT means, one degree of freedom used per mean
+    sd_in_hat, sd_out_hat = pooled_sds(shadows, inside)
+    assert sd_in_hat == pytest.approx(math.sqrt((0.1**2 + 0.1**2 + 0.2**2 + 0.2**2) / 2))
+    assert sd_out_hat == pytest.approx(math.sqrt((0.3**2 + 0.3**2 + 0.2**2 + 0.2**2) / 2))
+
+
+@pytest.mark.parametrize("k", [2, 4, 5, 8])
+def test_masks_are_balanced(k):
+    masks = balanced_masks(101, k, seed=3)
+    per_example = masks.sum(0)
+    assert set(per_example.tolist()) <= {k // 2, (k + 1) // 2} and per_example.min() >= 1
+    assert abs(masks.sum(1) - 101 / 2).max() <= 101 * 0.2  # each shadow trains on about half the pool
+    assert np.array_equal(masks, balanced_masks(101, k, seed=3))
+    assert not np.array_equal(masks, balanced_masks(101, k, 4))
+
+
+def test_a_shadow_trains_on_its_in_examples_only(tmp_path):
+    from privlora.data.splits import _load_manifest
+
+    pool = [{"path": f"img{i}.png", "sha256": f"{i:064x}", "caption": f"c{i}"} for i in range(24)]
+    manifest = {"roles": {"member_test": pool[:6], "nonmember_test": pool[6:12], "member_aux": pool[12:18],
+                          "nonmember_aux": pool[18:], "train": pool[:6] + pool[12:18]}}
+    entries = pool_entries(manifest)
+    assert [e["sha256"] for e in entries] == [e["sha256"] for e in pool]
+    masks = balanced_masks(len(entries), 4, seed=0)
+    for k in range(4):
+        inside = [e for e, m in zip(entries, masks[k]) if m]
+        outside = [e for e, m in zip(entries, masks[k]) if not m]
+        roles = _load_manifest(shadow_manifest(tmp_path, inside, outside, tmp_path / f"s{k}.json"))["roles"]
+        trained = {e["sha256"] for e in roles["train"]}
+        assert trained == {e["sha256"] for e in inside} and not trained & {e["sha256"] for e in outside}
+        members = {e["sha256"] for r in ("member_aux", "member_test") for e in roles[r]}
+        assert members <= trained and not {e["sha256"] for r in ("nonmember_aux", "nonmember_test")
+                                           for e in roles[r]} & trained
+
+
+class CalibratedToy:
+    """A model whose loss on an example is its difficulty d (spread widely over examples), lowered by 0.05 if it
+    trained on the example, plus a small per-model noise: the raw loss mostly measures difficulty, while shadows
+    that know each example's difficulty expose the 0.05."""
+
+    def __init__(self, name: str, trained: set[str]):
+        self.name, self.trained, self.shadows = name, trained, None
+
+    def loss_maps(self, batch: Batch, queries) -> torch.Tensor:
+        rows = []
+        for key in batch.keys:
+            d = 0.5 + np.random.default_rng(stable_seed("difficulty", key)).random()
+            noise = np.random.default_rng(stable_seed(self.name, key)).normal(0, 0.01)
+            rows.append(d - 0.05 * (key in self.trained) + noise)
+        return torch.tensor(rows).view(-1, 1, 1, 1, 1).expand(-1, len(queries), 1, 1, 1)
+
+
+def toy_batch(keys: list[str], role: str) -> Batch:
+    return Batch(keys=keys, paths=[Path(k) for k in keys], roles=[role] * len(keys), captions=keys,
+                 latents=torch.zeros(len(keys), 1, 1, 1))
+
+
+def test_shadows_turn_a_weak_loss_attack_into_a_strong_one():
+    members, others = [f"m{i}" for i in range(200)], [f"n{i}" for i in range(200)]
+    aux_m, aux_n = [f"am{i}" for i in range(40)], [f"an{i}" for i in range(40)]
+    pool = members + others + aux_m + aux_n
+    masks = balanced_masks(len(pool), 8, seed=1)
+    target = CalibratedToy("target", set(members + aux_m))
+    shadow_set = ShadowSet(Path("."), [Path(f"s{k}") for k in range(8)], pool, masks)
+    shadow_set.targets = [CalibratedToy(f"shadow{k}", {p for p, m in zip(pool, masks[k]) if m}) for k in range(8)]
+    target.shadows = shadow_set
+    results = {}
+    for name in ("loss", "lira", "lira_offline"):
+        attack = build_attacks([name])[0]
+        assert attack.prepare(target) is None
+        if attack.fits:
+            fit = attack.fit(target, [toy_batch(aux_m, "member_aux")], [toy_batch(aux_n, "nonmember_aux")])
+            assert 0.005 < fit["sd_out"] < 0.03  # the pooled noise, not the spread of difficulties
+        m = attack.score(target, toy_batch(members, "member_test")).numpy()
+        n = attack.score(target, toy_batch(others, "nonmember_test")).numpy()
+        results[name] = evaluate(m, n, seed=0, n_bootstrap=0)
+    assert results["loss"]["auc"] < 0.65 and results["loss"]["tpr_at_1pct_fpr"] < 0.1  # the raw loss is weak
+    for name in ("lira", "lira_offline"):
+        assert results[name]["auc"] > 0.95 and results[name]["tpr_at_1pct_fpr"] > 0.5
+        assert results[name]["tpr_at_1pct_fpr"] >= results["loss"]["tpr_at_1pct_fpr"]
+
+
+def test_lira_does_not_apply_without_shadows_and_says_why():
+    reason = build_attacks(["lira"])[0].prepare(CalibratedToy("base", set()))
+    assert reason is not None and "--shadows K" in reason
+
+
+@pytest.mark.slow
+def test_audit_with_lira_trains_shadows_once_and_a_second_audit_reuses_them(tmp_path, capsys):
+    from privlora.cli import main
+    from privlora.config import build_config
+    from privlora.train import train
+    from tests.fixtures import make_tiny_folder
+
+    model = make_tiny_folder(tmp_path / "model")
+    run = tmp_path / "run"
+    lora = train(build_config(None, dict(
+        synthetic_images=40, n_member_aux=6, n_member_test=8, n_nonmember_aux=6, n_nonmember_test=8, resolution=32,
+        train_batch_size=8, eval_samples=4, network_dim=4, network_alpha=4, unet_lr=3e-3, max_train_epochs=2,
+        seed=5, pretrained_model_name_or_path=str(model), output_dir=str(run), save_every_n_epochs=1)))
+    shadow_dir = tmp_path / "shadows"
+    common = ["--splits", str(run / "splits.json"), "--pretrained_model_name_or_path", str(model), "--attacks",
+              "loss,lira,lira_offline", "--shadows", "2", "--shadow_dir", str(shadow_dir), "--n_bootstrap", "0"]
+    assert main(["audit", "--lora", str(lora), "--out", str(tmp_path / "a1"), *common]) == 0
+    first = capsys.readouterr().out
+    assert "training 2 of 2 shadow LoRAs" in first
+    report = json.loads((tmp_path / "a1" / "report.json").read_text())
+    result = report["models"][0]["results"]
+    assert {"loss", "lira", "lira_offline"} <= set(result) and 0 <= result["lira"]["auc"] <= 1
+    assert result["lira"]["fit"]["shadows"] == 2
+    assert report["shadows"]["trained_now"] == 2 and report["models"][0]["most_exposed"]["lira"]
+    masks = json.loads(next(shadow_dir.glob("*/masks.json")).read_text())
+    assert np.array(masks["masks"]).sum(0).tolist() == [1] * len(masks["pool"])  # K = 2: each IN exactly one
+    # another audit of the same LoRA (the same settings and steps): the shadows are reused
+    assert main(["audit", "--lora", str(lora), "--out", str(tmp_path / "a2"), *common]) == 0
+    second = capsys.readouterr().out
+    assert "reusing 2 shadows from" in second and "training" not in second.split("reusing")[0][-200:]
+    again = json.loads((tmp_path / "a2" / "report.json").read_text())
+    assert again["shadows"]["trained_now"] == 0
+    assert again["models"][0]["scores"]["lira"] == report["models"][0]["scores"]["lira"]
