@@ -26,3 +26,4 @@ def test_train_sh_keeps_the_presets_values_and_passes_what_the_user_sets():
     # a variable the user sets does reach the run (here through a per-dataset wrapper)
     overridden = printed_config(["bash", "scripts/smp_lora_pokemon.sh", "--print_config"], {"UNET_LR": "2e-4"})
     assert "unet_lr = 0.0002" in overridden and "method = \"smp_lora\"" in overridden
+    assert "adv_step = \"reference\"" in overridden  # the paper preset's step, not a launcher default
