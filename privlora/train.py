@@ -171,6 +171,7 @@ def end_epoch(run: Run, progress: Progress, logs: dict, bar) -> None:
     lora_due = due(progress.epoch, cfg.save_every_n_epochs)
     state_due = due(progress.epoch, cfg.state_every_n_epochs)
     if lora_due:
+        run.metadata.update(ss_steps=str(progress.step), ss_epoch=str(progress.epoch))
         save_lora(run, f"{cfg.output_name}-e{progress.epoch:04d}")
     if state_due or (lora_due and cfg.save_state):
         save_state(run, progress)
