@@ -16,7 +16,6 @@ the scored non-members cannot resolve or that zero caught members could not meet
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +72,7 @@ def aux_manifest(splits_file: Path, out_file: Path, seed: int) -> Path:
     Reads the run's manifest as JSON (no image of it is opened or hashed); the new one keeps the hashes, so
     the audit still verifies every aux image it reads.
     """
-    from privlora.data.splits import MANIFEST_VERSION, MANIFEST_WARNING, _load_manifest, _manifest_root
+    from privlora.data.splits import _load_manifest, _manifest_root, write_role_entries
 
     manifest = _load_manifest(splits_file)
     root = _manifest_root(splits_file, manifest).resolve()
@@ -90,10 +89,7 @@ def aux_manifest(splits_file: Path, out_file: Path, seed: int) -> Path:
     roles = {"train": halves["member_aux"][0] + halves["member_aux"][1],
              "member_aux": halves["member_aux"][0], "member_test": halves["member_aux"][1],
              "nonmember_aux": halves["nonmember_aux"][0], "nonmember_test": halves["nonmember_aux"][1]}
-    write_json(out_file, {"warning": MANIFEST_WARNING, "version": MANIFEST_VERSION, "seed": seed, "root": str(root),
-                          "root_from_manifest": Path(os.path.relpath(root, out_file.parent.resolve())).as_posix(),
-                          "roles": roles})
-    return out_file
+    return write_role_entries(out_file, root, roles, seed)
 
 
 def select(cfg: SelectConfig, log=print) -> dict:
@@ -246,7 +242,7 @@ def dp_guarantee(run_dir: Path, settings: dict) -> str | None:
 def nonmember_manifest(splits_file: Path, out_file: Path, seed: int) -> Path:
     """A manifest of nonmember_aux images only, in four seeded quarters playing the five roles (the audit needs
     them all): no training image — member_aux included — is listed, opened or queried."""
-    from privlora.data.splits import MANIFEST_VERSION, MANIFEST_WARNING, _load_manifest, _manifest_root
+    from privlora.data.splits import _load_manifest, _manifest_root, write_role_entries
 
     manifest = _load_manifest(splits_file)
     root = _manifest_root(splits_file, manifest).resolve()
@@ -258,10 +254,7 @@ def nonmember_manifest(splits_file: Path, out_file: Path, seed: int) -> Path:
     q = [[entries[i] for i in part] for part in np.array_split(order, 4)]
     roles = {"train": q[0] + q[1], "member_aux": q[0], "member_test": q[1], "nonmember_aux": q[2],
              "nonmember_test": q[3]}
-    write_json(out_file, {"warning": MANIFEST_WARNING, "version": MANIFEST_VERSION, "seed": seed, "root": str(root),
-                          "root_from_manifest": Path(os.path.relpath(root, out_file.parent.resolve())).as_posix(),
-                          "roles": roles})
-    return out_file
+    return write_role_entries(out_file, root, roles, seed)
 
 
 def select_on_nonmembers(cfg: SelectConfig, run_dir: Path, settings: dict, log=print) -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +87,7 @@ def pool_entries(manifest: dict) -> list[dict]:
 def shadow_manifest(root: Path, inside: list[dict], outside: list[dict], out_file: Path) -> Path:
     """A manifest whose training set is exactly ``inside``; its member roles are IN examples and its non-member
     roles OUT ones (the trainer's probes need all five roles; they do not change what it trains on)."""
-    from privlora.data.splits import MANIFEST_VERSION, MANIFEST_WARNING
+    from privlora.data.splits import write_role_entries
 
     if len(inside) < 4 or len(outside) < 4:
         raise PrivloraError(f"a shadow needs at least 4 IN and 4 OUT pool images (got {len(inside)} and "
@@ -96,10 +95,7 @@ def shadow_manifest(root: Path, inside: list[dict], outside: list[dict], out_fil
     half_in, half_out = len(inside) // 2, len(outside) // 2
     roles = {"train": inside, "member_aux": inside[:half_in], "member_test": inside[half_in:],
              "nonmember_aux": outside[:half_out], "nonmember_test": outside[half_out:]}
-    write_json(out_file, {"warning": MANIFEST_WARNING, "version": MANIFEST_VERSION, "root": str(root),
-                          "root_from_manifest": Path(os.path.relpath(root, out_file.parent.resolve())).as_posix(),
-                          "roles": roles})
-    return out_file
+    return write_role_entries(out_file, root, roles)
 
 
 def run_settings(lora: Path) -> tuple[Path, dict]:

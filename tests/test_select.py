@@ -18,6 +18,19 @@ RUN = dict(synthetic_images=30, n_member_aux=6, n_member_test=6, n_nonmember_aux
            max_train_epochs=4, save_every_n_epochs=2, seed=5)
 
 
+def images_opened(monkeypatch) -> list[Path]:
+    """Every image file PIL opens from now on (resolved paths)."""
+    opened: list[Path] = []
+    original = PIL.Image.open
+
+    def spy(fp, *a, **k):
+        opened.append(Path(fp).resolve())
+        return original(fp, *a, **k)
+
+    monkeypatch.setattr(PIL.Image, "open", spy)
+    return opened
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("sel")
@@ -54,13 +67,7 @@ def test_select_never_reads_a_test_image_and_picks_the_most_useful_checkpoint_un
     root = Path(manifest["root"])
     aux = {(root / e["path"]).resolve() for r in ("member_aux", "nonmember_aux") for e in manifest["roles"][r]}
     test = {(root / e["path"]).resolve() for r in ("member_test", "nonmember_test") for e in manifest["roles"][r]}
-    opened = []
-    original = PIL.Image.open
-    def spy(fp, *a, **k):
-        opened.append(Path(fp).resolve())
-        return original(fp, *a, **k)
-
-    monkeypatch.setattr(PIL.Image, "open", spy)
+    opened = images_opened(monkeypatch)
     for path in test - aux:
         path.rename(path.with_suffix(".hidden"))  # select must not even need them
     try:
@@ -90,14 +97,7 @@ def test_select_on_a_dp_run_uses_nonmember_data_only_and_says_so(tmp_path, monke
     allowed = {(root / e["path"]).resolve() for e in manifest["roles"]["nonmember_aux"]}
     training = {(root / e["path"]).resolve() for r in ("train", "member_aux", "member_test")
                 for e in manifest["roles"][r]}
-    opened = []
-    original = PIL.Image.open
-
-    def spy(fp, *a, **k):
-        opened.append(Path(fp).resolve())
-        return original(fp, *a, **k)
-
-    monkeypatch.setattr(PIL.Image, "open", spy)
+    opened = images_opened(monkeypatch)
     hidden = training - allowed
     for path in hidden:
         path.rename(path.with_suffix(".hidden"))  # not one training image may be needed

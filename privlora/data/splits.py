@@ -251,15 +251,16 @@ def write_manifest(path: str | Path, splits: Splits, root: str | Path | None = N
     """Write the split as private JSON; image paths are stored relative to ``root`` (default: the manifest's folder)."""
     path = Path(path)
     root = Path(root if root is not None else path.parent).resolve()
-    manifest = {
-        "warning": MANIFEST_WARNING,
-        "version": MANIFEST_VERSION,
-        "seed": splits.seed,
-        "root": str(root),
-        "root_from_manifest": Path(os.path.relpath(root, path.parent.resolve())).as_posix(),
-        "roles": {role: [_manifest_entry(splits, e, root) for e in examples] for role, examples in splits.items()},
-    }
-    return write_json(path, manifest)
+    roles = {role: [_manifest_entry(splits, e, root) for e in examples] for role, examples in splits.items()}
+    return write_role_entries(path, root, roles, splits.seed)
+
+
+def write_role_entries(path: Path, root: Path, roles: dict[str, list[dict]], seed: int | None = None) -> Path:
+    """A manifest from entries of another (select's aux halves, a DP run's non-member quarters, a shadow's
+    half): the same private envelope, the entries' hashes kept so every image is still verified on reading."""
+    return write_json(path, {"warning": MANIFEST_WARNING, "version": MANIFEST_VERSION, "seed": seed, "root": str(root),
+                             "root_from_manifest": Path(os.path.relpath(root, path.parent.resolve())).as_posix(),
+                             "roles": roles})
 
 
 def _manifest_entry(splits: Splits, example: Example, root: Path) -> dict[str, Any]:
