@@ -184,6 +184,8 @@ def _check_settings(cfg: AuditConfig) -> Path:
     check_encoding_flags(cfg.clip_skip, cfg.max_token_length)
     if not cfg.splits:
         raise PrivloraError("--splits: give the split manifest (splits.json in the training run's output folder)")
+    if cfg.canaries:
+        parse_attack_names([cfg.canary_attack])  # an unknown name is a one-line error before any work
     if cfg.canaries and cfg.canaries != AUTO:
         from privlora.data.canaries import read_canaries
 
@@ -617,6 +619,9 @@ def canary_audits(base, models: list[_Model], targets: dict[str, Target], cfg: A
     if not found:
         log("canary audit: no canaries.json beside any audited LoRA; skipped")
         return {}
+    if ATTACKS[cfg.canary_attack].fits:
+        raise PrivloraError(f"canary_attack {cfg.canary_attack} learns from the aux roles; the canary audit "
+                            "needs one that fits nothing (loss, ref_loss, secmi, pia)")
     prepared: dict[Path, tuple[np.ndarray, list[Batch]]] = {}
     out = {}
     for model in models:
@@ -625,10 +630,7 @@ def canary_audits(base, models: list[_Model], targets: dict[str, Target], cfg: A
         if file not in prepared:
             prepared[file] = _canary_batches(base, file, cfg, resolution, device)
         included, batches = prepared[file]
-        (attack,) = build_attacks([cfg.canary_attack], cfg.attack_params)
-        if attack.fits:
-            raise PrivloraError(f"canary_attack {cfg.canary_attack} learns from the aux roles; the canary audit "
-                                "needs one that fits nothing (loss, ref_loss, secmi, pia)")
+        (attack,) = build_attacks([cfg.canary_attack], cfg.attack_params)  # fresh per model
         if attack.prepare(targets[model.name]):
             continue
         scores = np.concatenate([attack.score(targets[model.name], b).detach().double().cpu().numpy()

@@ -218,9 +218,7 @@ def budget_files(spec: BenchSpec, job: Job) -> list[Path]:
     cfg = job_config(spec, job)
     if not cfg.save_at_fractions:
         return [job.out / f"{job.name}-e{round(f * cfg.max_train_epochs):04d}.safetensors" for f in spec.budgets]
-    from privlora.captions import read_lora_metadata
-
-    steps = int(read_lora_metadata(job.out / f"{job.name}.safetensors")["ss_steps"])
+    steps = budget_steps(job.out / f"{job.name}.safetensors") or 0
     wanted = sorted({max(1, round(f * steps)) for f in spec.budgets})
     files = [job.out / f"{job.name}-step{s:06d}.safetensors" for s in wanted]
     if len(wanted) != len(spec.budgets) or any(s >= steps for s in wanted):

@@ -99,8 +99,9 @@ def select(cfg: SelectConfig, log=print) -> dict:
 
     run_dir = Path(cfg.run_dir)
     settings = run_settings(run_dir)
-    if dp_guarantee(run_dir, settings):
-        return select_on_nonmembers(cfg, run_dir, settings, log)
+    guarantee = dp_guarantee(run_dir, settings)
+    if guarantee:
+        return select_on_nonmembers(cfg, run_dir, settings, guarantee, log)
     attacks = parse_attack_names(cfg.attacks)
     if "loss" not in attacks:
         attacks = ["loss", *attacks]  # its scores on the nonmember half are the utility estimate
@@ -257,14 +258,13 @@ def nonmember_manifest(splits_file: Path, out_file: Path, seed: int) -> Path:
     return write_role_entries(out_file, root, roles, seed)
 
 
-def select_on_nonmembers(cfg: SelectConfig, run_dir: Path, settings: dict, log=print) -> dict:
+def select_on_nonmembers(cfg: SelectConfig, run_dir: Path, settings: dict, guarantee: str, log=print) -> dict:
     """A DP run: its checkpoint is chosen on utility alone, measured on non-member data (nonmember_aux), which is
     post-processing of the DP outputs and costs no privacy. Leakage is not estimated — that would query
     member_aux, training data the accountant does not count — the DP guarantee bounds it instead."""
     from privlora.audit import AuditConfig, run_audit
 
     checkpoints = list_checkpoints(run_dir, settings.get("output_name", "lora"))
-    guarantee = dp_guarantee(run_dir, settings)
     log(f"{run_dir}: a DP-LoRA run {guarantee}: choosing the most useful checkpoint on nonmember_aux only "
         "(post-processing; member_aux is training data and is not used); the leakage bounds are not applied")
     work = run_dir / "select"
