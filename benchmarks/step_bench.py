@@ -68,7 +68,7 @@ def tiny_base(device, dtype, train_te: bool):
 
 
 def run_one(args) -> dict:
-    from privlora.config import TrainConfig
+    from privlora.config import make_config
     from privlora.denoiser import Denoiser
     from privlora.models.lora import LoraSpec, add_lora, text_encoder_lora_config, unet_lora_config
     from privlora.objectives import BuildContext, build_objective
@@ -104,8 +104,8 @@ def run_one(args) -> dict:
             seed += 1
             yield batch(seed)
 
-    cfg = TrainConfig(method=method, adv_step=adv_step, attacker_pool=min(64, hw), attacker_lr=1e-5,
-                      dp_noise_multiplier=1.0)
+    cfg = make_config(dict(method=method, adv_step=adv_step, attacker_pool=min(64, hw), attacker_lr=1e-5,
+                           dp_noise_multiplier=1.0), foreign="drop")  # each method takes its own keys
     context = BuildContext(4, stream(1000), stream(2000), num_train_images=max(1000, args.batch_size))
     objective = build_objective(cfg, latent_channels=4, context=context)
     for mod in objective.modules().values():

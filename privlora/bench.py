@@ -140,9 +140,10 @@ def read_bench_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
 
 def check_runs(runs: dict[str, dict], source: str) -> dict[str, dict]:
     """Every run names a registered method and only training keys the bench does not control."""
-    from privlora.config import KEYS
+    from privlora.config import all_keys, owners
     from privlora.objectives import METHODS
 
+    known = all_keys()
     checked = {}
     for name, settings in runs.items():
         if not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
@@ -153,8 +154,12 @@ def check_runs(runs: dict[str, dict], source: str) -> dict[str, dict]:
                                 f"{', '.join(METHODS)}"
                                 + ("" if "method" in runs[name] else " (set method = ... for this run)"))
         for key in settings:
-            if key not in KEYS or key in RUN_CONTROLLED:
+            if key not in known or key in RUN_CONTROLLED:
                 raise PrivloraError(f"{source}: run {name!r}: {key!r} is not a training setting a run may set")
+            methods = owners(key)
+            if methods and settings["method"] not in methods:
+                raise PrivloraError(f"{source}: run {name!r}: {key} is a setting of {', '.join(methods)}, not of "
+                                    f"{settings['method']}")
         checked[name] = settings
     return checked
 
@@ -602,9 +607,7 @@ def build_table(spec: BenchSpec, jobs: list[Job], report: dict, quality: dict, b
 
 
 def _resolved(spec: BenchSpec, job: Job) -> dict:
-    from privlora.config import to_dict
-
-    return to_dict(job_config(spec, job))
+    return job_config(spec, job).flat()
 
 
 def machine(spec: BenchSpec) -> str:
@@ -635,7 +638,7 @@ def write_outputs(spec: BenchSpec, table: dict, histories: dict[str, dict]) -> N
 def bench_spec_from_args(args: dict[str, Any]) -> BenchSpec:
     """``privlora bench`` flags → a spec: bench file values first, then the bench's own flags; every other
     flag is a training setting over every run."""
-    from privlora.config import KEYS
+    from privlora.config import all_keys
 
     args = {k: v for k, v in args.items() if k not in ("command", "handler", "allow_network")}
     file = read_bench_file(args.pop("runs")) if "runs" in args else {"preset": None, "bench": {}, "runs": {}}
@@ -657,7 +660,7 @@ def bench_spec_from_args(args: dict[str, Any]) -> BenchSpec:
     given = [*data, *(["dataset"] if dataset else [])]
     if len(given) > 1:
         raise PrivloraError(f"give one data source, not {' and '.join('--' + k for k in given)}")
-    unknown = set(args) - KEYS
+    unknown = set(args) - all_keys()
     if unknown:
         raise PrivloraError(f"command line: unknown option --{sorted(unknown)[0]}")
     return BenchSpec(out=out, runs=runs, data=data, dataset=dataset, preset=preset, train_overrides=args, **bench)

@@ -12,7 +12,7 @@ def _train(args: argparse.Namespace, overrides: dict) -> int:
     from privlora.config import build_config
     from privlora.train import train
 
-    cfg = build_config(args.config, overrides)
+    cfg = build_config(args.config, overrides, foreign_flags="error")
     if getattr(args, "print_config", False):
         from privlora.config import resolved_toml
 

@@ -1,4 +1,4 @@
-"""The training loop: one recipe for every method (plain LoRA, MP-LoRA, SMP-LoRA, DP-LoRA, distilled LoRA).
+"""The training loop: one recipe for every method registered in ``privlora.objectives.METHODS``.
 
 ``train`` reads top to bottom: the method's prerequisite runs (if any) first; ``setup`` loads and checks
 everything, injects LoRA and caches the data; the loop then runs (augmentation → method's gradients → method's
@@ -21,9 +21,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from privlora import checkpoint
-from privlora.attacker_eval import BEST_SUFFIX, eval_roles, evaluate_attacker
 from privlora.captions import CaptionShuffler, TextEncoding, captions_fixed
-from privlora.config import TrainConfig, ran_with, to_dict, write_resolved_config
+from privlora.config import TrainConfig, ran_with, write_resolved_config
 from privlora.data.augment import Augment
 from privlora.data.cache import RoleData
 from privlora.data.canaries import prepare_canaries
@@ -37,9 +36,8 @@ from privlora.models.clip_layout import standard_name
 from privlora.models.loading import is_sd2, load_base
 from privlora.models.lora import (LoraSpec, add_lora, save_diffusers, save_kohya, text_encoder_lora_config,
                                   unet_lora_config)
-from privlora.objectives import BuildContext, build_objective
-from privlora.objectives.adversarial import attacker_kind
-from privlora.objectives.base import Objective
+from privlora.objectives import METHODS, BuildContext, build_objective
+from privlora.objectives.base import BEST_SUFFIX, Objective
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -47,13 +45,11 @@ if TYPE_CHECKING:
     from privlora.models.loading import BaseModel
 
 EVAL_ROLES = ("member_aux", "nonmember_aux", "member_test", "nonmember_test")
-# Changing these between a run and its resume would silently train something else.
+# Changing these between a run and its resume would silently train something else; so would the method's own
+# settings (all but its ``resume_free`` ones).
 RESUME_MUST_MATCH = ("method", "network_dim", "network_alpha", "conv_dim", "train_text_encoder", "train_batch_size",
-                     "gradient_accumulation_steps", "seed", "pretrained_model_name_or_path", "resolution", "adv_step",
-                     "attacker_input", "attacker_draws", "attacker_timestep", "attacker_features",
-                     "dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_max_grad_norm", "dp_accountant",
-                     "dp_noise_draws", "dp_reproducible_noise", "random_flip", "random_crop_scale", "color_jitter",
-                     "train_subset", "split_seed", "distill_true_noise_weight")
+                     "gradient_accumulation_steps", "seed", "pretrained_model_name_or_path", "resolution",
+                     "random_flip", "random_crop_scale", "color_jitter", "train_subset", "split_seed")
 
 
 @dataclass
@@ -63,9 +59,6 @@ class Progress:
     batch_in_epoch: int = 0  # batches consumed in the epoch under way
     collapsed_epochs: int = 0
     history: list = field(default_factory=list)
-    # the co-trained attacker's best fresh-noise test accuracy so far; the reference keeps a best attacker only
-    # above chance (50 %)
-    best_attacker_acc: float = 0.5
     hessian: list = field(default_factory=list)  # {"step", "hessian_top_eig"} every hessian_every_n_steps
     period: dict = field(default_factory=dict)  # per-step log key -> [sum, count, max] since the last evaluation
 
@@ -109,7 +102,7 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def train_step(run: Run, batch: dict, step: int) -> dict | None:
-    """One forward/backward of the objective; the LoRA (and the attacker) step when gradients sync."""
+    """One forward/backward of the objective; the LoRA step and the method's after-step when gradients sync."""
     acc = run.accelerator
     with acc.accumulate(run.unet):
         result = run.objective.gradients(batch, run.denoiser, run.trainable, acc.backward)
@@ -139,7 +132,7 @@ def after_step(run: Run, progress: Progress, logs: dict, bar) -> None:
     if progress.step % cfg.log_every_n_steps == 0:
         run.accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=progress.step)
     bar.update(1)
-    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("L_ada", "L_adv", "L_distill", "attacker_loss")})
+    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in run.objective.log_keys})
     if progress.step < run.max_steps and (
             (cfg.save_every_n_steps and progress.step % cfg.save_every_n_steps == 0)
             or progress.step in fraction_steps(cfg.save_at_fractions, run.max_steps)):
@@ -201,12 +194,13 @@ def evaluate_and_log(run: Run, progress: Progress, logs: dict, bar) -> None:
     with captions_fixed(run.denoiser):
         record = evaluate_epoch(progress.epoch, progress.step, run.probe, run.denoiser, run.objective, run.base_maps,
                                 logs)
-        record.update(evaluate_attacker(run.objective, run.attacker_roles or {}, run.denoiser,
-                                        cfg.seed + 7 + progress.step))
+        record.update(run.objective.evaluate_own(run.denoiser, cfg.seed + 7 + progress.step))
     run.unet.train()
     record.update(period_summary(progress.period))
     progress.period = {}
-    keep_best_attacker(run, progress, record)
+    best = run.objective.best_snapshot(record)
+    if best is not None:
+        save_modules(run, cfg.output_name, suffix=BEST_SUFFIX, extra=best)
     progress.history.append(record)
     acc.log({f"epoch/{k}": v for k, v in record.items() if k not in ("epoch", "step")}, step=progress.step)
     worse = record["member_test_loss"] > run.base_losses["member_test"]
@@ -235,7 +229,6 @@ class Run:
     loader: DataLoader
     loader_order: torch.Generator  # draws each epoch's data order
     noise: torch.Generator  # noise and timesteps of the training steps
-    aux: dict  # role -> CountingIterator over the attacker's aux batches
     objective: Objective
     denoiser: Denoiser
     probe: FixedNoiseProbe
@@ -244,7 +237,6 @@ class Run:
     metadata: dict
     max_steps: int
     epoch_start_order: torch.Tensor | None = None
-    attacker_roles: dict | None = None  # role -> RoleData for the co-trained attacker's evaluation
     augment: Augment = field(default_factory=lambda: Augment(0))  # applied to every training batch
 
 
@@ -278,14 +270,10 @@ def setup(cfg: TrainConfig) -> Run:
     train_examples = train_subset(splits.train, cfg.train_subset, cfg.split_seed) + canaries
     train_data = cache.role(train_examples, expand_repeats=True, augment=augment)
     roles = {role: cache.role(splits.role(role)) for role in EVAL_ROLES}
-    aux_bs = cfg.attacker_batch_size or cfg.train_batch_size
-    rank = accelerator.process_index
-    aux = {r: CountingIterator(roles[r], aux_bs, cfg.seed + 1 + i + 10 * rank)
-           for i, r in enumerate(("member_aux", "nonmember_aux"))}
     grad_sync = (lambda m: average_gradients(accelerator, m.parameters())) if accelerator.num_processes > 1 else None
-    context = BuildContext(base.unet.config.in_channels, aux["member_aux"], aux["nonmember_aux"], grad_sync,
-                           num_train_images=len(train_examples), num_processes=accelerator.num_processes,
-                           base=base, train_examples=train_examples)
+    context = BuildContext(base.unet.config.in_channels, grad_sync=grad_sync, num_train_images=len(train_examples),
+                           num_processes=accelerator.num_processes, process_index=accelerator.process_index,
+                           roles=roles, base=base, train_examples=train_examples)
     objective = build_objective(cfg, latent_channels=context.latent_channels, context=context)
     for module in objective.modules().values():
         module.to(device)
@@ -311,12 +299,11 @@ def setup(cfg: TrainConfig) -> Run:
     with adapters_disabled(base), captions_fixed(denoiser):
         base_maps = probe.maps(denoiser)
     base_losses = {r: m.mean().item() for r, m in base_maps.items()}
-    accelerator.init_trackers("privlora", config={k: v for k, v in to_dict(cfg).items()
+    accelerator.init_trackers("privlora", config={k: v for k, v in cfg.flat().items()
                                                   if isinstance(v, (int, float, str, bool))})
     unet.train()
     run = Run(cfg, out, accelerator, base, unet, trainable, optimizer, lr_scheduler, loader, loader_order, noise,
-              aux, objective, denoiser, probe, base_maps, base_losses, lora_metadata(cfg, base), max_steps)
-    run.attacker_roles = eval_roles(roles, cfg.attacker_eval_samples, cfg.seed + 6)
+              objective, denoiser, probe, base_maps, base_losses, lora_metadata(cfg, base), max_steps)
     run.augment = augment
     return run
 
@@ -324,15 +311,13 @@ def setup(cfg: TrainConfig) -> Run:
 def run_prerequisites(cfg: TrainConfig) -> None:
     """The runs the method needs first, each trained unless finished (its LoRA file is there, trained with exactly
     the settings asked now; other settings are an error rather than a silently stale prerequisite)."""
-    from privlora.objectives import METHODS
-
     for pre in METHODS[cfg.method].prerequisites(cfg):
         final = Path(pre.output_dir) / f"{pre.output_name}.safetensors"
         if not final.exists():
             print(f"{cfg.method}: training the prerequisite run {pre.output_dir}")
             try:
                 train(pre)
-            except Interrupted:  # its own "--resume <its state>" would be wrong advice for this run's command
+            except Interrupted:  # its own "--resume <its state>" would mislead: this run has another command
                 raise Interrupted(f"interrupted while training the prerequisite run {pre.output_dir}; run the same "
                                   "command again (finished prerequisites are reused, this one starts over)") from None
         elif not ran_with(pre, pre.output_dir):
@@ -383,31 +368,6 @@ def check_output_dir(cfg: TrainConfig, out: Path) -> None:
                             "pass --overwrite or choose another --output_dir")
 
 
-class CountingIterator:
-    """Endless shuffled batches of one role, counting what it served so a resumed run can fast-forward."""
-
-    def __init__(self, data: RoleData, batch_size: int, seed: int):
-        self.loader = DataLoader(data, batch_size=min(batch_size, len(data)), shuffle=True, drop_last=True,
-                                 generator=torch.Generator().manual_seed(seed))
-        self.served = 0
-        self._it = self._endless()
-
-    def _endless(self):
-        while True:
-            yield from self.loader
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        self.served += 1
-        return next(self._it)
-
-    def fast_forward(self, n: int) -> None:
-        for _ in range(n - self.served):
-            next(self)
-
-
 def make_optimizer(cfg: TrainConfig, params: list[dict]) -> torch.optim.Optimizer:
     kwargs: dict[str, Any] = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     if cfg.optimizer_type == "AdamW8bit":
@@ -445,7 +405,7 @@ def lora_hessian_top_eig(run: Run) -> float:
     data = run.loader.dataset
     n = min(run.cfg.train_batch_size, len(data))  # type: ignore[arg-type]  # map-style, sized
     batch = torch.utils.data.default_collate([data[i] for i in range(n)])
-    gens = [g for g in (run.denoiser.generator, getattr(run.objective, "dropout_generator", None)) if g is not None]
+    gens = [run.denoiser.generator, *run.objective.generators()]
     saved = [g.get_state() for g in gens]
     fixed = torch.Generator().manual_seed(run.cfg.seed + 8)
 
@@ -491,17 +451,6 @@ def probe_roles(roles: dict[str, RoleData], cfg: TrainConfig) -> dict[str, RoleD
     """The fixed-noise probe's samples: a random subset of eval_samples per role, drawn with the run's seed."""
     gen = torch.Generator().manual_seed(cfg.seed + 4)
     return {r: d.subset(min(cfg.eval_samples, len(d)), gen) for r, d in roles.items()}
-
-
-def keep_best_attacker(run: Run, progress: Progress, record: dict) -> None:
-    """``<output_name>.attacker_best.safetensors``: the attacker with the best fresh-noise test accuracy so far,
-    once one beats chance (none is saved while every evaluation is at or below 50 %)."""
-    acc = record.get("attacker_test_acc_fresh")
-    if acc is None or acc <= progress.best_attacker_acc:
-        return
-    progress.best_attacker_acc = acc
-    save_modules(run, run.cfg.output_name, suffix=BEST_SUFFIX, extra={"privlora_attacker_test_acc_fresh": str(acc),
-                                                                          "privlora_step": str(progress.step)})
 
 
 class FixedNoiseProbe:
@@ -553,16 +502,12 @@ def evaluate_epoch(epoch: int, step: int, probe: FixedNoiseProbe, denoiser: Deno
 
 def lora_metadata(cfg: TrainConfig, base) -> dict[str, str]:
     """Hyperparameters and the base model's identity — never anything derived from the training data."""
-    keys: tuple[str, ...]
     keys = ("method", "network_dim", "network_alpha", "conv_dim", "conv_alpha", "train_text_encoder", "unet_lr",
             "text_encoder_lr", "optimizer_type", "lr_scheduler", "lr_warmup_steps", "train_batch_size",
             "gradient_accumulation_steps", "max_train_epochs", "max_train_steps", "resolution", "mixed_precision",
-            "clip_skip", "noise_offset", "min_snr_gamma", "seed", "privacy_alpha", "privacy_beta", "k_steps",
-            "adv_step", "attacker_lr", "attacker_pool", "attacker_input", "max_token_length", "shuffle_caption",
+            "clip_skip", "noise_offset", "min_snr_gamma", "seed", "max_token_length", "shuffle_caption",
             "keep_tokens", "random_flip", "random_crop_scale", "color_jitter", "network_dropout", "weight_decay")
-    from privlora.objectives import METHODS
-
-    keys += tuple(k for k in METHODS[cfg.method].settings if k not in keys)
+    hyperparameters = {**{k: getattr(cfg, k) for k in keys}, **cfg.method_settings.values()}
     v2 = is_sd2(base.unet.config)
     return {
         "ss_network_module": "networks.lora",
@@ -576,7 +521,7 @@ def lora_metadata(cfg: TrainConfig, base) -> dict[str, str]:
         "ss_training_started_at": str(int(time.time())),
         "privlora_method": cfg.method,
         "privlora_prediction_type": base.prediction_type,
-        "privlora_hyperparameters": json.dumps({k: getattr(cfg, k) for k in keys}),
+        "privlora_hyperparameters": json.dumps(hyperparameters),
     }
 
 
@@ -594,15 +539,11 @@ def save_lora(run: Run, name: str) -> Path:
 
 
 def save_modules(run: Run, name: str, suffix: str = "", extra: dict[str, str] | None = None) -> None:
-    """The objective's trained modules (the attacker) as ``<name>.<module><suffix>.safetensors`` (main process)."""
-    cfg = run.cfg
+    """The objective's trained modules as ``<name>.<module><suffix>.safetensors`` (main process)."""
     if not run.accelerator.is_main_process:
         return
     for mod_name, module in run.objective.modules().items():
-        meta = {"privlora_module": mod_name, "channels": str(run.base.unet.config.in_channels),
-                "pool": str(cfg.attacker_pool), "hidden": json.dumps(cfg.attacker_hidden),
-                "dropout": str(cfg.attacker_dropout), "attacker_input": cfg.attacker_input,
-                **attacker_kind(cfg), **(extra or {})}
+        meta = {"privlora_module": mod_name, **run.objective.module_metadata(), **(extra or {})}
         save_safetensors(run.out / f"{name}.{mod_name}{suffix}.safetensors", module.state_dict(), metadata=meta)
 
 
@@ -630,8 +571,7 @@ def save_state(run: Run, progress: Progress) -> Path:
     payload = {
         "lora": lora_state(run), "optimizer": run.optimizer.state_dict(), "lr_scheduler": run.lr_scheduler.state_dict(),
         "objective": run.objective.state_dict(), "progress": asdict(progress),
-        "aux_served": {r: it.served for r, it in run.aux.items()},
-        "config": {k: getattr(run.cfg, k) for k in RESUME_MUST_MATCH},
+        "config": resume_settings(run.cfg),
     }
     rank_payload = {"rng": checkpoint.rng_state(), "noise": run.noise.get_state(), **caption_state(run.denoiser),
                     "order": run.loader_order.get_state(), "epoch_start_order": run.epoch_start_order}
@@ -640,7 +580,8 @@ def save_state(run: Run, progress: Progress) -> Path:
 
 def restore(run: Run, path: Path) -> Progress:
     state, rank_state = checkpoint.load_state(path, run.accelerator.process_index)
-    changed = [k for k, v in state["config"].items() if getattr(run.cfg, k) != v]
+    now = resume_settings(run.cfg)
+    changed = [k for k, v in state["config"].items() if k in now and now[k] != v]
     if changed:
         raise PrivloraError(f"{path}: saved with different {', '.join(changed)}; resume with the same settings")
     params = lora_parameters(run)
@@ -652,10 +593,9 @@ def restore(run: Run, path: Path) -> Progress:
             params[name].copy_(value)
     run.optimizer.load_state_dict(state["optimizer"])
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
-    run.objective.load_state_dict(state["objective"])
-    for role, served in state["aux_served"].items():
-        run.aux[role].fast_forward(served)
-    progress = Progress(**state["progress"])
+    # states saved before the method kept its own batch counts had them beside it
+    run.objective.load_state_dict({"aux_served": state.get("aux_served", {}), **state["objective"]})
+    progress = Progress(**{k: v for k, v in state["progress"].items() if k in Progress.__dataclass_fields__})
     checkpoint.set_rng_state(rank_state["rng"])
     run.noise.set_state(rank_state["noise"])
     if "caption_shuffle" in rank_state and run.denoiser.caption_shuffle is not None:
@@ -664,6 +604,12 @@ def restore(run: Run, path: Path) -> Progress:
     # Mid-epoch: replay this epoch's data order (the loop then skips the batches already seen).
     run.loader_order.set_state(rank_state["epoch_start_order"] if progress.batch_in_epoch else rank_state["order"])
     return progress
+
+
+def resume_settings(cfg: TrainConfig) -> dict:
+    """What a resumed run must share with its state: the shared keys above and the method's own."""
+    s = cfg.method_settings
+    return {**{k: getattr(cfg, k) for k in RESUME_MUST_MATCH}, **{k: getattr(s, k) for k in s.resume_keys()}}
 
 
 def caption_state(denoiser: Denoiser) -> dict:

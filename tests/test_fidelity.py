@@ -249,13 +249,21 @@ def test_the_attackers_own_step_runs_under_the_runs_autocast():
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in net.parameters())  # weights stay fp32
 
 
-def test_a_best_attacker_is_kept_only_above_chance(monkeypatch):
-    from privlora import train as train_module
+def test_a_best_attacker_is_kept_only_above_chance():
+    from privlora.config import make_config
+    from privlora.objectives import build_objective
 
-    saved = []
-    monkeypatch.setattr(train_module, "save_modules", lambda run, name, suffix, extra: saved.append(extra))
-    progress = train_module.Progress()
-    run = type("FakeRun", (), {"cfg": type("Cfg", (), {"output_name": "lora"})()})()
-    for acc in (0.45, 0.5, 0.5625, 0.55, 0.6):
-        train_module.keep_best_attacker(run, progress, {"attacker_test_acc_fresh": acc})
-    assert [float(s["privlora_attacker_test_acc_fresh"]) for s in saved] == [0.5625, 0.6]
+    def endless():
+        while True:
+            yield {}
+
+    obj = build_objective(make_config(method="smp_lora", attacker_pool=4, attacker_hidden=[4]), latent_channels=4,
+                          member_aux=endless(), nonmember_aux=endless())
+    saved = [obj.best_snapshot({"attacker_test_acc_fresh": acc, "step": i})
+             for i, acc in enumerate((0.45, 0.5, 0.5625, 0.55, 0.6))]
+    assert [None if s is None else float(s["privlora_attacker_test_acc_fresh"]) for s in saved] == \
+        [None, None, 0.5625, None, 0.6]
+    again = build_objective(make_config(method="smp_lora", attacker_pool=4, attacker_hidden=[4]), latent_channels=4,
+                            member_aux=endless(), nonmember_aux=endless())
+    again.load_state_dict(obj.state_dict())  # a resumed run keeps the best so far
+    assert again.best_snapshot({"attacker_test_acc_fresh": 0.58, "step": 9}) is None

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from privlora.config import TrainConfig
+from privlora.objectives.adversarial import AdversarialSettings
+from privlora.config import make_config
 from privlora.objectives import build_objective
 from privlora.objectives.attacker import LossMapAttacker, adversarial_loss
 from privlora.objectives.mp_lora import MPLoraObjective
@@ -138,7 +139,7 @@ def test_attacker_input_is_resolution_independent_and_reference_shaped_at_512():
 def test_build_objective_picks_by_method():
     kinds = {}
     for method in ("lora", "mp_lora", "smp_lora"):
-        cfg = TrainConfig(method=method, attacker_pool=8, attacker_hidden=[8])
+        cfg = make_config(dict(method=method, attacker_pool=8, attacker_hidden=[8]), foreign="drop")
         kinds[method] = type(build_objective(cfg, latent_channels=4, member_aux=batches(0),
                                              nonmember_aux=batches(1))).__name__
     assert kinds == {"lora": "LoraObjective", "mp_lora": "MPLoraObjective", "smp_lora": "SMPLoraObjective"}
@@ -237,9 +238,9 @@ def test_dropout_generator_state_travels_with_the_objective_state():
 
 
 def test_build_objective_turns_dropout_in_adv_on_from_the_config():
-    cfg = TrainConfig(method="smp_lora", attacker_pool=8, attacker_hidden=[8], attacker_dropout_in_adv=True)
+    cfg = make_config(method="smp_lora", attacker_pool=8, attacker_hidden=[8], attacker_dropout_in_adv=True)
     obj = build_objective(cfg, latent_channels=4, member_aux=batches(0), nonmember_aux=batches(1))
     assert obj.dropout_generator is not None
-    cfg.attacker_dropout_in_adv = False
+    cfg.settings(AdversarialSettings).attacker_dropout_in_adv = False
     assert build_objective(cfg, latent_channels=4, member_aux=batches(0),
                            nonmember_aux=batches(1)).dropout_generator is None

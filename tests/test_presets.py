@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from privlora.objectives.adversarial import AdversarialSettings
+from privlora.objectives.dp_lora import DPSettings
 from privlora.config import build_config, read_toml
 from privlora.data.prepare import prepare_splits
 from privlora.data.splits import ROLES, Splits
@@ -105,22 +107,27 @@ def test_preset_split_layout_on_a_miniature_tree(preset, tmp_path):
 @pytest.mark.parametrize("preset", PAPER_PRESETS, ids=str)
 def test_paper_presets_resolve_to_the_reference_method(preset):
     cfg = build_config(str(preset), {})
-    assert (cfg.adv_step, cfg.attacker_dropout_in_adv, cfg.shuffle_caption, cfg.max_token_length) == \
-        ("reference", True, True, 225)
+    assert (cfg.shuffle_caption, cfg.max_token_length) == (True, 225)
     assert (cfg.network_dim, cfg.network_alpha, cfg.unet_lr, cfg.text_encoder_lr) == (64, 32, 1e-4, 1e-5)
     assert (cfg.train_batch_size, cfg.max_train_epochs, cfg.clip_skip, cfg.seed, cfg.resolution) == \
         (1, 400, 2, 1337, 512)
-    assert (cfg.privacy_alpha, cfg.privacy_beta, cfg.k_steps, cfg.attacker_lr, cfg.attacker_weight_decay) == \
-        (1.0, 1.0, 1, 1e-5, 1e-4)
-    assert (cfg.attacker_hidden, cfg.attacker_dropout, cfg.attacker_pool) == ([512, 256], 0.5, 64)
     assert cfg.method == preset.stem and cfg.train_text_encoder and not cfg.caches_text
+    if cfg.method == "lora":  # the reference preset's attacker keys are not plain LoRA's: they are dropped
+        assert cfg.method_settings.values() == {}
+        return
+    s = cfg.settings(AdversarialSettings)
+    assert (s.adv_step, s.attacker_dropout_in_adv) == ("reference", True)
+    assert (s.privacy_alpha, s.privacy_beta, s.k_steps, s.attacker_lr, s.attacker_weight_decay) == \
+        (1.0, 1.0, 1, 1e-5, 1e-4)
+    assert (s.attacker_hidden, s.attacker_dropout, s.attacker_pool) == ([512, 256], 0.5, 64)
 
 
 @pytest.mark.parametrize("preset", ["configs/tiny/dp_lora.toml", "configs/pokemon/dp_lora.toml"])
 def test_dp_presets_keep_the_reference_settings_except_what_dp_sgd_forces(preset):
     cfg = build_config(preset, {})
-    assert cfg.method == "dp_lora" and not cfg.train_text_encoder and cfg.dp_target_epsilon == 8.0
-    assert cfg.dp_noise_multiplier is None and cfg.dp_max_grad_norm == 1.0 and cfg.train_batch_size > 1
+    dp = cfg.settings(DPSettings)
+    assert cfg.method == "dp_lora" and not cfg.train_text_encoder and dp.dp_target_epsilon == 8.0
+    assert dp.dp_noise_multiplier is None and dp.dp_max_grad_norm == 1.0 and cfg.train_batch_size > 1
     if "pokemon" in preset:
         paper = build_config("configs/pokemon/lora.toml", {})
         assert (cfg.network_dim, cfg.max_train_epochs, cfg.resolution, cfg.clip_skip, cfg.seed) == \
@@ -133,7 +140,8 @@ def test_train_sh_launches_the_reference_step():
     is compared with the preset in tests/test_launchers.py)."""
     text = Path("scripts/train.sh").read_text()
     assert "ADV_STEP=${ADV_STEP:-}" in text
-    assert build_config("configs/pokemon/smp_lora.toml", {}).adv_step == "reference"
+    cfg = build_config("configs/pokemon/smp_lora.toml", {})
+    assert cfg.settings(AdversarialSettings).adv_step == "reference"
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=str)
@@ -148,12 +156,14 @@ def test_resolved_settings_read_back_to_the_same_config(preset, tmp_path):
 
 def test_print_config_prints_every_key_after_inherit_and_flags(capsys):
     from privlora.cli import main
-    from privlora.config import KEYS
+    from privlora.config import SHARED_KEYS
+    from privlora.objectives.adversarial import AdversarialSettings
 
     assert main(["train", "--config", "configs/pokemon/smp_lora.toml", "--print_config", "--k_steps", "3"]) == 0
     out = capsys.readouterr().out
-    printed = {line.lstrip("# ").split(" = ")[0] for line in out.splitlines()[1:]}
-    assert printed == KEYS
+    printed = {line.lstrip("# ").split(" = ")[0] for line in out.splitlines()[1:] if " = " in line}
+    assert printed == SHARED_KEYS | set(AdversarialSettings().values())
+    assert "\n[smp_lora]" in out  # the method's own keys, under its name
     assert "k_steps = 3\n" in out and 'adv_step = "reference"\n' in out and "network_dim = 64\n" in out
 
 

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from privlora.audit import AuditConfig, run_audit
-from privlora.config import TrainConfig, build_config
+from privlora.config import build_config, make_config
 from privlora.models.loading import load_base
 from privlora.objectives import build_objective
 from privlora.train import train
@@ -125,7 +125,7 @@ def test_attacker_sees_the_64x64_loss_map_itself_at_64x64_latents(adv_step, monk
         while True:
             yield {"x": torch.randn(2, 4, 64, 64, generator=g)}
 
-    objective = build_objective(TrainConfig(method="smp_lora", adv_step=adv_step), latent_channels=4,
+    objective = build_objective(make_config(method="smp_lora", adv_step=adv_step), latent_channels=4,
                                 member_aux=batches(), nonmember_aux=batches())
     from privlora.objectives import attacker as attacker_module
 

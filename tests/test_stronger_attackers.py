@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
-from privlora.attacker_eval import fresh_noise_maps
-from privlora.config import TrainConfig
+from privlora.objectives.attacker_eval import fresh_noise_maps
+from privlora.config import build_config, make_config
 from privlora.errors import PrivloraError
 from privlora.models.attacker_net import LossMapAttacker, ScalarAttacker
 from privlora.objectives import build_objective
@@ -60,7 +60,7 @@ class DrawingDenoiser:
 
 def objective(method="smp_lora", adv_step="fused", **keys):
     torch.manual_seed(0)
-    cfg = TrainConfig(method=method, adv_step=adv_step, attacker_pool=4, attacker_hidden=[16], attacker_lr=1e-2,
+    cfg = make_config(method=method, adv_step=adv_step, attacker_pool=4, attacker_hidden=[16], attacker_lr=1e-2,
                       privacy_alpha=5.0, **keys)
     return build_objective(cfg, latent_channels=4, member_aux=batches(1), nonmember_aux=batches(2))
 
@@ -194,20 +194,21 @@ def test_default_attacker_is_the_papers():
                                         (dict(attacker_features="pixels"), "attacker_features")])
 def test_bad_settings_are_one_line_errors_naming_the_key(keys, named):
     with pytest.raises(PrivloraError) as e:
-        TrainConfig(method="smp_lora", max_train_steps=1, synthetic_images=8, **keys).validate()
+        build_config(None, {"method": "smp_lora", "max_train_steps": 1, "synthetic_images": 8, **keys})
     assert named in str(e.value) and "\n" not in str(e.value)
 
 
 def test_a_saved_stronger_attacker_loads_back_exactly_from_its_metadata(tmp_path):
     from privlora.attacks.proxy import load_attacker
     from privlora.io import save_safetensors
-    from privlora.objectives.adversarial import attacker_kind
+    from privlora.objectives.adversarial import AdversarialSettings
 
-    assert attacker_kind(TrainConfig()) == {}  # the paper's attacker file is written as before
+    assert AdversarialSettings().kind() == {}  # the paper's attacker file is written as before
     obj = objective(attacker_features="scalar", attacker_draws=4, attacker_timestep=True)
     obj.after_lora_step(DrawingDenoiser())
-    meta = {"channels": "4", "pool": "4", "hidden": "[16]", "dropout": "0.5", **attacker_kind(TrainConfig(
-        attacker_features="scalar", attacker_draws=4, attacker_timestep=True))}
+    meta = obj.module_metadata()
+    assert {"channels": "4", "pool": "4", "hidden": "[16]", "dropout": "0.5", "draws": "4", "features": "scalar",
+            "timestep": "true"}.items() <= meta.items()
     path = save_safetensors(tmp_path / "a.attacker.safetensors", obj.attacker.state_dict(), metadata=meta)
     net, _ = load_attacker(path)
     assert type(net) is ScalarAttacker and (net.draws, net.timestep) == (4, True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from privlora.data.augment import FLIPPED
 from privlora.data.images import open_rgb, to_tensor
@@ -56,3 +56,28 @@ class RoleData(Dataset):
         sub.latents = None if self.latents is None else self.latents[picked]
         sub.text_emb = None if self.text_emb is None else self.text_emb[picked]
         return sub
+
+
+class CountingIterator:
+    """Endless shuffled batches of one role, counting what it served so a resumed run can fast-forward."""
+
+    def __init__(self, data: RoleData, batch_size: int, seed: int):
+        self.loader = DataLoader(data, batch_size=min(batch_size, len(data)), shuffle=True, drop_last=True,
+                                 generator=torch.Generator().manual_seed(seed))
+        self.served = 0
+        self._it = self._endless()
+
+    def _endless(self):
+        while True:
+            yield from self.loader
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        self.served += 1
+        return next(self._it)
+
+    def fast_forward(self, n: int) -> None:
+        for _ in range(n - self.served):
+            next(self)

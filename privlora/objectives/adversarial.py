@@ -23,6 +23,8 @@ Subclasses only say how L_ada and L_adv combine into the LoRA's loss.
 from __future__ import annotations
 
 import contextlib
+import json
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from collections.abc import Callable, Iterator
 
@@ -31,48 +33,112 @@ import torch
 from privlora.captions import shuffled_once
 from privlora.objectives.attacker import (Attacker, LossMapAttacker, ScalarAttacker, Seen, adversarial_loss,
                                           attacker_accuracy, attacker_update)
+from privlora.data.cache import CountingIterator
+from privlora.objectives.attacker_eval import KEYS as FRESH_KEYS
+from privlora.objectives.attacker_eval import eval_roles, fresh_noise_maps, repeat_batch
 from privlora.objectives.base import BuildContext, DenoiserLike, Objective, StepOutput
+from privlora.settings import MethodSettings
 
 if TYPE_CHECKING:
-    from privlora.config import TrainConfig
+    from privlora.settings import TrainConfig
 
 
 ATTACKER_FEATURES = ("map", "scalar")
 
 
-def make_attacker(cfg: TrainConfig, latent_channels: int) -> Attacker:
-    draws, timestep = getattr(cfg, "attacker_draws", 1), getattr(cfg, "attacker_timestep", False)
-    if getattr(cfg, "attacker_features", "map") == "scalar":
-        return ScalarAttacker(draws, timestep, cfg.attacker_hidden, cfg.attacker_dropout)
-    if draws == 1 and not timestep:  # the paper's attacker, built exactly as before
-        return LossMapAttacker(latent_channels, cfg.attacker_pool, cfg.attacker_hidden, cfg.attacker_dropout)
-    return LossMapAttacker(latent_channels, cfg.attacker_pool, cfg.attacker_hidden, cfg.attacker_dropout,
-                           draws, timestep)
+def _help(text: str) -> Any:
+    return {"help": text}
 
 
-def attacker_kind(cfg: TrainConfig) -> dict[str, str]:
-    """The saved attacker's metadata for the stronger attackers (empty for the paper's: its file stays as before)."""
-    kind = {"draws": str(cfg.attacker_draws), "timestep": str(cfg.attacker_timestep).lower(),
-            "features": cfg.attacker_features}
-    return {} if kind == {"draws": "1", "timestep": "false", "features": "map"} else kind
+@dataclass
+class AdversarialSettings(MethodSettings):
+    """MP-LoRA's and SMP-LoRA's keys: the privacy weight(s) and the proxy attacker trained against the LoRA."""
+
+    privacy_alpha: float = field(default=1.0, metadata=_help("α: weight of the attacker's loss L_adv"))
+    privacy_beta: float = field(default=1.0, metadata=_help("β of SMP-LoRA's L_ada / (β + α·L_adv)"))
+    k_steps: int = field(default=1, metadata=_help("attacker steps per LoRA step"))
+    adv_step: str = field(default="fused", metadata=_help(
+        "reference (the paper's step) | fused (one UNet pass per step, a faster variant that changes the method)"))
+    attacker_lr: float = 1e-5
+    attacker_weight_decay: float = 1e-4
+    attacker_hidden: list[int] = field(default_factory=lambda: [512, 256])
+    attacker_dropout: float = 0.5
+    attacker_pool: int = field(default=64, metadata=_help(
+        "loss maps are pooled to pool×pool (64 = the reference at 512²)"))
+    attacker_batch_size: int | None = field(default=None, metadata=_help("default: train_batch_size"))
+    attacker_input: str = field(default="loss_map", metadata=_help(
+        "loss_map (the paper) | calibrated (minus the base model's map; +1 no-grad forward)"))
+    # stronger proxy attackers (departures from the paper, off by default; docs/fidelity.md)
+    attacker_draws: int = field(default=1, metadata=_help(
+        "K noise/timestep draws per image shown to the attacker together (L_adv: K× batch)"))
+    attacker_timestep: bool = field(default=False, metadata=_help("the attacker also sees each draw's t/T"))
+    attacker_features: str = field(default="map", metadata=_help(
+        "map (MLP on pooled maps) | scalar (MLP on per-draw mean/std/quantiles)"))
+    attacker_dropout_in_adv: bool = field(default=False, metadata=_help(
+        "L_adv runs the attacker with dropout active (the reference); seeded masks"))
+    attacker_eval_samples: int | None = field(default=None, metadata=_help(
+        "per role, for the co-trained attacker's evaluation; default: all"))
+
+    resume_free = ("attacker_eval_samples",)  # evaluation only
+
+    def check(self, cfg: TrainConfig) -> str | None:
+        if self.adv_step not in ("fused", "reference"):
+            return f"adv_step {self.adv_step!r} is not fused or reference"
+        if self.attacker_input not in ("loss_map", "calibrated"):
+            return f"attacker_input {self.attacker_input!r} is not loss_map or calibrated"
+        if self.attacker_features not in ATTACKER_FEATURES:
+            return f"attacker_features {self.attacker_features!r} is not map or scalar"
+        for key in ("k_steps", "attacker_pool", "attacker_draws"):
+            if getattr(self, key) < 1:
+                return f"{key} must be ≥ 1"
+        if self.attacker_eval_samples is not None and self.attacker_eval_samples < 1:
+            return "attacker_eval_samples must be ≥ 1"
+        if self.attacker_batch_size is not None and self.attacker_batch_size < 1:
+            return "attacker_batch_size must be ≥ 1"
+        return None
+
+    def kind(self) -> dict[str, str]:
+        """The saved attacker's metadata for the stronger attackers (empty for the paper's: its file stays as
+        before)."""
+        kind = {"draws": str(self.attacker_draws), "timestep": str(self.attacker_timestep).lower(),
+                "features": self.attacker_features}
+        return {} if kind == {"draws": "1", "timestep": "false", "features": "map"} else kind
+
+
+def make_attacker(s: AdversarialSettings, latent_channels: int) -> Attacker:
+    if s.attacker_features == "scalar":
+        return ScalarAttacker(s.attacker_draws, s.attacker_timestep, s.attacker_hidden, s.attacker_dropout)
+    if s.attacker_draws == 1 and not s.attacker_timestep:  # the paper's attacker, built exactly as before
+        return LossMapAttacker(latent_channels, s.attacker_pool, s.attacker_hidden, s.attacker_dropout)
+    return LossMapAttacker(latent_channels, s.attacker_pool, s.attacker_hidden, s.attacker_dropout,
+                           s.attacker_draws, s.attacker_timestep)
 
 
 class AdversarialObjective(Objective):
     num_train_timesteps = 1000  # t/T's T: the denoiser's, once a step has seen it
-    settings = ("privacy_alpha", "privacy_beta", "k_steps", "adv_step", "attacker_lr", "attacker_weight_decay",
-                "attacker_hidden", "attacker_dropout", "attacker_pool", "attacker_batch_size", "attacker_input",
-                "attacker_dropout_in_adv", "attacker_eval_samples", "attacker_draws", "attacker_timestep",
-                "attacker_features")
+    settings_cls = AdversarialSettings
+    log_keys = ("L_ada", "L_adv", "attacker_loss")
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, ctx: BuildContext) -> AdversarialObjective:
-        assert ctx.member_aux is not None and ctx.nonmember_aux is not None, "the attacker needs its aux batches"
-        return cls(make_attacker(cfg, ctx.latent_channels), alpha=cfg.privacy_alpha, beta=cfg.privacy_beta,
-                   k_steps=cfg.k_steps, adv_step=cfg.adv_step, lr=cfg.attacker_lr,
-                   weight_decay=cfg.attacker_weight_decay, member_aux=ctx.member_aux,
-                   nonmember_aux=ctx.nonmember_aux, grad_sync=ctx.grad_sync, attacker_input=cfg.attacker_input,
-                   dropout_generator=dropout_generator_for(cfg), draws=cfg.attacker_draws,
-                   timestep=cfg.attacker_timestep)
+        s = cfg.settings(AdversarialSettings)
+        member_aux, nonmember_aux = ctx.member_aux, ctx.nonmember_aux
+        if member_aux is None or nonmember_aux is None:  # seeded per role and process, counted for resuming
+            batch_size = s.attacker_batch_size or cfg.train_batch_size
+            member_aux, nonmember_aux = (
+                CountingIterator(ctx.roles[role], batch_size, cfg.seed + 1 + i + 10 * ctx.process_index)
+                for i, role in enumerate(("member_aux", "nonmember_aux")))
+        objective = cls(make_attacker(s, ctx.latent_channels), alpha=s.privacy_alpha, beta=s.privacy_beta,
+                        k_steps=s.k_steps, adv_step=s.adv_step, lr=s.attacker_lr,
+                        weight_decay=s.attacker_weight_decay, member_aux=member_aux, nonmember_aux=nonmember_aux,
+                        grad_sync=ctx.grad_sync, attacker_input=s.attacker_input,
+                        dropout_generator=dropout_generator_for(s, cfg.seed), draws=s.attacker_draws,
+                        timestep=s.attacker_timestep)
+        objective.eval_roles = eval_roles(ctx.roles, s.attacker_eval_samples, cfg.seed + 6) if ctx.roles else {}
+        objective.file_metadata = {"channels": str(ctx.latent_channels), "pool": str(s.attacker_pool),
+                                   "hidden": json.dumps(s.attacker_hidden), "dropout": str(s.attacker_dropout),
+                                   "attacker_input": s.attacker_input, **s.kind()}
+        return objective
 
     def __init__(self, attacker: Attacker, *, alpha: float, beta: float, k_steps: int, adv_step: str,
                  lr: float, weight_decay: float, member_aux: Iterator[dict], nonmember_aux: Iterator[dict],
@@ -87,6 +153,10 @@ class AdversarialObjective(Objective):
         self.draws, self.timestep = draws, timestep  # K draws per image shown together; show each draw's t/T
         self._last_member_maps: torch.Tensor | Seen | None = None
         self.dropout_generator = dropout_generator  # None: L_adv sees the attacker without dropout
+        self.eval_roles: dict = {}  # role -> RoleData of the fresh-noise evaluation (evaluate_own)
+        self.file_metadata: dict[str, str] = {}
+        # the best fresh-noise test accuracy so far; the reference keeps a best attacker only above chance (50 %)
+        self.best_test_acc = 0.5
 
     def combine(self, l_ada: torch.Tensor, l_adv: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -197,19 +267,52 @@ class AdversarialObjective(Objective):
         frac = t.float().reshape(maps.shape[0], draws) / self.num_train_timesteps
         return Seen(maps, frac.to(maps.device))
 
+    def evaluate_own(self, denoiser: DenoiserLike, seed: int) -> dict[str, float]:
+        """``attacker_test_acc_fresh`` (member_test ∪ nonmember_test) and ``attacker_aux_acc_fresh`` on noise drawn
+        from ``seed``; the attacker gets its own input kind (as many draws per sample as it trains on)."""
+        if not self.eval_roles:
+            return {}
+        maps, refs, steps = fresh_noise_maps(self.eval_roles, denoiser, seed, self.attacker_input == "calibrated",
+                                             draws=self.draws)
+        return {FRESH_KEYS[k]: v for k, v in self.evaluate(maps, refs, steps).items() if k in FRESH_KEYS}
+
+    def best_snapshot(self, record: dict[str, Any]) -> dict[str, str] | None:
+        """The reference's ``attack_model_best``: the attacker with the best fresh-noise test accuracy so far, once
+        one beats chance (none is saved while every evaluation is at or below 50 %)."""
+        acc = record.get("attacker_test_acc_fresh")
+        if acc is None or acc <= self.best_test_acc:
+            return None
+        self.best_test_acc = acc
+        return {"privlora_attacker_test_acc_fresh": str(acc), "privlora_step": str(record.get("step"))}
+
+    def generators(self) -> list[torch.Generator]:
+        return [] if self.dropout_generator is None else [self.dropout_generator]
+
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"attacker": self.attacker}
 
+    def module_metadata(self) -> dict[str, str]:
+        return dict(self.file_metadata)
+
     def state_dict(self) -> dict:
         state: dict[str, Any] = {"attacker": self.attacker.state_dict(),
-                                 "attacker_optimizer": self.optimizer.state_dict()}
+                                 "attacker_optimizer": self.optimizer.state_dict(),
+                                 "best_test_acc": self.best_test_acc,
+                                 "aux_served": {role: getattr(it, "served", 0) for role, it in self._aux()}}
         if self.dropout_generator is not None:
             state["dropout_generator"] = self.dropout_generator.get_state()
         return state
 
+    def _aux(self) -> list[tuple[str, Iterator[dict]]]:
+        return [("member_aux", self.member_aux), ("nonmember_aux", self.nonmember_aux)]
+
     def load_state_dict(self, state: dict) -> None:
         self.attacker.load_state_dict(state["attacker"])
         self.optimizer.load_state_dict(state["attacker_optimizer"])
+        self.best_test_acc = state.get("best_test_acc", self.best_test_acc)
+        for role, it in self._aux():
+            if hasattr(it, "fast_forward"):
+                it.fast_forward(state.get("aux_served", {}).get(role, 0))
         if self.dropout_generator is not None and "dropout_generator" in state:
             self.dropout_generator.set_state(state["dropout_generator"])
 
@@ -219,16 +322,11 @@ def autocast_of(denoiser: DenoiserLike):
     return getattr(denoiser, "autocast", contextlib.nullcontext)
 
 
-def dropout_generator_for(cfg) -> torch.Generator | None:
+def dropout_generator_for(s: AdversarialSettings, seed: int) -> torch.Generator | None:
     """The seeded source of L_adv's dropout masks when ``attacker_dropout_in_adv`` is on (else None)."""
-    if not getattr(cfg, "attacker_dropout_in_adv", False):
+    if not s.attacker_dropout_in_adv:
         return None
-    return torch.Generator().manual_seed(cfg.seed + 5)
-
-
-def repeat_batch(batch: dict, times: int = 2) -> dict:
-    """The batch ``times`` over, copy after copy (tensors concatenated, caption lists repeated)."""
-    return {k: torch.cat([v] * times) if torch.is_tensor(v) else list(v) * times for k, v in batch.items()}
+    return torch.Generator().manual_seed(seed + 5)
 
 
 def detached(seen: torch.Tensor | Seen) -> torch.Tensor | Seen:

@@ -5,6 +5,9 @@ Per optimizer step the loop asks the method for gradients (``gradients``: by def
 then calls ``after_lora_step`` (where MP-/SMP-LoRA train their proxy attacker). The method also chooses how
 training batches are drawn (``make_loader``) and what it adds to each epoch's record and to the LoRA file's
 metadata. The loop never looks at which method it runs; a method overrides only what it must own.
+
+A method owns its settings too: ``settings_cls`` (a ``MethodSettings`` dataclass: keys, defaults, validation, which
+keys must match on resume); the registry (``privlora.objectives.METHODS``) turns them into flags and preset keys.
 """
 from __future__ import annotations
 
@@ -15,8 +18,12 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from privlora.settings import MethodSettings
+
 if TYPE_CHECKING:
-    from privlora.config import TrainConfig
+    from privlora.settings import TrainConfig
+
+BEST_SUFFIX = "_best"  # <name>.<module>_best.safetensors: a method's modules at their best evaluation so far
 
 
 @dataclass
@@ -45,11 +52,14 @@ class BuildContext:
     """What the loop hands a method when it builds it."""
 
     latent_channels: int
+    # batches of the aux roles, for a method that trains on them; None: the method draws them from ``roles``
     member_aux: Iterator[dict] | None = None
     nonmember_aux: Iterator[dict] | None = None
     grad_sync: Callable[[torch.nn.Module], None] | None = None  # multi-process: average a module's gradients
     num_train_images: int = 0  # distinct training images (the unit a DP guarantee protects)
     num_processes: int = 1
+    process_index: int = 0
+    roles: dict = field(default_factory=dict)  # role -> RoleData of the four audit roles (cached like training data)
     base: Any = None  # the loaded BaseModel, LoRA already injected into its UNet (and text encoder)
     train_examples: list = field(default_factory=list)  # the examples behind the training batches' "index"
 
@@ -59,16 +69,12 @@ class Objective:
 
     name: ClassVar[str] = "base"
     summary: ClassVar[str] = ""  # one line for --help and the docs
-    settings: ClassVar[tuple[str, ...]] = ()  # config keys this method reads (besides the shared training keys)
+    settings_cls: ClassVar[type[MethodSettings]] = MethodSettings  # the method's own keys (none for plain LoRA)
+    log_keys: ClassVar[tuple[str, ...]] = ("L_ada",)  # per-step logs shown on the progress bar
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, ctx: BuildContext) -> Objective:
         return cls()
-
-    @classmethod
-    def check_config(cls, cfg: TrainConfig) -> str | None:
-        """A reason this method cannot run with ``cfg`` (validated before any work), or None."""
-        return None
 
     @classmethod
     def prerequisites(cls, cfg: TrainConfig) -> list[TrainConfig]:
@@ -116,6 +122,21 @@ class Objective:
         the base model; ``timesteps``: each map's); no training here."""
         return {}
 
+    def evaluate_own(self, denoiser: DenoiserLike, seed: int) -> dict[str, float]:
+        """At each evaluation: the method's own measurements that need fresh model queries (MP-/SMP-LoRA: the
+        attacker's accuracy on fresh noise, as the reference measures it); ``seed`` differs per evaluation."""
+        return {}
+
+    def best_snapshot(self, record: dict[str, Any]) -> dict[str, str] | None:
+        """After an evaluation (its ``record``): metadata to save ``modules()`` under ``BEST_SUFFIX`` when they are
+        the best so far, else None."""
+        return None
+
+    def generators(self) -> list[torch.Generator]:
+        """The method's own random sources used by ``lora_loss`` (fixed, then restored, by probes such as the
+        Hessian estimate that must see the same loss every time)."""
+        return []
+
     def epoch_logs(self) -> dict[str, float]:
         """Numbers recorded at every epoch end (history.json, TensorBoard, progress bar)."""
         return {}
@@ -126,6 +147,10 @@ class Objective:
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """Extra trained modules to save beside the LoRA (the attacker)."""
+        return {}
+
+    def module_metadata(self) -> dict[str, str]:
+        """Metadata of the files of ``modules()`` (what rebuilds them: sizes, kind)."""
         return {}
 
     def state_dict(self) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from dataclasses import dataclass, field
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,22 +28,48 @@ from privlora.diffusion import predict, training_target
 from privlora.errors import PrivloraError
 from privlora.models.lora import read_kohya_weights
 from privlora.objectives.base import BuildContext, DenoiserLike, Objective, StepOutput
+from privlora.settings import MethodSettings
 
 if TYPE_CHECKING:
-    from privlora.config import TrainConfig
+    from privlora.settings import TrainConfig
+
+
+@dataclass
+class DistillSettings(MethodSettings):
+    """distill_lora's keys."""
+
+    distill_true_noise_weight: float = field(default=0.0, metadata={
+        "help": "w in target = w·ε_true + (1 − w)·ε_teacher"})
+    distill_teacher_epochs: int | None = field(default=None, metadata={
+        "help": "each teacher's max_train_epochs; default: the student's length"})
+
+    def check(self, cfg: TrainConfig) -> str | None:
+        if cfg.train_text_encoder:
+            return "distill_lora trains and distils the UNet LoRA only; set train_text_encoder = false"
+        if not 0.0 <= self.distill_true_noise_weight <= 1.0:
+            return f"distill_true_noise_weight {self.distill_true_noise_weight} is not in [0, 1]"
+        if self.distill_teacher_epochs is not None and self.distill_teacher_epochs < 1:
+            return f"distill_teacher_epochs {self.distill_teacher_epochs} must be ≥ 1"
+        if cfg.train_subset != "all":
+            return "distill_lora's student trains on the whole train role; set train_subset = \"all\""
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return "distill_lora runs in one process (its teachers are trained first, one after the other); " \
+                   "launch it without torchrun/accelerate multi-process"
+        return None
 
 
 def teacher_config(cfg: TrainConfig, half: str) -> TrainConfig:
     """The plain-LoRA run on one half: the student's settings, its own folder, no intermediate saves."""
     epochs, steps = cfg.max_train_epochs, cfg.max_train_steps
-    if cfg.distill_teacher_epochs:
-        epochs, steps = cfg.distill_teacher_epochs, None
+    teacher_epochs = cfg.settings(DistillSettings).distill_teacher_epochs
+    if teacher_epochs:
+        epochs, steps = teacher_epochs, None
     teacher = dataclasses.replace(
-        cfg, method="lora", train_subset=half, output_dir=str(Path(cfg.output_dir) / "teachers" / half),
+        cfg, method="lora", method_settings=MethodSettings(), train_subset=half,
+        output_dir=str(Path(cfg.output_dir) / "teachers" / half),
         output_name=f"teacher_{half[-1]}", save_format="kohya", save_every_n_epochs=None, save_every_n_steps=None,
         save_state=False, resume=None, overwrite=False, sample_prompts=None, sample_every_n_epochs=None,
-        hessian_every_n_steps=0, distill_true_noise_weight=0.0, distill_teacher_epochs=None,
-        max_train_epochs=epochs, max_train_steps=steps)
+        hessian_every_n_steps=0, max_train_epochs=epochs, max_train_steps=steps)
     return teacher.validate(f"{half} teacher of {cfg.output_dir}")
 
 
@@ -73,7 +100,8 @@ def student_kept(unet: torch.nn.Module,
 class DistillObjective(Objective):
     name = "distill_lora"
     summary = "distilled LoRA: a student learns each image from the teacher trained on the other half (Fu et al.)"
-    settings = ("distill_true_noise_weight", "distill_teacher_epochs")
+    settings_cls = DistillSettings
+    log_keys = ("L_distill", "L_ada")
 
     def __init__(self, params: list[torch.nn.Parameter], teachers: list[list[torch.Tensor]], halves: torch.Tensor,
                  true_noise_weight: float = 0.0):
@@ -95,22 +123,8 @@ class DistillObjective(Objective):
         teachers = [read_kohya_weights(teacher_file(t), ctx.base.unet) for t in cls.prerequisites(cfg)]
         params = [p for p, _ in teachers[0]]
         halves = torch.tensor(half_assignment(len(ctx.train_examples), cfg.split_seed))
-        return cls(params, [[w for _, w in t] for t in teachers], halves, cfg.distill_true_noise_weight)
-
-    @classmethod
-    def check_config(cls, cfg: TrainConfig) -> str | None:
-        if cfg.train_text_encoder:
-            return "distill_lora trains and distils the UNet LoRA only; set train_text_encoder = false"
-        if not 0.0 <= cfg.distill_true_noise_weight <= 1.0:
-            return f"distill_true_noise_weight {cfg.distill_true_noise_weight} is not in [0, 1]"
-        if cfg.distill_teacher_epochs is not None and cfg.distill_teacher_epochs < 1:
-            return f"distill_teacher_epochs {cfg.distill_teacher_epochs} must be ≥ 1"
-        if cfg.train_subset != "all":
-            return "distill_lora's student trains on the whole train role; set train_subset = \"all\""
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            return "distill_lora runs in one process (its teachers are trained first, one after the other); " \
-                   "launch it without torchrun/accelerate multi-process"
-        return None
+        weight = cfg.settings(DistillSettings).distill_true_noise_weight
+        return cls(params, [[w for _, w in t] for t in teachers], halves, weight)
 
     @torch.no_grad()
     def target(self, index: torch.Tensor, unet: torch.nn.Module, scheduler, latents: torch.Tensor,

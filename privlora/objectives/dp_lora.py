@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import secrets
 import sys
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from collections.abc import Callable, Iterator
 
@@ -30,9 +31,10 @@ from privlora import accounting
 from privlora.diffusion import loss_map
 from privlora.errors import PrivloraError
 from privlora.objectives.base import BuildContext, DenoiserLike, Objective, StepOutput
+from privlora.settings import MethodSettings
 
 if TYPE_CHECKING:
-    from privlora.config import TrainConfig
+    from privlora.settings import TrainConfig
 
 
 VOID = "void: reproducible noise"
@@ -77,11 +79,59 @@ def clip_factors(grads: list[torch.Tensor], max_norm: float) -> tuple[torch.Tens
     return (max_norm / (norm + 1e-6)).clamp(max=1.0), norm
 
 
+@dataclass
+class DPSettings(MethodSettings):
+    """DP-LoRA's keys: give dp_noise_multiplier, or dp_target_epsilon and the multiplier is solved for the run."""
+
+    dp_noise_multiplier: float | None = field(default=None, metadata={"help": "σ: noise std / clipping norm"})
+    dp_target_epsilon: float | None = field(default=None, metadata={
+        "help": "ε the run must reach at dp_delta (σ is solved for the run's length)"})
+    dp_delta: float | None = field(default=None, metadata={
+        "help": "δ; default 1e-5, never above 1/(10·N) for N training images"})
+    dp_max_grad_norm: float = field(default=1.0, metadata={"help": "per-image clipping norm C"})
+    dp_accountant: str = field(default="prv", metadata={"help": "prv | rdp (Opacus' accountants)"})
+    dp_micro_batch_size: int = field(default=16, metadata={
+        "help": "per-image gradients are formed this many images at a time (memory bound)"})
+    dp_noise_draws: int = field(default=1, metadata={
+        "help": "noise/timestep draws averaged per image before clipping (DPDM's noise multiplicity)"})
+    # research only: noise and Poisson sampling from the run's seed (repeatable), which VOIDS the guarantee for
+    # anyone who has the LoRA file (its metadata holds the seed); default: a secret per-run source
+    dp_reproducible_noise: bool = field(default=False, metadata={
+        "help": "research only: noise from the seed; VOIDS the guarantee of the file"})
+
+    resume_free = ("dp_micro_batch_size",)  # memory only: the same per-image gradients, chunked differently
+
+    def check(self, cfg: TrainConfig) -> str | None:
+        if cfg.train_text_encoder:
+            return "dp_lora trains the UNet LoRA only (text-encoder gradients are not handled per image); " \
+                   "set train_text_encoder = false"
+        if cfg.gradient_accumulation_steps != 1:
+            return "dp_lora forms each logical batch itself (dp_micro_batch_size bounds memory); " \
+                   "set gradient_accumulation_steps = 1"
+        for key in ("dp_micro_batch_size", "dp_noise_draws"):
+            if getattr(self, key) < 1:
+                return f"{key} must be ≥ 1"
+        if (self.dp_noise_multiplier is None) == (self.dp_target_epsilon is None):
+            return "dp_lora needs exactly one of dp_noise_multiplier or dp_target_epsilon"
+        if self.dp_noise_multiplier is not None and self.dp_noise_multiplier < 0:
+            return f"dp_noise_multiplier {self.dp_noise_multiplier} is negative"
+        if self.dp_target_epsilon is not None and self.dp_target_epsilon <= 0:
+            return f"dp_target_epsilon {self.dp_target_epsilon} must be > 0"
+        if self.dp_delta is not None and not 0 < self.dp_delta < 1:
+            return f"dp_delta {self.dp_delta} must be in (0, 1)"
+        if not self.dp_max_grad_norm > 0:
+            return f"dp_max_grad_norm {self.dp_max_grad_norm} must be > 0 (inf turns clipping off)"
+        if math.isinf(self.dp_max_grad_norm) and (self.dp_noise_multiplier or self.dp_target_epsilon):
+            return "dp_max_grad_norm inf (no clipping) has unbounded sensitivity: no noise makes that private"
+        if self.dp_accountant not in accounting.ACCOUNTANTS:
+            return f"dp_accountant {self.dp_accountant!r} is not one of {', '.join(accounting.ACCOUNTANTS)}"
+        return None
+
+
 class DPLoraObjective(Objective):
     name = "dp_lora"
     summary = "DP-LoRA: DP-SGD on the LoRA weights (per-image clipping, Gaussian noise, Poisson sampling), ε accounted"
-    settings = ("dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_max_grad_norm", "dp_accountant",
-                "dp_micro_batch_size", "dp_noise_draws", "dp_reproducible_noise")
+    settings_cls = DPSettings
 
     def __init__(self, *, max_grad_norm: float, num_images: int, batch_size: int, delta: float,
                  noise_multiplier: float | None = None, target_epsilon: float | None = None,
@@ -108,45 +158,23 @@ class DPLoraObjective(Objective):
         if ctx.num_processes > 1:
             raise PrivloraError("dp_lora runs in one process (the noise must be added once per step); "
                                 "launch it without torchrun/accelerate multi-process")
-        delta = cfg.dp_delta if cfg.dp_delta is not None else accounting.DEFAULT_DELTA
+        s = cfg.settings(DPSettings)
+        delta = s.dp_delta if s.dp_delta is not None else accounting.DEFAULT_DELTA
         ceiling = accounting.max_delta(ctx.num_train_images)
         if delta > ceiling:
             raise PrivloraError(f"dp_delta {delta:g} is above 1/(10·N) = {ceiling:.3g} for N = {ctx.num_train_images} "
                                 "training images: a mechanism that leaks one whole image with probability δ would "
                                 "be expected to leak some; lower dp_delta")
-        if cfg.dp_reproducible_noise:
+        if s.dp_reproducible_noise:
             print("dp_lora: dp_reproducible_noise is on: the noise and sampling follow the seed, which the LoRA file "
                   "records, so the DP guarantee is VOID for anyone who has the file (metadata: "
                   f"privlora_dp_guarantee = \"{VOID}\")", file=sys.stderr)
-        return cls(max_grad_norm=cfg.dp_max_grad_norm, num_images=ctx.num_train_images,
-                   batch_size=cfg.train_batch_size, delta=delta, noise_multiplier=cfg.dp_noise_multiplier,
-                   target_epsilon=cfg.dp_target_epsilon, accountant=cfg.dp_accountant,
-                   micro_batch_size=cfg.dp_micro_batch_size, noise_draws=cfg.dp_noise_draws,
-                   reproducible_seed=cfg.seed if cfg.dp_reproducible_noise else None)
+        return cls(max_grad_norm=s.dp_max_grad_norm, num_images=ctx.num_train_images,
+                   batch_size=cfg.train_batch_size, delta=delta, noise_multiplier=s.dp_noise_multiplier,
+                   target_epsilon=s.dp_target_epsilon, accountant=s.dp_accountant,
+                   micro_batch_size=s.dp_micro_batch_size, noise_draws=s.dp_noise_draws,
+                   reproducible_seed=cfg.seed if s.dp_reproducible_noise else None)
 
-    @classmethod
-    def check_config(cls, cfg: TrainConfig) -> str | None:
-        if cfg.train_text_encoder:
-            return "dp_lora trains the UNet LoRA only (text-encoder gradients are not handled per image); " \
-                   "set train_text_encoder = false"
-        if cfg.gradient_accumulation_steps != 1:
-            return "dp_lora forms each logical batch itself (dp_micro_batch_size bounds memory); " \
-                   "set gradient_accumulation_steps = 1"
-        if (cfg.dp_noise_multiplier is None) == (cfg.dp_target_epsilon is None):
-            return "dp_lora needs exactly one of dp_noise_multiplier or dp_target_epsilon"
-        if cfg.dp_noise_multiplier is not None and cfg.dp_noise_multiplier < 0:
-            return f"dp_noise_multiplier {cfg.dp_noise_multiplier} is negative"
-        if cfg.dp_target_epsilon is not None and cfg.dp_target_epsilon <= 0:
-            return f"dp_target_epsilon {cfg.dp_target_epsilon} must be > 0"
-        if cfg.dp_delta is not None and not 0 < cfg.dp_delta < 1:
-            return f"dp_delta {cfg.dp_delta} must be in (0, 1)"
-        if not cfg.dp_max_grad_norm > 0:
-            return f"dp_max_grad_norm {cfg.dp_max_grad_norm} must be > 0 (inf turns clipping off)"
-        if math.isinf(cfg.dp_max_grad_norm) and (cfg.dp_noise_multiplier or cfg.dp_target_epsilon):
-            return "dp_max_grad_norm inf (no clipping) has unbounded sensitivity: no noise makes that private"
-        if cfg.dp_accountant not in accounting.ACCOUNTANTS:
-            return f"dp_accountant {cfg.dp_accountant!r} is not one of {', '.join(accounting.ACCOUNTANTS)}"
-        return None
 
     def plan(self, max_steps: int) -> None:
         if self.noise_multiplier is None:

@@ -3,7 +3,8 @@
 The reference measures, every epoch, the proxy attacker's accuracy on all of D^m_te ∪ D^nm_te and on the aux
 sets, each time on a fresh noise draw, and keeps the best attacker (``attack_model_best``). Here the noise is
 drawn from a generator seeded by (seed, step): fresh at each evaluation, yet identical on a resumed run.
-The fixed-noise probe in ``train`` is a different measurement (same noise every evaluation, a subset).
+The adversarial objectives run it as their ``evaluate_own`` hook (``fresh_accuracy``). The fixed-noise probe in
+``train`` is a different measurement (same noise every evaluation, a subset).
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import torch
 from privlora.data.cache import RoleData
 
 KEYS = {"attacker_train_acc": "attacker_aux_acc_fresh", "attacker_test_acc": "attacker_test_acc_fresh"}
-BEST_SUFFIX = "_best"  # <name>.attacker_best.safetensors (the reference's attack_model_best)
 
 
 def eval_roles(roles: dict[str, RoleData], n: int | None, seed: int) -> dict[str, RoleData]:
@@ -48,8 +48,6 @@ def fresh_noise_maps(roles: dict[str, RoleData], denoiser, seed: int, calibrated
 
 def draw_maps(batch: dict, denoiser, gen: torch.Generator, calibrated: bool, draws: int) -> tuple[torch.Tensor, ...]:
     """(maps, timesteps[, base maps]) of one batch; K draws come from one call on the batch repeated K times."""
-    from privlora.objectives.adversarial import repeat_batch
-
     big = batch if draws == 1 else repeat_batch(batch, draws)
     noise, t = denoiser.draw(big, gen)
     out = [denoiser.loss_map(big, noise=noise, timesteps=t)[0].float(), t]
@@ -61,12 +59,6 @@ def draw_maps(batch: dict, denoiser, gen: torch.Generator, calibrated: bool, dra
     return tuple(x.reshape(draws, b, *x.shape[1:]).transpose(0, 1) for x in out)
 
 
-def evaluate_attacker(objective, roles: dict[str, RoleData], denoiser, seed: int) -> dict[str, float]:
-    """``attacker_test_acc_fresh`` (member_test ∪ nonmember_test) and ``attacker_aux_acc_fresh``; {} without one.
-
-    The attacker gets its own input kind: as many draws per sample as it trains on, with their timesteps."""
-    if not objective.modules():
-        return {}
-    calibrated = getattr(objective, "attacker_input", "loss_map") == "calibrated"
-    maps, refs, steps = fresh_noise_maps(roles, denoiser, seed, calibrated, draws=getattr(objective, "draws", 1))
-    return {KEYS[k]: v for k, v in objective.evaluate(maps, refs, steps).items() if k in KEYS}
+def repeat_batch(batch: dict, times: int = 2) -> dict:
+    """The batch ``times`` over, copy after copy (tensors concatenated, caption lists repeated)."""
+    return {k: torch.cat([v] * times) if torch.is_tensor(v) else list(v) * times for k, v in batch.items()}
