@@ -339,7 +339,7 @@ def _targets(base, models: list[_Model], switch: AdapterSwitch, cfg: AuditConfig
 
     def target(name: str, model: _Model | None, encoding: TextEncoding, reference: Target | None) -> Target:
         adapter = model.adapter if model else None
-        return Target(name, base.unet, base.noise_scheduler, lambda captions: encoding.encode(base, captions),
+        return Target(name, base.unet, base.noise_scheduler, _encoder(base, encoding),
                       seed=cfg.seed, batch_size=cfg.batch_size, device=device,
                       activate=lambda: switch.use(adapter), reference=reference,
                       source=model.path if model else None)
@@ -575,7 +575,9 @@ def attach_shadows(base, models: list[_Model], targets: dict[str, Target], shado
 
 
 def _encoder(base, encoding: TextEncoding) -> Callable[[list[str]], torch.Tensor]:
-    return lambda captions: encoding.encode(base, captions)
+    from privlora.models.loading import encode_text
+
+    return lambda captions: encode_text(base, captions, encoding)
 
 
 def _activator(switch: AdapterSwitch, adapter: str) -> Callable[[], None]:
