@@ -99,7 +99,8 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
         from privlora.audit_parts import run_in_parts
         from privlora.processes import threads_for
 
-        report, plot = run_in_parts(cfg, lora_files, parts, threads_for(cfg.jobs, cfg.threads_per_job), log)
+        report, plot = run_in_parts(cfg, lora_files, parts, threads_for(cfg.jobs, cfg.threads_per_job), log,
+                                    _audit_part)
         _log_decisions(plot["results"], log)
         _add_shadow_report(report, shadow_sets)
         return _write_report(out, report, plot["scores"], plot["results"], plot["skipped"], log)
@@ -142,13 +143,34 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
 def _parts(cfg: AuditConfig, lora_files: list[Path]) -> list[list[Path]] | None:
     """The LoRA files of each worker process, or None for one process (one job, a GPU, or a split that could
     change a name)."""
-    from privlora.audit_parts import parts_for
     from privlora.processes import on_cpu
 
     if cfg.jobs == 1 or not on_cpu(cfg.device):
         return None
 
     return parts_for(cfg, lora_files)
+
+
+def parts_for(cfg: AuditConfig, files: list[Path]) -> list[list[Path]] | None:
+    """LoRA files per part (round-robin, so parts get similar work), or None where the audit must run whole.
+
+    The split is used only where it cannot change a name or a setting: distinct LoRA file names (the serial audit
+    renames duplicates by position), and the base model in the part of the first LoRA, which derives the base
+    row's text encoding exactly as the whole audit would."""
+    n = min(cfg.jobs, len(files))
+    stems = [p.stem for p in files]
+    if n < 2 or len(set(stems)) < len(stems) or "base" in stems:
+        return None
+    parts = [files[k::n] for k in range(n)]
+    encodings = [lora_encoding(cfg, p, lora_metadata(p)) for p in files]
+    if cfg.include_base and base_encoding(encodings, cfg) != base_encoding(encodings[::n], cfg):
+        return None
+    return parts
+
+
+def _audit_part(cfg: AuditConfig) -> dict:
+    """One part of a split audit, in a worker process (``audit_parts.run_in_parts``): the audit of its models."""
+    return run_audit(cfg, log=lambda line: None)
 
 
 def _write_report(out: Path, report: dict, scores: dict, results: dict, skipped: dict,
@@ -339,7 +361,7 @@ def _targets(base, models: list[_Model], switch: AdapterSwitch, cfg: AuditConfig
 
     def target(name: str, model: _Model | None, encoding: TextEncoding, reference: Target | None) -> Target:
         adapter = model.adapter if model else None
-        return Target(name, base.unet, base.noise_scheduler, lambda captions: encoding.encode(base, captions),
+        return Target(name, base.unet, base.noise_scheduler, _encoder(base, encoding),
                       seed=cfg.seed, batch_size=cfg.batch_size, device=device,
                       activate=lambda: switch.use(adapter), reference=reference,
                       source=model.path if model else None)
@@ -575,7 +597,9 @@ def attach_shadows(base, models: list[_Model], targets: dict[str, Target], shado
 
 
 def _encoder(base, encoding: TextEncoding) -> Callable[[list[str]], torch.Tensor]:
-    return lambda captions: encoding.encode(base, captions)
+    from privlora.models.loading import encode_text
+
+    return lambda captions: encode_text(base, captions, encoding)
 
 
 def _activator(switch: AdapterSwitch, adapter: str) -> Callable[[], None]:

@@ -5,9 +5,9 @@ its content hash, each fitted attack seeds itself, the bootstrap is seeded by th
 the same numbers whichever process audits it and beside whichever other models. What the split changes:
 every part runs the base model's half of ``ref_loss`` once (``unet_queries.total_run`` counts it per part).
 
-The split is used only where it cannot change a name or a setting: distinct LoRA file names (the serial audit
-renames duplicates by position), and the base model in the part of the first LoRA, which derives the base row's
-text encoding exactly as the whole audit would.
+Which splits are safe is the audit's call (``privlora.audit.parts_for``); this module runs the parts and merges
+their reports. It does not import ``privlora.audit``: the audit hands ``run_in_parts`` the function that audits one
+part, so the two modules import one way (docs/architecture.md, tests/test_layers.py).
 """
 from __future__ import annotations
 
@@ -23,24 +23,12 @@ import numpy as np
 from privlora.attacks import TEST_ROLES
 
 
-def parts_for(cfg, files: list[Path]) -> list[list[Path]] | None:
-    """LoRA files per part (round-robin, so parts get similar work), or None where the audit must run whole."""
-    from privlora.audit import base_encoding, lora_encoding, lora_metadata
+def run_in_parts(cfg, files: list[Path], parts: list[list[Path]], threads: int, log: Callable[[str], None],
+                 work: Callable[[Any], dict]) -> tuple[dict, dict]:
+    """Audit each part in its own process; the merged report and the scores/results/skipped to plot.
 
-    n = min(cfg.jobs, len(files))
-    stems = [p.stem for p in files]
-    if n < 2 or len(set(stems)) < len(stems) or "base" in stems:
-        return None
-    parts = [files[k::n] for k in range(n)]
-    encodings = [lora_encoding(cfg, p, lora_metadata(p)) for p in files]
-    if cfg.include_base and base_encoding(encodings, cfg) != base_encoding(encodings[::n], cfg):
-        return None
-    return parts
-
-
-def run_in_parts(cfg, files: list[Path], parts: list[list[Path]], threads: int,
-                 log: Callable[[str], None]) -> tuple[dict, dict]:
-    """Audit each part in its own process; the merged report and the scores/results/skipped to plot."""
+    ``work`` audits one part's config in a worker (``privlora.audit._audit_part``: a module-level function, which
+    the spawned workers import by name)."""
     from privlora.processes import worker_pool
 
     started = time.time()
@@ -50,15 +38,9 @@ def run_in_parts(cfg, files: list[Path], parts: list[list[Path]], threads: int,
         configs = [dataclasses.replace(cfg, loras=[str(p) for p in part], include_base=cfg.include_base and k == 0,
                                        out=str(Path(tmp) / f"part{k}"), jobs=1) for k, part in enumerate(parts)]
         with worker_pool(len(parts), threads) as pool:
-            reports = list(pool.map(_audit_part, configs))
+            reports = list(pool.map(work, configs))
     report = merge_reports(reports, order, time.time() - started, len(parts))
     return report, plot_inputs(report)
-
-
-def _audit_part(cfg) -> dict:
-    from privlora.audit import run_audit
-
-    return run_audit(cfg, log=lambda line: None)
 
 
 def merge_reports(reports: list[dict], order: list[str], wall: float, processes: int) -> dict[str, Any]:

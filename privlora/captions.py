@@ -1,13 +1,8 @@
-"""kohya's caption handling: ``shuffle_caption`` / ``keep_tokens`` and ``max_token_length`` (75 | 150 | 225).
+"""kohya's caption handling: ``shuffle_caption`` / ``keep_tokens``, and the text encoding a LoRA was trained with.
 
-Long prompts (kohya, SD1/2): the caption is tokenised without truncation up to n·w tokens (w = the tokenizer's
-length − 2, 75 for CLIP), cut into n windows of w tokens, and each window is encoded as BOS + w tokens + EOS
-(77 positions for CLIP); of the n hidden-state blocks kohya keeps the first window's BOS, every window's w
-inner positions and the last window's final position: 1 + n·w + 1 positions (227 for 225). ``clip_skip``
-applies to each window. A short caption still becomes n windows: the padding windows are encoded too and
-are keys of the UNet's cross-attention, so they change its output (tests/test_fidelity.py measures it).
-On a tokenizer whose length is not 77 (the embedded tiny-sd: 32) the window is that length − 2 and
-max_token_length only chooses the number of windows (max_token_length / 75).
+``TextEncoding`` holds kohya's ``clip_skip`` and ``max_token_length`` (75 | 150 | 225) and where they came from;
+encoding captions with it is the text encoder's job: ``privlora.models.loading.encode_text`` (long prompts in
+75-token windows: ``encode_long`` there). This module knows strings, seeds and LoRA metadata, no model.
 """
 from __future__ import annotations
 
@@ -19,8 +14,6 @@ from pathlib import Path
 import torch
 
 from privlora.errors import PrivloraError
-
-WINDOW_TOKENS = 75  # kohya counts max_token_length in CLIP windows of 75
 
 
 def shuffle_tags(caption: str, keep_tokens: int, generator: torch.Generator) -> str:
@@ -66,45 +59,6 @@ def captions_fixed(denoiser):
         denoiser.caption_shuffle = saved
 
 
-def split_windows(ids: torch.Tensor, n_windows: int, bos: int, eos: int, pad: int) -> torch.Tensor:
-    """(B, n·w + 2) ids → (B·n, w + 2): BOS + each window of w tokens + the sequence's last id (kohya).
-
-    With pad ≠ eos (SD2's tokenizer) kohya also ends every window that does not end in EOS/pad with EOS, and
-    turns a window that starts with padding into an empty prompt (BOS, EOS, pad…).
-    """
-    w = (ids.shape[1] - 2) // n_windows
-    chunks = []
-    for i in range(1, ids.shape[1] - 1, w):
-        chunk = torch.cat([ids[:, :1], ids[:, i:i + w], ids[:, -1:]], dim=1)
-        if pad != eos:
-            chunk = chunk.clone()
-            chunk[(chunk[:, -2] != eos) & (chunk[:, -2] != pad), -1] = eos
-            chunk[chunk[:, 1] == pad, 1] = eos
-        chunks.append(chunk)
-    return torch.stack(chunks, dim=1).reshape(-1, w + 2)
-
-
-def merge_windows(hidden: torch.Tensor, n_windows: int) -> torch.Tensor:
-    """(B·n, w + 2, D) → (B, n·w + 2, D): the first BOS, each window's inner w positions, the last position."""
-    per = hidden.shape[1]
-    flat = hidden.reshape(-1, n_windows * per, hidden.shape[-1])
-    inner = [flat[:, i:i + per - 2] for i in range(1, n_windows * per, per)]
-    return torch.cat([flat[:, :1], *inner, flat[:, -1:]], dim=1)
-
-
-def encode_long(base, captions: list[str], max_token_length: int, clip_skip: int | None) -> torch.Tensor:
-    """kohya's max_token_length encoding of a batch of captions: (B, n·w + 2, D)."""
-    from privlora.models.loading import encode_ids
-
-    tok = base.tokenizer
-    window = min(tok.model_max_length, base.text_encoder.config.max_position_embeddings) - 2
-    n = max_token_length // WINDOW_TOKENS
-    ids = tok(list(captions), padding="max_length", max_length=n * window + 2, truncation=True,
-              return_tensors="pt").input_ids
-    windows = split_windows(ids, n, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
-    return merge_windows(encode_ids(base, windows, clip_skip), n)
-
-
 # --- the text encoding a LoRA was trained with, for the audit and for sampling --------------------------------
 
 MAX_TOKEN_LENGTHS = (75, 150, 225)
@@ -120,11 +74,6 @@ class TextEncoding:
 
     def as_dict(self) -> dict:
         return {"clip_skip": self.clip_skip, "max_token_length": self.max_token_length, "from": self.origin}
-
-    def encode(self, base, captions: list[str]) -> torch.Tensor:
-        from privlora.models.loading import encode_prompt
-
-        return encode_prompt(base, captions, clip_skip=self.clip_skip, max_token_length=self.max_token_length)
 
 
 def check_encoding_flags(clip_skip: int | None, max_token_length: int | None) -> None:

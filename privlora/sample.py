@@ -147,16 +147,18 @@ def generate(pipe, job: ImageJob) -> Image.Image:
 
 
 def prompt_embeds(pipe, job: ImageJob) -> dict[str, torch.Tensor]:
-    """The prompt and negative prompt encoded as in training (privlora.captions), the LoRA scale applied to the
-    text encoder's LoRA as the pipeline itself does."""
+    """The prompt and negative prompt encoded as in training (``models.loading.encode_text``), the LoRA scale
+    applied to the text encoder's LoRA as the pipeline itself does."""
     from diffusers.utils import scale_lora_layers, unscale_lora_layers
+
+    from privlora.models.loading import encode_text
 
     encoding = TextEncoding(job.clip_skip, job.max_token_length)
     if job.lora_scale is not None:
         scale_lora_layers(pipe.text_encoder, job.lora_scale)
     try:
         with torch.no_grad():
-            both = encoding.encode(pipe, [job.prompt, job.negative_prompt or ""])
+            both = encode_text(pipe, [job.prompt, job.negative_prompt or ""], encoding)
     finally:
         if job.lora_scale is not None:
             unscale_lora_layers(pipe.text_encoder, job.lora_scale)

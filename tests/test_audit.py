@@ -394,7 +394,7 @@ def test_jobs_split_the_models_between_processes_with_the_serial_numbers(env, tm
 
 
 def test_parts_keep_names_and_the_base_rows_encoding(env, tmp_path):
-    from privlora.audit_parts import parts_for
+    from privlora.audit import parts_for
 
     a = make_lora(env["model"], tmp_path / "a.safetensors", hyperparameters={"clip_skip": 2})
     b = make_lora(env["model"], tmp_path / "b.safetensors")

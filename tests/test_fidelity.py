@@ -61,7 +61,8 @@ def test_curves_plot_adds_a_hessian_panel_only_when_a_run_has_estimates():
 
 # --- kohya caption handling ----------------------------------------------------------------------------------
 
-from privlora.captions import encode_long, merge_windows, shuffle_tags, split_windows  # noqa: E402
+from privlora.captions import shuffle_tags  # noqa: E402
+from privlora.models.loading import encode_long, merge_windows, split_windows  # noqa: E402
 
 B, E = 100, 101  # BOS / EOS (= pad, as in SD1's tokenizer)
 
@@ -179,10 +180,11 @@ def test_text_encoding_comes_from_the_flags_else_the_lora_metadata_else_one_wind
 @torch.no_grad()
 def test_an_audit_target_encodes_a_long_caption_in_225_token_windows(tiny):
     from privlora.attacks import Batch, Query, Target
+    from privlora.models.loading import encode_text
 
     caption = LONG + " red cat"
     encodings = {n: TextEncoding(2, n) for n in (None, 225)}
-    targets = {n: Target(n, tiny.unet, tiny.noise_scheduler, lambda c, e=e: e.encode(tiny, c))
+    targets = {n: Target(n, tiny.unet, tiny.noise_scheduler, lambda c, e=e: encode_text(tiny, c, e))
                for n, e in encodings.items()}
     plain, long = targets[None].embed([caption]), targets[225].embed([caption])
     assert plain.shape == (1, 32, plain.shape[-1]) and long.shape == (1, 3 * 30 + 2, plain.shape[-1])

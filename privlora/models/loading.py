@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from privlora.captions import TextEncoding
 from privlora.errors import PrivloraError
 from privlora.files import PICKLE_SUFFIXES, safetensors_keys, sha256_file
 from privlora.files import one_line_error as _one_line
@@ -377,11 +378,9 @@ def encode_prompt(base: BaseModel, captions: list[str], clip_skip: int | None = 
                   max_token_length: int | None = None) -> torch.Tensor:
     """CLIP embeddings (B, max_len, hidden). ``clip_skip=k`` takes hidden_states[-k] + final layer norm (A1111/kohya).
 
-    ``max_token_length`` (75 | 150 | 225): kohya's long prompts in 75-token windows (privlora.captions).
+    ``max_token_length`` (75 | 150 | 225): kohya's long prompts in 75-token windows (``encode_long``).
     """
     if max_token_length:
-        from privlora.captions import encode_long
-
         return encode_long(base, captions, max_token_length, clip_skip)
     return encode_ids(base, tokenize(base, captions), clip_skip)
 
@@ -398,6 +397,60 @@ def encode_ids(base: BaseModel, ids: torch.Tensor, clip_skip: int | None = None)
                             f"(1..{n_layers})")
     hidden = te(ids, output_hidden_states=True).hidden_states[-clip_skip]
     return _final_layer_norm(te)(hidden)
+
+
+def encode_text(base: BaseModel, captions: list[str], encoding: TextEncoding) -> torch.Tensor:
+    """Captions encoded as ``encoding`` says (the audit and sampling: as the LoRA was trained)."""
+    return encode_prompt(base, captions, clip_skip=encoding.clip_skip, max_token_length=encoding.max_token_length)
+
+
+# Long prompts (kohya, SD1/2): the caption is tokenised without truncation up to n·w tokens (w = the tokenizer's
+# length − 2, 75 for CLIP), cut into n windows of w tokens, and each window is encoded as BOS + w tokens + EOS
+# (77 positions for CLIP); of the n hidden-state blocks kohya keeps the first window's BOS, every window's w
+# inner positions and the last window's final position: 1 + n·w + 1 positions (227 for 225). ``clip_skip``
+# applies to each window. A short caption still becomes n windows: the padding windows are encoded too and
+# are keys of the UNet's cross-attention, so they change its output (tests/test_fidelity.py measures it).
+# On a tokenizer whose length is not 77 (the embedded tiny-sd: 32) the window is that length − 2 and
+# max_token_length only chooses the number of windows (max_token_length / 75).
+
+WINDOW_TOKENS = 75  # kohya counts max_token_length in CLIP windows of 75
+
+
+def split_windows(ids: torch.Tensor, n_windows: int, bos: int, eos: int, pad: int) -> torch.Tensor:
+    """(B, n·w + 2) ids → (B·n, w + 2): BOS + each window of w tokens + the sequence's last id (kohya).
+
+    With pad ≠ eos (SD2's tokenizer) kohya also ends every window that does not end in EOS/pad with EOS, and
+    turns a window that starts with padding into an empty prompt (BOS, EOS, pad…).
+    """
+    w = (ids.shape[1] - 2) // n_windows
+    chunks = []
+    for i in range(1, ids.shape[1] - 1, w):
+        chunk = torch.cat([ids[:, :1], ids[:, i:i + w], ids[:, -1:]], dim=1)
+        if pad != eos:
+            chunk = chunk.clone()
+            chunk[(chunk[:, -2] != eos) & (chunk[:, -2] != pad), -1] = eos
+            chunk[chunk[:, 1] == pad, 1] = eos
+        chunks.append(chunk)
+    return torch.stack(chunks, dim=1).reshape(-1, w + 2)
+
+
+def merge_windows(hidden: torch.Tensor, n_windows: int) -> torch.Tensor:
+    """(B·n, w + 2, D) → (B, n·w + 2, D): the first BOS, each window's inner w positions, the last position."""
+    per = hidden.shape[1]
+    flat = hidden.reshape(-1, n_windows * per, hidden.shape[-1])
+    inner = [flat[:, i:i + per - 2] for i in range(1, n_windows * per, per)]
+    return torch.cat([flat[:, :1], *inner, flat[:, -1:]], dim=1)
+
+
+def encode_long(base, captions: list[str], max_token_length: int, clip_skip: int | None) -> torch.Tensor:
+    """kohya's max_token_length encoding of a batch of captions: (B, n·w + 2, D)."""
+    tok = base.tokenizer
+    window = min(tok.model_max_length, base.text_encoder.config.max_position_embeddings) - 2
+    n = max_token_length // WINDOW_TOKENS
+    ids = tok(list(captions), padding="max_length", max_length=n * window + 2, truncation=True,
+              return_tensors="pt").input_ids
+    windows = split_windows(ids, n, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    return merge_windows(encode_ids(base, windows, clip_skip), n)
 
 
 def encode_images(
