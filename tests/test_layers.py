@@ -38,18 +38,6 @@ ARCHITECTURE = ROOT / "docs" / "architecture.md"
 # The config refactor (issue 27) moves TrainConfig into settings.py; until it lands, config.py and the objectives
 # import each other. These edges, and only these, are let through; an entry that no import matches any more fails
 # the test, so the list shrinks as the refactor lands and is deleted with it.
-KNOWN_UNTIL_CONFIG_REFACTOR = frozenset({
-    ("privlora.config", "privlora.objectives"),  # TrainConfig.validate / add_config_flags read METHODS (lazily)
-    ("privlora.objectives", "privlora.config"),  # TrainConfig annotations (TYPE_CHECKING), as in the four below
-    ("privlora.objectives.base", "privlora.config"),
-    ("privlora.objectives.adversarial", "privlora.config"),
-    ("privlora.objectives.distill_lora", "privlora.config"),
-    ("privlora.objectives.dp_lora", "privlora.config"),
-})
-# Table entries for files the config refactor will create (a listed file that does not exist otherwise fails).
-PLANNED_BY_CONFIG_REFACTOR = frozenset({"settings.py"})
-
-
 @dataclass(frozen=True)
 class Layer:
     name: str
@@ -134,7 +122,7 @@ def place(package: Path, modules: dict[str, Path], layers: list[Layer],
                 problems.append(f"{ARCHITECTURE.name}: layer {layer.name!r} lists `{entry}`, which is no module of "
                                 f"{prefix}")
             if hits and relative in planned:
-                problems.append(f"{prefix}{relative} exists now: drop it from PLANNED_BY_CONFIG_REFACTOR")
+                problems.append(f"{prefix}{relative} exists now: drop it from the planned files")
             for m in hits:
                 covered[m].append(rank)
     ranks = {}
@@ -273,7 +261,7 @@ def check(package: Path, layers: list[Layer], allowed: frozenset[tuple[str, str]
 
 def test_every_privlora_import_respects_the_layers_of_docs_architecture():
     layers = read_layers(ARCHITECTURE.read_text(encoding="utf-8"))
-    problems = check(PACKAGE, layers, KNOWN_UNTIL_CONFIG_REFACTOR, PLANNED_BY_CONFIG_REFACTOR)
+    problems = check(PACKAGE, layers)
     assert not problems, "docs/architecture.md's layers are broken:\n" + "\n".join(problems)
 
 
