@@ -30,6 +30,7 @@ from privlora.benchtable import (add_verdicts, format_extras, format_table, mode
                                  seed_spread)
 from privlora.errors import PrivloraError
 from privlora.io import write_bytes, write_json, write_text
+from privlora.progress import ENV as PROGRESS_ENV, Board
 
 DATA_KEYS = ("train_data_dir", "splits_dir", "splits")
 BENCH_KEYS = ("budgets", "attacks", "n_bootstrap", "quality_samples", "quality_steps", "guidance", "seeds",
@@ -262,8 +263,14 @@ def resumable(spec: BenchSpec, job: Job) -> bool:
     return (job.out / "state-latest").is_file() and ran_with(job_config(spec, job), job.out)
 
 
-def train_all(spec: BenchSpec, jobs: list[Job], log: Callable[[str], None]) -> None:
+def train_all(spec: BenchSpec, jobs: list[Job], log: Callable[[str], None], board: Board | None = None) -> None:
+    """Every unfinished training: here one after another, or with ``jobs`` > 1 in child processes while ``board``
+    shows each running one's progress."""
+    board = board or Board(log)
     todo = [j for j in jobs if not is_finished(j)]
+    board.expect(len(todo), "trainings")
+    board.enter("train", f"{len(todo)} to train, {len(jobs) - len(todo)} reused"
+                + (f", {spec.jobs} at a time" if spec.jobs > 1 and len(todo) > 1 else ""))
     for j in jobs:
         if j not in todo:
             log(f"{j.name}: finished earlier, reused")
@@ -272,14 +279,15 @@ def train_all(spec: BenchSpec, jobs: list[Job], log: Callable[[str], None]) -> N
             j.overrides.update(resume="latest", overwrite=False)
     if spec.jobs <= 1:
         for job in todo:
-            train_here(spec, job, log)
+            board.start(job.name)
+            train_here(spec, job, log)  # which draws its own progress bar
+            board.finish(job.name)
         return
     from privlora.processes import threads_for
 
     threads = threads_for(spec.jobs, spec.threads_per_job)
     with ThreadPoolExecutor(spec.jobs) as pool:
-        for future in [pool.submit(train_in_child, spec, job, threads, log) for job in todo]:
-            future.result()
+        board.wait({pool.submit(train_in_child, spec, job, threads, board.say, board): job.name for job in todo})
 
 
 def train_here(spec: BenchSpec, job: Job, log: Callable[[str], None]) -> None:
@@ -293,23 +301,31 @@ def train_here(spec: BenchSpec, job: Job, log: Callable[[str], None]) -> None:
     write_json(job.out / "train_time.json", {"seconds": time.time() - started, **_resumed(job)})
 
 
-def train_in_child(spec: BenchSpec, job: Job, threads: int, log: Callable[[str], None]) -> None:
-    """``privlora train`` in a fresh process with its own torch thread count (set before torch is imported)."""
+def train_in_child(spec: BenchSpec, job: Job, threads: int, log: Callable[[str], None],
+                   board: Board | None = None) -> None:
+    """``privlora train`` in a fresh process with its own torch thread count (set before torch is imported);
+    ``board`` follows its progress file (``PRIVLORA_PROGRESS_FILE``) or else its log's tqdm bar."""
     import privlora
     from privlora.config import resolved_toml
 
     cfg = job_config(spec, job)
     job.out.mkdir(parents=True, exist_ok=True)
     config_file = write_text(job.out / "bench_job.toml", resolved_toml(cfg))
+    progress_file = job.out / "progress.json"
+    progress_file.unlink(missing_ok=True)  # an earlier bench's
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "PYTHONPATH": os.pathsep.join([str(Path(privlora.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(Path(privlora.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+           PROGRESS_ENV: str(progress_file)}
     log(f"training {job.name} ({cfg.method}) in a child process, {threads} thread(s); log: {job.out / 'train.log'}")
     started = time.time()
     with open(job.out / "train.log", "w") as out:
+        if board is not None:
+            board.start(job.name, progress_file, job.out / "train.log", desc=cfg.method)
         code = subprocess.call([sys.executable, "-m", "privlora", "train", "--config", str(config_file)],
                                env=env, stdout=out, stderr=subprocess.STDOUT)
     if code != 0:
         raise PrivloraError(f"{job.out / 'train.log'}: training run {job.name} failed (exit status {code})")
+    progress_file.unlink(missing_ok=True)
     write_json(job.out / "train_time.json", {"seconds": time.time() - started, "threads": threads, **_resumed(job)})
 
 
@@ -347,7 +363,8 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict:
     jobs = jobs_for(spec)
     spec.out.mkdir(parents=True, exist_ok=True)
     wall = PhaseClock()
-    train_all(spec, jobs, log)
+    board = Board(log)
+    train_all(spec, jobs, log, board)
     wall.done("train")
     main_jobs = [j for j in jobs if j.seed_index == 0]
     baseline = next(j for j in main_jobs if j.run == base)
@@ -356,16 +373,20 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict:
     canonical = [j.out / f"{j.name}.safetensors" for j in main_jobs]
     extra = [j.out / f"{j.name}.safetensors" for j in jobs if j.seed_index > 0]
     cfg = job_config(spec, baseline)
+    board.enter("select")
     chosen = aux_selection(spec, baseline, log)  # on the aux roles only, before any test role is audited
     wall.done("selection")
     pick = chosen["choice"].get("path")
     extra_pick = [Path(pick)] if pick and Path(pick) not in canonical + budgets else []
     loras = canonical + budgets + extra_pick + extra
+    board.enter("audit")
     log(f"auditing {len(loras)} LoRAs and the base model with {', '.join(spec.attacks)}")
     report = audit(spec, cfg, baseline.out / "splits.json", loras)
     wall.done("audit")
+    board.enter("quality")
     quality = utility_quality(spec, cfg, baseline.out / "splits.json", canonical + budgets + extra_pick)
     wall.done("quality")
+    board.enter("table")
     selection = compare_selection(chosen, report)
     points = sorted(budgets + extra_pick, key=lambda p: budget_steps(p) or 0)  # the train-less points in order
     table = build_table(spec, jobs, report, quality, points, selection)
