@@ -38,6 +38,7 @@ from privlora.models.lora import (LoraSpec, add_lora, save_diffusers, save_kohya
                                   unet_lora_config)
 from privlora.objectives import METHODS, BuildContext, build_objective
 from privlora.objectives.base import BEST_SUFFIX, Objective
+from privlora.progress import report as report_progress
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -85,6 +86,7 @@ def train(cfg: TrainConfig) -> Path:
                     continue
                 progress.step += 1
                 after_step(run, progress, logs, bar)
+                report_progress(progress.step, run.max_steps)  # a bench parent's live bar (no-op otherwise)
                 if interrupt.requested:
                     path = save_state(run, progress)
                     raise Interrupted(f"interrupted at step {progress.step}; resume with --resume {path}")
