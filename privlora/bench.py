@@ -34,7 +34,7 @@ from privlora.progress import ENV as PROGRESS_ENV, Board
 
 DATA_KEYS = ("train_data_dir", "splits_dir", "splits")
 BENCH_KEYS = ("budgets", "attacks", "n_bootstrap", "quality_samples", "quality_steps", "guidance", "seeds",
-              "max_auc", "max_tpr_at_1fpr", "select_attacks", "shadows")
+              "max_auc", "max_tpr_at_1fpr", "select_attacks", "shadows", "resplit")
 RUN_CONTROLLED = ("train_data_dir", "splits_dir", "splits", "synthetic_images", "output_dir", "output_name",
                   "overwrite", "resume", "state_every_n_epochs")
 
@@ -53,7 +53,10 @@ class BenchSpec:
     quality_samples: int = 200  # generated images per model for the proxy FID; 0: no samples
     quality_steps: int = 20  # sampler steps of those images
     guidance: float = 3.0
-    seeds: list[int] | None = None  # training seeds; the first is the table's, all give the spread
+    seeds: list[int] | None = None  # one replicate per seed; the first is the table's, all give the intervals
+    # each seed after the first re-draws the split (split_seed = its seed): None = on for the bench's own data
+    # (generated images, --dataset), off for a user's folders unless asked
+    resplit: bool | None = None
     max_auc: float = 0.6  # the recommendation's leakage bound
     max_tpr_at_1fpr: float = 0.05
     select_attacks: list[str] = field(default_factory=lambda: ["loss", "ref_loss"])
@@ -190,6 +193,8 @@ def jobs_for(spec: BenchSpec) -> list[Job]:
                 controlled.update(dict.fromkeys(DATA_KEYS), synthetic_images=0, **spec.data)
             if seed is not None:
                 controlled["seed"] = seed
+                if i > 0 and resplits(spec):
+                    controlled["split_seed"] = seed
             overrides = {**settings, **spec.train_overrides, **controlled}
             try:  # a bad setting stops the bench here, before any training
                 epochs = build_config(spec.preset, overrides).max_train_epochs
@@ -197,7 +202,7 @@ def jobs_for(spec: BenchSpec) -> list[Job]:
                 raise PrivloraError(f"run {name}: {e}") from None
             if epochs:  # a crashed bench resumes each training from its last state, losing ≤ 10 % of it
                 overrides["state_every_n_epochs"] = max(1, epochs // 10)
-            if name == base and i == 0 and spec.budgets:
+            if name == base and spec.budgets:  # every seed's frontier has its own budgets
                 interval = budget_interval(spec.budgets, epochs)
                 if interval:
                     overrides["save_every_n_epochs"] = interval
@@ -205,6 +210,21 @@ def jobs_for(spec: BenchSpec) -> list[Job]:
                     overrides["save_at_fractions"] = list(spec.budgets)
             jobs.append(Job(out_name, name, i, overrides))
     return jobs
+
+
+def resplits(spec: BenchSpec) -> bool:
+    """Whether seeds after the first re-draw the split: the bench's own data by default, a user's auto-split
+    folder with --resplit; five folders or a manifest fix the roles, so they cannot be re-drawn."""
+    from privlora.config import build_config
+
+    cfg = build_config(spec.preset, {**spec.train_overrides, **spec.data})
+    fixed = bool(cfg.splits_dir or cfg.splits)
+    if spec.resplit and fixed:
+        raise PrivloraError("--resplit: the roles are fixed by --splits_dir / --splits; give a folder to split "
+                            "(--train_data_dir) or drop --resplit")
+    if spec.resplit is not None:
+        return spec.resplit
+    return not fixed and (bool(spec.dataset) or (not spec.data and bool(cfg.synthetic_images)))
 
 
 def budget_interval(budgets: list[float], epochs: int | None) -> int | None:
@@ -366,22 +386,33 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict:
     board = Board(log)
     train_all(spec, jobs, log, board)
     wall.done("train")
-    main_jobs = [j for j in jobs if j.seed_index == 0]
-    baseline = next(j for j in main_jobs if j.run == base)
-    check_same_split([baseline, *(j for j in jobs if j is not baseline)])
+    groups = seed_groups(jobs, base)
+    for group in groups:
+        check_same_split(group)
+    if not resplits(spec):
+        check_same_split([j for group in groups for j in group])
+    main_jobs = groups[0]
+    baseline = main_jobs[0]
     budgets = budget_files(spec, baseline) if spec.budgets else []
     canonical = [j.out / f"{j.name}.safetensors" for j in main_jobs]
-    extra = [j.out / f"{j.name}.safetensors" for j in jobs if j.seed_index > 0]
     cfg = job_config(spec, baseline)
     board.enter("select")
     chosen = aux_selection(spec, baseline, log)  # on the aux roles only, before any test role is audited
     wall.done("selection")
     pick = chosen["choice"].get("path")
     extra_pick = [Path(pick)] if pick and Path(pick) not in canonical + budgets else []
-    loras = canonical + budgets + extra_pick + extra
+    loras = canonical + budgets + extra_pick
     board.enter("audit")
     log(f"auditing {len(loras)} LoRAs and the base model with {', '.join(spec.attacks)}")
     report = audit(spec, cfg, baseline.out / "splits.json", loras)
+    replicates = [replicate(spec, groups[0], report, budgets)]
+    for group in groups[1:]:  # each further seed: its own split's audit of its own runs and budgets
+        seed_budgets = budget_files(spec, group[0]) if spec.budgets else []
+        seed_loras = [j.out / f"{j.name}.safetensors" for j in group] + seed_budgets
+        log(f"auditing seed {job_seed(spec, group[0])}: {len(seed_loras)} LoRAs and the base model")
+        seed_report = audit(spec, job_config(spec, group[0]), group[0].out / "splits.json", seed_loras,
+                            name=f"audit-seed{job_seed(spec, group[0])}")
+        replicates.append(replicate(spec, group, seed_report, seed_budgets))
     wall.done("audit")
     board.enter("quality")
     quality = utility_quality(spec, cfg, baseline.out / "splits.json", canonical + budgets + extra_pick)
@@ -389,7 +420,7 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict:
     board.enter("table")
     selection = compare_selection(chosen, report)
     points = sorted(budgets + extra_pick, key=lambda p: budget_steps(p) or 0)  # the train-less points in order
-    table = build_table(spec, jobs, report, quality, points, selection)
+    table = build_table(spec, jobs, report, quality, points, selection, replicates)
     table["wall_seconds"] = wall.seconds
     write_outputs(spec, table, {j.run: history(j) for j in sorted(main_jobs, key=lambda j: j.run != base)})
     return table
@@ -427,15 +458,31 @@ def prepare_dataset(spec: BenchSpec, log: Callable[[str], None]) -> Path:
     return folder
 
 
+def seed_groups(jobs: list[Job], base: str) -> list[list[Job]]:
+    """The jobs of each seed, in seed order, the baseline run first in each."""
+    count = max(j.seed_index for j in jobs) + 1
+    return [sorted((j for j in jobs if j.seed_index == i), key=lambda j: j.run != base) for i in range(count)]
+
+
+def replicate(spec: BenchSpec, group: list[Job], report: dict, budgets: list[Path]):
+    """One seed's audit as a replicate of the powered comparison (privlora.benchpower)."""
+    from privlora.benchpower import replicate_from_report
+
+    baseline = group[0]
+    frontier = ["base", *(p.stem for p in sorted(budgets, key=lambda p: budget_steps(p) or 0)), baseline.name]
+    return replicate_from_report(job_seed(spec, baseline), report, frontier, {j.run: j.name for j in group})
+
+
 def history(job: Job) -> dict:
     return json.loads((job.out / "history.json").read_text())
 
 
-def audit(spec: BenchSpec, cfg, splits: Path, loras: list[Path]) -> dict:
-    """The audit of every model, reused when it was run with exactly these inputs."""
+def audit(spec: BenchSpec, cfg, splits: Path, loras: list[Path], name: str = "audit") -> dict:
+    """The audit of every model (and the base model), in ``<out>/<folder>``, reused when it was run with exactly
+    these inputs."""
     from privlora.audit import AuditConfig, run_audit
 
-    folder = spec.out / "audit"
+    folder = spec.out / name
     inputs = {"loras": [[str(p), _stamp(p)] for p in loras], "attacks": list(spec.attacks), "seed": cfg.seed,
               "n_bootstrap": spec.n_bootstrap, "model": cfg.pretrained_model_name_or_path,
               "splits": str(splits), "canaries": "auto" if cfg.canaries else None, "shadows": spec.shadows}
@@ -599,14 +646,23 @@ def job_seed(spec: BenchSpec, job: Job) -> int:
 
 
 def build_table(spec: BenchSpec, jobs: list[Job], report: dict, quality: dict, budgets: list[Path],
-                selection: dict | None) -> dict:
+                selection: dict | None, replicates: list | None = None) -> dict:
+    from privlora.benchpower import power_table
+
     rows = {m["name"]: model_row(m, quality) for m in report["models"]}
     base = baseline_name(spec)
     main = [j for j in jobs if j.seed_index == 0]
     frontier_names = ["base", *(p.stem for p in budgets), base]
     defences = [j.name for j in main if j.run != base]
     add_verdicts(rows, frontier_names, defences)
-    for j in jobs:
+    power = power_table(replicates, [j.run for j in main if j.run != base], spec.n_bootstrap,
+                        job_seed(spec, main[0])) if replicates else {}
+    for j in main:
+        if j.run in power and "verdict" in power[j.run]:  # the paired verdict replaces the one-seed margin rule
+            rows[j.name]["frontier_verdict"] = power[j.run]["verdict"]
+            rows[j.name]["frontier_distance"] = power[j.run]["frontier_distance"]
+            rows[j.name]["above_frontier"] = power[j.run]["verdict"] == "above"
+    for j in main:
         rows[j.name]["train_seconds"] = json.loads((j.out / "train_time.json").read_text())["seconds"]
     for path in [*budgets, next(j for j in main if j.run == base).out / f"{base}.safetensors"]:
         rows[path.stem]["steps"] = budget_steps(path)
@@ -619,11 +675,20 @@ def build_table(spec: BenchSpec, jobs: list[Job], report: dict, quality: dict, b
              "recommendation": recommendation(shown, selection),
              "oracle": {**recommend(shown, spec.max_auc, spec.max_tpr_at_1fpr),
                         "note": "chosen on the test roles: for reference only, never a recommendation"},
-             "selection": selection}
-    if spec.seeds and len(spec.seeds) > 1:
-        by_run = {run: [rows[j.name] for j in jobs if j.run == run] for run in spec.runs}
+             "selection": selection, "power": power,
+             "resplit": resplits(spec) if spec.seeds and len(spec.seeds) > 1 else None}
+    if replicates and len(replicates) > 1:
+        seed_rows = {}
+        for rep, group in zip(replicates[1:], seed_groups(jobs, base)[1:]):
+            report_i = json.loads((spec.out / f"audit-seed{rep.seed}" / "report.json").read_text())
+            by_name = {m["name"]: model_row(m, {}) for m in report_i["models"]}
+            for j in group:
+                seed_rows[j.name] = {**by_name[j.name], "train_seconds": json.loads(
+                    (j.out / "train_time.json").read_text())["seconds"]}
+        table["seed_rows"] = seed_rows
+        by_run = {run: [rows[j.name] if j.seed_index == 0 else seed_rows[j.name] for j in jobs if j.run == run]
+                  for run in spec.runs}
         table["seed_spread"] = seed_spread(by_run)
-        table["seed_rows"] = {j.name: rows[j.name] for j in jobs if j.seed_index > 0}
     return table
 
 
@@ -671,7 +736,7 @@ def bench_spec_from_args(args: dict[str, Any]) -> BenchSpec:
         if key in args:
             bench[key] = _list_flag(key, args.pop(key))
     for key in ("n_bootstrap", "quality_samples", "quality_steps", "guidance", "max_auc", "max_tpr_at_1fpr", "jobs",
-                "threads_per_job", "shadows"):
+                "threads_per_job", "shadows", "resplit"):
         if key in args:
             bench[key] = args.pop(key)
     preset = args.pop("preset", None) or file["preset"]

@@ -11,10 +11,15 @@ import numpy as np
 FRONTIER_MARGIN = 0.01  # AUC differences this small are noise at 200 vs 200 (one standard error ≈ 0.03)
 
 
+def held_out(result: dict) -> bool:
+    """Whether an attack's result is a held-out measurement (not trained or chosen on the test samples)."""
+    return (result.get("details") or {}).get("held_out", True) is not False
+
+
 def model_row(model: dict, quality: dict) -> dict:
     """One audited model (an entry of the audit's report.json) as a table row: its best attack among those run on
     it whose numbers are held-out measurements (an attack can be absent for a model: ``skipped`` in the report)."""
-    results = {a: r for a, r in model["results"].items() if (r.get("details") or {}).get("held_out", True)}
+    results = {a: r for a, r in model["results"].items() if held_out(r)}
     aucs = {a: r["auc"] for a, r in results.items()}
     best = max(aucs, key=lambda a: aucs[a]) if aucs else None
     held_out = -float(np.mean(model["scores"]["loss"]["nonmember_test"])) if "loss" in model["scores"] else None
@@ -113,6 +118,8 @@ def format_table(table: dict) -> str:
             frontier = f"{r['frontier_verdict']} (frontier AUC {r['frontier_auc_at_same_loss']:.3f})"
         if "above_frontier" in r and math.isinf(r["frontier_auc_at_same_loss"]):
             frontier = "above (more useful than every baseline point)"
+        if r.get("frontier_distance"):  # the paired verdict over seeds × images
+            frontier = f"{r['frontier_verdict']} ({_interval(r['frontier_distance'], '+.3f')})"
         label = f"{name} ({r['steps']} steps)" if r.get("steps") else name
         if (r.get("dp_guarantee") or "").startswith("void"):
             label += " (DP guarantee VOID: reproducible noise)"
@@ -139,6 +146,9 @@ def format_extras(table: dict) -> str:
         jobs = (table.get("settings") or {}).get("jobs", 1)
         phases = ", ".join(f"{k} {v:.0f} s" for k, v in wall.items() if k != "total")
         parts.append(f"Wall time of this invocation: {wall['total']:.0f} s ({phases}; {jobs} job(s)).")
+    power = table.get("power")
+    if power:
+        parts.append(power_markdown(power, table.get("resplit")))
     spread = table.get("seed_spread")
     if spread:
         lines = ["| run | seeds | best-attack AUC mean ± sd | loss AUC mean ± sd | held-out loss mean ± sd |",
@@ -165,6 +175,31 @@ def format_extras(table: dict) -> str:
                          f"against the test-role audit of the same checkpoints; choice under the bound: "
                          f"**{choice}**:\n\n" + "\n".join(lines))
     return "\n\n".join(parts)
+
+
+def power_markdown(power: dict, resplit: bool | None) -> str:
+    """The powered comparison: per run, means and 95 % intervals over seeds × images, and the paired verdict."""
+    any_row = next(iter(power.values()))
+    seeds = any_row["n_seeds"]
+    how = (f"{seeds} seeds" + (", each with its own re-drawn split" if resplit else ", one split") if seeds > 1
+           else "one seed (intervals over images only)")
+    lines = ["| run | best-attack AUC, two-sided | |AUC − 0.5| | TPR@1%FPR, two-sided | held-out loss "
+             "| distance from the train-less frontier | verdict |", "|---|---|---|---|---|---|---|"]
+    for run, r in power.items():
+        tpr = _interval(r["best_tpr_at_1pct_fpr_two_sided"]) if r["tpr_estimable"] else "n/e (< 100 non-members)"
+        distance = _interval(r["frontier_distance"], "+.3f") if "frontier_distance" in r else "(the baseline)"
+        lines.append(f"| {run} | {_interval(r['best_auc_two_sided'])} | {_interval(r['auc_gap'])} | {tpr} "
+                     f"| {_interval(r['heldout_loss'], '.4f')} | {distance} | {r.get('verdict', '')} |")
+    return (f"Paired comparison over {how}: mean [95 % interval] over seeds × images (seeds and images resampled, "
+            "the same images for every model of a seed); leakage is two-sided (an inverted attack counts); a "
+            "negative distance is more private than training less at the same held-out loss, and the verdict is "
+            "above/below only when the interval excludes zero:\n\n" + "\n".join(lines))
+
+
+def _interval(stat: dict, fmt: str = ".3f") -> str:
+    ci = stat.get("ci95")
+    text = format(stat["mean"], fmt)
+    return text if not ci else f"{text} [{format(ci[0], fmt)}, {format(ci[1], fmt)}]"
 
 
 def _mean_sd(stat: dict | None, fmt: str) -> str:

@@ -241,7 +241,10 @@ def _add_bench_parser(sub) -> None:
                                      "'none' for no train-less points but the base model")
     p.add_argument("--attacks", help="comma-separated audit attacks (default: all six)")
     p.add_argument("--seeds", help="comma-separated training seeds: each run is trained with each; the first "
-                                   "makes the table, all make the spread")
+                                   "makes the table, all make the intervals and the paired verdicts")
+    p.add_argument("--resplit", action="store_true",
+                   help="with --seeds on your own --train_data_dir: each further seed re-draws the split (on by "
+                        "default for generated data and --dataset)")
     p.add_argument("--jobs", type=int, help="trainings in parallel processes (one torch thread per core share)")
     p.add_argument("--threads_per_job", type=int, help="torch threads of each parallel training (default: cores "
                                                        "// jobs); a serial run matches it at the same thread count")

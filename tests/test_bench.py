@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from privlora.bench import BenchSpec, check_runs, jobs_for, job_config, parse_methods, read_bench_file
+from privlora.bench import (BenchSpec, bench_spec_from_args, check_runs, jobs_for, job_config, parse_methods,
+                            read_bench_file, run_bench)
 from privlora.benchtable import recommend, seed_spread
 from privlora.cli import main
 from privlora.config import build_config
@@ -228,7 +229,10 @@ def test_bench_on_five_folders_end_to_end(toy, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     table = json.loads((out / "table.json").read_text())
     assert list(table["rows"]) == ["base", "lora-e0002", "lora", "smp_lora"]
-    assert table["rows"]["smp_lora"]["frontier_verdict"] in ("above", "on", "below")
+    assert table["rows"]["smp_lora"]["frontier_verdict"] in ("above", "below", "indistinguishable")
+    power = table["power"]["smp_lora"]
+    assert power["n_seeds"] == 2 and power["verdict"] == table["rows"]["smp_lora"]["frontier_verdict"]
+    assert len(power["frontier_distance"]["ci95"]) == 2 and not table["resplit"]  # five folders: one split
     rec = table["recommendation"]
     # the one recommendation is the aux-only choice (3 vs 3 scored aux images support only AUC ≤ 1.0) and the
     # table lists it; the test-role optimum is only an oracle
@@ -251,8 +255,34 @@ def test_bench_on_five_folders_end_to_end(toy, tmp_path, capsys):
     assert set(table["seed_rows"]) == {"lora-seed4", "smp_lora-seed4"}
     assert table["seed_spread"]["smp_lora"]["n_seeds"] == 2
     assert "Spread over training seeds" in (out / "table.md").read_text()
+    assert "Paired comparison over 2 seeds, one split" in (out / "table.md").read_text()
+    assert (out / "audit-seed4" / "report.json").is_file()  # seed 4's own audit, with its own budgets
+    assert (out / "lora-seed4" / "lora-seed4-e0002.safetensors").is_file()
     history = json.loads((out / "smp_lora" / "history.json").read_text())
     assert "L_ada_mean" in history["epochs"][-1]
+
+
+@pytest.mark.slow
+def test_resplit_seeds_are_replicates_with_their_own_split_and_frontier(toy, tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(["bench", "--out", str(out), "--train_data_dir", str(toy["kohya"]), "--preset", toy["preset"],
+                 "--methods", "lora,smp_lora", *TOY, "--seeds", "3,4", "--resplit", "--quality_samples", "0"])
+    assert code == 0, capsys.readouterr().err
+    roles = [json.loads((out / run / "splits.json").read_text())["roles"] for run in ("lora", "lora-seed4")]
+    assert roles[0]["nonmember_test"] != roles[1]["nonmember_test"]  # seed 4 re-drew who is a member
+    same_seed = json.loads((out / "smp_lora-seed4" / "splits.json").read_text())["roles"]
+    assert same_seed == roles[1]  # the runs of one seed share its split
+    table = json.loads((out / "table.json").read_text())
+    assert table["resplit"] and table["power"]["smp_lora"]["n_seeds"] == 2
+    assert table["power"]["smp_lora"]["verdict"] in ("above", "below", "indistinguishable")
+    assert "each with its own re-drawn split" in (out / "table.md").read_text()
+
+
+def test_resplit_refuses_roles_fixed_by_five_folders(toy, tmp_path):
+    tree = five_folders(tmp_path / "tree", toy["kohya"])
+    with pytest.raises(PrivloraError, match="--resplit: the roles are fixed"):
+        run_bench(bench_spec_from_args({"out": str(tmp_path / "b"), "splits_dir": str(tree), "preset": toy["preset"],
+                                        "methods": "lora", "seeds": "1,2", "resplit": True}))
 
 
 @pytest.mark.slow

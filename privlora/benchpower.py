@@ -1,0 +1,157 @@
+"""Verdicts with power: each run's leakage over seeds × images, and its paired distance from the train-less frontier.
+
+A bench with several seeds has one replicate per seed: its own split (with ``--resplit``), its own trainings and
+its own audit of the same roles for every model of that seed. Every statistic here is resampled the same way:
+the seeds with replacement, and within each drawn seed the member_test and nonmember_test images with replacement,
+the same images for every model of the seed (a paired design: the models are compared on the same queries).
+
+Leakage is two-sided: an attack whose scores rank members *lower* identifies them as well as one that ranks them
+higher, so an AUC of 0.3 is as much leakage as 0.7. A model's leakage is its best held-out attack's folded AUC,
+0.5 + |AUC − 0.5|, and its best TPR at 1 % FPR over both directions. Utility is the held-out loss (the loss attack's
+mean nonmember_test loss). The frontier of a seed runs through the base model and the plain-LoRA budgets of that
+seed (``benchtable.frontier_auc``; a model more useful than every point is compared with the most useful one). The
+distance from the frontier is the model's leakage minus the frontier's at the model's held-out loss: negative is
+more private than training less. The verdict is "above" (more private) or "below" only when the 95 % interval of
+the mean distance excludes zero, and "indistinguishable" otherwise.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.stats import rankdata
+
+from privlora.benchtable import frontier_auc, held_out
+
+ROLES = ("member_test", "nonmember_test")
+NAMES = {"leakage": "best_auc_two_sided", "tpr": "best_tpr_at_1pct_fpr_two_sided", "heldout": "heldout_loss",
+         "distance": "frontier_distance"}
+LOW_FPR = 0.01
+
+
+@dataclass
+class Replicate:
+    """One seed's audit: per model, per held-out attack, the member_test and nonmember_test scores (the same images,
+    in the same order, for every model), and which models form that seed's frontier."""
+
+    seed: int
+    scores: dict[str, dict[str, dict[str, np.ndarray]]]  # model -> attack -> role -> scores
+    frontier: list[str]  # base, then the budgets and the full-length plain LoRA
+    runs: dict[str, str]  # run name -> this seed's model name
+
+
+def replicate_from_report(seed: int, report: dict, frontier: list[str], runs: dict[str, str]) -> Replicate:
+    """A replicate from an audit's report.json: only attacks whose numbers are held-out measurements."""
+    scores: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    for model in report["models"]:
+        scores[model["name"]] = {
+            attack: {role: np.asarray(s[role], dtype=np.float64) for role in ROLES}
+            for attack, s in model["scores"].items() if held_out(model["results"].get(attack, {}))}
+    return Replicate(seed, scores, frontier, runs)
+
+
+def folded_auc(member: np.ndarray, nonmember: np.ndarray) -> np.ndarray:
+    """0.5 + |AUC − 0.5| of each row pair (rows: resamples; ties count one half), via ranks."""
+    n_m, n_n = member.shape[-1], nonmember.shape[-1]
+    ranks = rankdata(np.concatenate([member, nonmember], axis=-1), axis=-1)
+    auc = (ranks[..., :n_m].sum(-1) - n_m * (n_m + 1) / 2) / (n_m * n_n)
+    return 0.5 + np.abs(auc - 0.5)
+
+
+def two_sided_tpr(member: np.ndarray, nonmember: np.ndarray, fpr: float = LOW_FPR) -> np.ndarray:
+    """The larger of TPR at FPR ≤ ``fpr`` calling high scores members and calling low scores members: the
+    threshold lets at most ⌊fpr·n⌋ non-members through (a conservative operating point, no interpolation)."""
+    k = int(math.floor(fpr * nonmember.shape[-1]))
+    high = np.sort(nonmember, axis=-1)[..., nonmember.shape[-1] - 1 - k]
+    low = np.sort(nonmember, axis=-1)[..., k]
+    up = (member > high[..., None]).mean(-1)
+    down = (member < low[..., None]).mean(-1)
+    return np.maximum(up, down)
+
+
+def nonmembers(rep: Replicate) -> int:
+    return len(next(iter(next(iter(rep.scores.values())).values()))["nonmember_test"])
+
+
+def _draws(rep: Replicate, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Resampled image indices, (n, members) and (n, non-members); row 0 is the data as measured."""
+    first = next(iter(next(iter(rep.scores.values())).values()))
+    n_m, n_n = len(first["member_test"]), len(first["nonmember_test"])
+    im, inm = rng.integers(0, n_m, (n, n_m)), rng.integers(0, n_n, (n, n_n))
+    im[0], inm[0] = np.arange(n_m), np.arange(n_n)
+    return im, inm
+
+
+def _model_stats(attacks: dict[str, dict[str, np.ndarray]], im: np.ndarray, inm: np.ndarray) -> dict[str, np.ndarray]:
+    """Per resample: best folded AUC, best two-sided TPR@1%FPR, held-out loss (one value per row of im/inm)."""
+    aucs = [folded_auc(s["member_test"][im], s["nonmember_test"][inm]) for s in attacks.values()]
+    tprs = [two_sided_tpr(s["member_test"][im], s["nonmember_test"][inm]) for s in attacks.values()]
+    loss = attacks.get("loss")
+    heldout = -loss["nonmember_test"][inm].mean(-1) if loss is not None else np.full(len(im), np.nan)
+    return {"leakage": np.max(aucs, axis=0), "tpr": np.max(tprs, axis=0), "heldout": heldout}
+
+
+def _frontier_distance(stats: dict[str, dict[str, np.ndarray]], frontier: list[str], model: str) -> np.ndarray:
+    points = [(stats[f]["heldout"], stats[f]["leakage"]) for f in frontier if f in stats]
+    out = np.empty(len(stats[model]["leakage"]))
+    for b in range(len(out)):
+        pts = [(float(h[b]), float(a[b])) for h, a in points]
+        loss = float(stats[model]["heldout"][b])
+        edge = frontier_auc(pts, loss)
+        if math.isinf(edge):  # more useful than every baseline point: compare with the most useful one
+            edge = min(pts)[1]
+        out[b] = stats[model]["leakage"][b] - edge
+    return out
+
+
+def power_table(replicates: list[Replicate], defences: list[str], n_boot: int = 1000, seed: int = 0,
+                level: float = 0.95) -> dict[str, dict]:
+    """Per run (every run of the replicates, defences and the plain-LoRA baseline alike): mean and interval over
+    seeds × images of its leakage, |AUC − 0.5|, TPR@1%FPR and held-out loss; for each defence, the paired distance
+    from the frontier with its interval and verdict. ``n_boot`` = 0: point estimates only."""
+    rng = np.random.default_rng(seed)
+    n = max(1, n_boot) + 1
+    per_seed = []
+    for rep in replicates:
+        im, inm = _draws(rep, n, rng)
+        stats = {m: _model_stats(a, im, inm) for m, a in rep.scores.items() if a}
+        for run, model in rep.runs.items():
+            if run in defences and model in stats:
+                stats[model]["distance"] = _frontier_distance(stats, rep.frontier, model)
+        per_seed.append({run: stats[model] for run, model in rep.runs.items() if model in stats})
+    picks = rng.integers(0, len(per_seed), (n, len(per_seed)))
+    picks[0] = np.arange(len(per_seed))  # row 0: every seed once, the data as measured
+    tail = (1 - level) / 2 * 100
+    out: dict[str, dict] = {}
+    for run in replicates[0].runs:
+        keys = [k for k in ("leakage", "tpr", "heldout", "distance") if all(k in s.get(run, {}) for s in per_seed)]
+        if not keys:
+            continue
+        row: dict[str, Any] = {"n_seeds": len(per_seed), "seeds": [r.seed for r in replicates],
+                               "tpr_estimable": all(nonmembers(r) >= 1 / LOW_FPR for r in replicates)}
+        for key in keys:
+            values = np.stack([s[run][key] for s in per_seed])  # (seeds, n)
+            means = values[picks, np.arange(n)[:, None]].mean(1)  # (n,): per resample, the mean over drawn seeds
+            interval = [float(np.percentile(means[1:], tail)), float(np.percentile(means[1:], 100 - tail))] \
+                if n_boot > 0 else None
+            row[NAMES[key]] = {"mean": float(means[0]), "ci95": interval, "per_seed": [float(v[0]) for v in values]}
+        leak = row["best_auc_two_sided"]
+        row["auc_gap"] = {"mean": leak["mean"] - 0.5, "ci95": None if leak["ci95"] is None else
+                          [x - 0.5 for x in leak["ci95"]]}  # |AUC − 0.5|
+        if "frontier_distance" in row:
+            row["verdict"] = paired_verdict(row["frontier_distance"]["ci95"])
+        out[run] = row
+    return out
+
+
+def paired_verdict(ci: list[float] | None) -> str:
+    """"above" (more private than training less) or "below" only when the interval excludes zero."""
+    if ci is None:
+        return "no interval (n_bootstrap 0)"
+    if ci[1] < 0:
+        return "above"
+    if ci[0] > 0:
+        return "below"
+    return "indistinguishable"

@@ -1,0 +1,77 @@
+"""The powered comparison: two-sided leakage, intervals over seeds × images, and paired verdicts that say
+"indistinguishable" when the interval covers zero."""
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from privlora.benchpower import Replicate, folded_auc, paired_verdict, power_table, two_sided_tpr
+
+
+def test_folded_auc_is_two_sided_and_matches_scikit_learn():
+    rng = np.random.default_rng(0)
+    m, n = rng.normal(0.3, 1, 50), rng.normal(0, 1, 60)
+    auc = roc_auc_score(np.r_[np.ones(50), np.zeros(60)], np.r_[m, n])
+    assert folded_auc(m[None], n[None])[0] == pytest.approx(0.5 + abs(auc - 0.5))
+    assert folded_auc(-m[None], -n[None])[0] == pytest.approx(folded_auc(m[None], n[None])[0])  # inverted: same
+    assert folded_auc(np.ones((1, 4)), np.ones((1, 4)))[0] == 0.5  # ties count one half
+
+
+def test_two_sided_tpr_counts_an_inverted_attack():
+    nonmember = np.arange(200.0)[None]
+    high = np.r_[np.full(50, 1000.0), np.full(150, 100.0)][None]  # 50 of 200 members above every non-member
+    assert two_sided_tpr(high, nonmember)[0] == 0.25 and two_sided_tpr(-high, -nonmember)[0] == 0.25
+
+
+def scores(rng, member_mean, nonmember_mean, n=200, sd=0.05):
+    """A loss attack's scores (negative losses): the member loss is lower when the model memorised."""
+    return {"loss": {"member_test": -rng.normal(member_mean, sd, n),
+                     "nonmember_test": -rng.normal(nonmember_mean, sd, n)}}
+
+
+def replicates(n_seeds=3):
+    reps = []
+    for seed in range(n_seeds):
+        rng = np.random.default_rng(seed)
+        models = {"base": scores(rng, 1.0, 1.0), "lora-e0002": scores(rng, 0.9, 0.95),
+                  "lora": scores(rng, 0.8, 0.9),
+                  "private": scores(rng, 0.95, 0.95),  # as useful as the budget, no leakage
+                  "same": scores(rng, 0.9, 0.95)}  # the budget itself, trained again
+        reps.append(Replicate(seed, models, ["base", "lora-e0002", "lora"],
+                              {"lora": "lora", "private": "private", "same": "same"}))
+    return reps
+
+
+def test_paired_verdicts_say_above_only_with_an_interval_that_excludes_zero():
+    power = power_table(replicates(), ["private", "same"], n_boot=300, seed=1)
+    private, same = power["private"], power["same"]
+    assert private["verdict"] == "above" and private["frontier_distance"]["ci95"][1] < 0
+    lo, hi = same["frontier_distance"]["ci95"]
+    assert same["verdict"] == "indistinguishable" and lo < 0 < hi
+    assert "frontier_distance" not in power["lora"] and power["lora"]["best_auc_two_sided"]["mean"] > 0.9
+    assert private["n_seeds"] == 3 and len(private["best_auc_two_sided"]["per_seed"]) == 3
+    assert private["heldout_loss"]["mean"] == pytest.approx(0.95, abs=0.01)
+    assert private["auc_gap"]["mean"] == pytest.approx(private["best_auc_two_sided"]["mean"] - 0.5)
+    assert private["tpr_estimable"]  # 200 non-members resolve 1 % FPR
+
+
+def test_a_defence_that_helps_on_one_seed_only_is_not_called_above():
+    reps = replicates(3)
+    rng = np.random.default_rng(9)
+    for rep, (m, n) in zip(reps, [(0.95, 0.95), (0.9, 0.95), (0.8, 0.95)]):  # above, on, below the frontier
+        rep.scores["lucky"] = scores(rng, m, n)
+        rep.runs["lucky"] = "lucky"
+    alone = power_table(reps[:1], ["lucky"], n_boot=300, seed=1)["lucky"]
+    pooled = power_table(reps, ["lucky"], n_boot=300, seed=1)["lucky"]
+    assert alone["verdict"] == "above" and pooled["verdict"] == "indistinguishable"
+    assert pooled["frontier_distance"]["per_seed"][0] < 0 < pooled["frontier_distance"]["per_seed"][2]
+
+
+def test_point_estimates_need_no_resampling():
+    point = power_table(replicates(), ["private"], n_boot=0)["private"]
+    assert point["frontier_distance"]["ci95"] is None and point["verdict"] == "no interval (n_bootstrap 0)"
+
+
+def test_verdict_rule():
+    assert paired_verdict([-0.1, -0.01]) == "above"
+    assert paired_verdict([0.01, 0.2]) == "below"
+    assert paired_verdict([-0.05, 0.05]) == "indistinguishable"
