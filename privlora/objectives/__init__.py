@@ -18,6 +18,7 @@ from privlora.objectives.base import BuildContext, Objective, StepOutput
 from privlora.objectives.distill_lora import DistillObjective
 from privlora.objectives.dp_lora import DPLoraObjective
 from privlora.objectives.lora import LoraObjective
+from privlora.objectives.loss_floor import LossFloorObjective
 from privlora.objectives.mp_lora import MPLoraObjective
 from privlora.objectives.smp_lora import SMPLoraObjective
 from privlora.settings import TrainConfig
@@ -43,7 +44,8 @@ def register_method(cls: type[Objective]) -> type[Objective]:
     return cls
 
 
-for _cls in (LoraObjective, MPLoraObjective, SMPLoraObjective, DPLoraObjective, DistillObjective):
+for _cls in (LoraObjective, MPLoraObjective, SMPLoraObjective, DPLoraObjective, DistillObjective,
+             LossFloorObjective):
     register_method(_cls)
 
 
