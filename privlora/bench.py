@@ -31,6 +31,7 @@ from privlora.benchtable import (add_verdicts, format_extras, format_table, mode
 from privlora.errors import PrivloraError
 from privlora.io import write_bytes, write_json, write_text
 from privlora.progress import ENV as PROGRESS_ENV, Board
+from privlora.rundir import RunDir
 
 DATA_KEYS = ("train_data_dir", "splits_dir", "splits")
 BENCH_KEYS = ("budgets", "attacks", "n_bootstrap", "quality_samples", "quality_steps", "guidance", "seeds",
@@ -76,6 +77,10 @@ class Job:
     @property
     def out(self) -> Path:
         return Path(self.overrides["output_dir"])
+
+    @property
+    def dir(self) -> RunDir:
+        return RunDir(self.out, self.name)
 
 
 # --- the runs ---------------------------------------------------------------------------------------------
@@ -243,10 +248,10 @@ def budget_interval(budgets: list[float], epochs: int | None) -> int | None:
 def budget_files(spec: BenchSpec, job: Job) -> list[Path]:
     cfg = job_config(spec, job)
     if not cfg.save_at_fractions:
-        return [job.out / f"{job.name}-e{round(f * cfg.max_train_epochs):04d}.safetensors" for f in spec.budgets]
-    steps = budget_steps(job.out / f"{job.name}.safetensors") or 0
+        return [job.dir.lora(epoch=round(f * cfg.max_train_epochs)) for f in spec.budgets]
+    steps = budget_steps(job.dir.lora()) or 0
     wanted = sorted({max(1, round(f * steps)) for f in spec.budgets})
-    files = [job.out / f"{job.name}-step{s:06d}.safetensors" for s in wanted]
+    files = [job.dir.lora(step=s) for s in wanted]
     if len(wanted) != len(spec.budgets) or any(s >= steps for s in wanted):
         raise PrivloraError(f"--budgets {spec.budgets}: the {steps}-step plain LoRA run has too few steps for "
                             "distinct budget checkpoints; train longer or give fewer budgets")
@@ -273,14 +278,14 @@ def job_config(spec: BenchSpec, job: Job):
 # --- training ---------------------------------------------------------------------------------------------
 
 def is_finished(job: Job) -> bool:
-    return (job.out / f"{job.name}.safetensors").is_file() and (job.out / "train_time.json").is_file()
+    return job.dir.is_finished() and job.dir.train_time.is_file()
 
 
 def resumable(spec: BenchSpec, job: Job) -> bool:
     """An unfinished training of exactly this job's settings left a state (a crash, Ctrl-C, a killed bench)."""
     from privlora.config import ran_with
 
-    return (job.out / "state-latest").is_file() and ran_with(job_config(spec, job), job.out)
+    return job.dir.latest.is_file() and ran_with(job_config(spec, job), job.out)
 
 
 def train_all(spec: BenchSpec, jobs: list[Job], log: Callable[[str], None], board: Board | None = None) -> None:
@@ -318,7 +323,7 @@ def train_here(spec: BenchSpec, job: Job, log: Callable[[str], None]) -> None:
         f"{'epochs' if cfg.max_train_epochs else 'steps'}, seed {cfg.seed})")
     started = time.time()
     train(cfg)
-    write_json(job.out / "train_time.json", {"seconds": time.time() - started, **_resumed(job)})
+    write_json(job.dir.train_time, {"seconds": time.time() - started, **_resumed(job)})
 
 
 def train_in_child(spec: BenchSpec, job: Job, threads: int, log: Callable[[str], None],
@@ -346,7 +351,7 @@ def train_in_child(spec: BenchSpec, job: Job, threads: int, log: Callable[[str],
     if code != 0:
         raise PrivloraError(f"{job.out / 'train.log'}: training run {job.name} failed (exit status {code})")
     progress_file.unlink(missing_ok=True)
-    write_json(job.out / "train_time.json", {"seconds": time.time() - started, "threads": threads, **_resumed(job)})
+    write_json(job.dir.train_time, {"seconds": time.time() - started, "threads": threads, **_resumed(job)})
 
 
 def _resumed(job: Job) -> dict:
@@ -357,7 +362,7 @@ def _resumed(job: Job) -> dict:
 def check_same_split(jobs: list[Job]) -> None:
     """Every run must have trained on the baseline's split, or the comparison compares different data."""
     def roles(job: Job) -> dict:
-        manifest = json.loads((job.out / "splits.json").read_text())
+        manifest = json.loads(job.dir.splits.read_text())
         return {r: sorted(e["sha256"] for e in entries) for r, entries in manifest["roles"].items()}
 
     first = roles(jobs[0])
@@ -394,7 +399,7 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict:
     main_jobs = groups[0]
     baseline = main_jobs[0]
     budgets = budget_files(spec, baseline) if spec.budgets else []
-    canonical = [j.out / f"{j.name}.safetensors" for j in main_jobs]
+    canonical = [j.dir.lora() for j in main_jobs]
     cfg = job_config(spec, baseline)
     board.enter("select")
     chosen = aux_selection(spec, baseline, log)  # on the aux roles only, before any test role is audited
@@ -404,18 +409,18 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict:
     loras = canonical + budgets + extra_pick
     board.enter("audit")
     log(f"auditing {len(loras)} LoRAs and the base model with {', '.join(spec.attacks)}")
-    report = audit(spec, cfg, baseline.out / "splits.json", loras)
+    report = audit(spec, cfg, baseline.dir.splits, loras)
     replicates = [replicate(spec, groups[0], report, budgets)]
     for group in groups[1:]:  # each further seed: its own split's audit of its own runs and budgets
         seed_budgets = budget_files(spec, group[0]) if spec.budgets else []
-        seed_loras = [j.out / f"{j.name}.safetensors" for j in group] + seed_budgets
+        seed_loras = [j.dir.lora() for j in group] + seed_budgets
         log(f"auditing seed {job_seed(spec, group[0])}: {len(seed_loras)} LoRAs and the base model")
-        seed_report = audit(spec, job_config(spec, group[0]), group[0].out / "splits.json", seed_loras,
+        seed_report = audit(spec, job_config(spec, group[0]), group[0].dir.splits, seed_loras,
                             name=f"audit-seed{job_seed(spec, group[0])}")
         replicates.append(replicate(spec, group, seed_report, seed_budgets))
     wall.done("audit")
     board.enter("quality")
-    quality = utility_quality(spec, cfg, baseline.out / "splits.json", canonical + budgets + extra_pick)
+    quality = utility_quality(spec, cfg, baseline.dir.splits, canonical + budgets + extra_pick)
     wall.done("quality")
     board.enter("table")
     selection = compare_selection(chosen, report)
@@ -474,7 +479,7 @@ def replicate(spec: BenchSpec, group: list[Job], report: dict, budgets: list[Pat
 
 
 def history(job: Job) -> dict:
-    return json.loads((job.out / "history.json").read_text())
+    return json.loads(job.dir.history.read_text())
 
 
 def audit(spec: BenchSpec, cfg, splits: Path, loras: list[Path], name: str = "audit") -> dict:
@@ -605,12 +610,12 @@ def aux_selection(spec: BenchSpec, baseline: Job, log) -> dict:
     recorded as a refusal, not an error: the table then says why there is no recommendation."""
     from privlora.select import SelectConfig, select
 
-    done = baseline.out / "select.json"
+    done = baseline.dir.select
     settings: dict[str, Any] = {"max_auc": spec.max_auc, "max_tpr_at_1fpr": spec.max_tpr_at_1fpr,
                 "attacks": ["loss", *[a for a in spec.select_attacks if a != "loss"]], "seed": job_seed(spec, baseline),
                 "n_bootstrap": spec.n_bootstrap, "include_base": True}
     result = json.loads(done.read_text()) if done.is_file() else None
-    final = baseline.out / f"{baseline.name}.safetensors"
+    final = baseline.dir.lora()
     if result is None or result["settings"] != settings or done.stat().st_mtime_ns < final.stat().st_mtime_ns:
         log(f"privacy-aware selection of {baseline.name}'s checkpoints on the aux roles")
         try:
@@ -663,8 +668,8 @@ def build_table(spec: BenchSpec, jobs: list[Job], report: dict, quality: dict, b
             rows[j.name]["frontier_distance"] = power[j.run]["frontier_distance"]
             rows[j.name]["above_frontier"] = power[j.run]["verdict"] == "above"
     for j in main:
-        rows[j.name]["train_seconds"] = json.loads((j.out / "train_time.json").read_text())["seconds"]
-    for path in [*budgets, next(j for j in main if j.run == base).out / f"{base}.safetensors"]:
+        rows[j.name]["train_seconds"] = json.loads(j.dir.train_time.read_text())["seconds"]
+    for path in [*budgets, next(j for j in main if j.run == base).dir.lora()]:
         rows[path.stem]["steps"] = budget_steps(path)
     shown = {n: rows[n] for n in ["base", *frontier_names[1:], *defences]}
     table = {"settings": {**{k: v for k, v in asdict(spec).items() if k not in ("out", "runs")},
@@ -684,7 +689,7 @@ def build_table(spec: BenchSpec, jobs: list[Job], report: dict, quality: dict, b
             by_name = {m["name"]: model_row(m, {}) for m in report_i["models"]}
             for j in group:
                 seed_rows[j.name] = {**by_name[j.name], "train_seconds": json.loads(
-                    (j.out / "train_time.json").read_text())["seconds"]}
+                    j.dir.train_time.read_text())["seconds"]}
         table["seed_rows"] = seed_rows
         by_run = {run: [rows[j.name] if j.seed_index == 0 else seed_rows[j.name] for j in jobs if j.run == run]
                   for run in spec.runs}

@@ -17,8 +17,9 @@ import torch
 
 from privlora.errors import PrivloraError
 from privlora.io import write_text
+from privlora.rundir import RunDir
 
-LATEST = "state-latest"
+LATEST = RunDir.LATEST
 
 
 def rng_state() -> dict:
@@ -40,8 +41,8 @@ def _tuples(x):
 
 def save_state(out: Path, step: int, payload: dict, rank_payload: dict, accelerator, keep: int = 2) -> Path:
     """Every process writes its own RNG file, then the main process writes the rest and renames atomically."""
-    final = out / f"state-step{step:06d}"
-    tmp = out / f".state-step{step:06d}.tmp"
+    final = RunDir(out).state(step)
+    tmp = out / f".{final.name}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -53,7 +54,7 @@ def save_state(out: Path, step: int, payload: dict, rank_payload: dict, accelera
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         write_text(out / LATEST, final.name + "\n")
-        for old in sorted(out.glob("state-step*"))[:-keep]:
+        for old in RunDir(out).states()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final

@@ -16,6 +16,7 @@ from typing import Any, get_type_hints
 from privlora.errors import PrivloraError
 from privlora.objectives import METHODS
 from privlora.settings import MethodSettings, TrainConfig
+from privlora.rundir import RunDir
 
 __all__ = ["TrainConfig", "MethodSettings", "build_config", "make_config", "read_toml", "add_config_flags",
            "resolved_toml", "ran_with", "write_resolved_config", "all_keys", "owners"]
@@ -195,7 +196,7 @@ def add_config_flags(parser: argparse.ArgumentParser | Any) -> None:
             add(group, f.name, str(kind_hints[f.name]), text)
 
 
-RESOLVED_NAME = "resolved_config.toml"
+RESOLVED_NAME = RunDir.RESOLVED
 
 
 def resolved_toml(cfg: TrainConfig) -> str:

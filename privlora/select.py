@@ -16,7 +16,6 @@ the scored non-members cannot resolve or that zero caught members could not meet
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,11 +23,11 @@ import numpy as np
 
 from privlora.errors import PrivloraError
 from privlora.io import write_json
+from privlora.rundir import RunDir
 
 DEFAULT_SELECT_ATTACKS = ("loss", "ref_loss")
 Z95 = 1.959964  # the two-sided 95 % normal quantile
 MIN_BOOTSTRAP = 50  # the AUC's upper bound is a bootstrap percentile: too few resamples make it noise
-_CHECKPOINT = r"^{name}(?:-e(?P<epoch>\d{{4,}})|-step(?P<step>\d{{6,}}))?\.safetensors$"
 
 
 @dataclass
@@ -47,22 +46,15 @@ class SelectConfig:
 
 def list_checkpoints(run_dir: Path, output_name: str) -> list[Path]:
     """The run's intermediate ``-eNNNN`` / ``-stepNNNNNN`` LoRA files and its final one, in training order."""
-    pattern = re.compile(_CHECKPOINT.format(name=re.escape(output_name)))
-    found = []
-    for path in run_dir.glob(f"{output_name}*.safetensors"):
-        m = pattern.match(path.name)
-        if m:
-            order = (1, 0) if not (m["epoch"] or m["step"]) else (0, int(m["epoch"] or 0) or int(m["step"] or 0))
-            found.append((order, path))
-    return [p for _, p in sorted(found)]
+    return RunDir(run_dir, output_name).checkpoints()
 
 
 def run_settings(run_dir: Path) -> dict:
-    from privlora.config import RESOLVED_NAME, read_toml
+    from privlora.config import read_toml
 
-    resolved = run_dir / RESOLVED_NAME
+    resolved = RunDir(run_dir).resolved
     if not resolved.is_file():
-        raise PrivloraError(f"{run_dir}: not a finished privlora run ({RESOLVED_NAME} is missing)")
+        raise PrivloraError(f"{run_dir}: not a finished privlora run ({RunDir.RESOLVED} is missing)")
     return read_toml(resolved)
 
 
@@ -109,10 +101,10 @@ def select(cfg: SelectConfig, log=print) -> dict:
     if not checkpoints:
         raise PrivloraError(f"{run_dir}: no LoRA checkpoints named "
                             f"{settings.get('output_name')}[-eNNNN|-stepNNNNNN].safetensors")
-    scored = scored_sizes(run_dir / "splits.json")
-    check_support(cfg, *scored, run_dir / "splits.json")
+    scored = scored_sizes(RunDir(run_dir).splits)
+    check_support(cfg, *scored, RunDir(run_dir).splits)
     work = run_dir / "select"
-    manifest = aux_manifest(run_dir / "splits.json", work / "aux_splits.json", cfg.seed)
+    manifest = aux_manifest(RunDir(run_dir).splits, work / "aux_splits.json", cfg.seed)
     report = run_audit(AuditConfig(
         splits=str(manifest), out=str(work),
         pretrained_model_name_or_path=settings.get("pretrained_model_name_or_path", "tiny-sd"),
@@ -132,7 +124,7 @@ def select(cfg: SelectConfig, log=print) -> dict:
         "checkpoints": {name: {"path": paths.get(name), **r} for name, r in rows.items()},
         "choice": {**choice, "path": paths.get(choice["model"]) if choice["model"] else None},
     }
-    write_json(Path(cfg.out) if cfg.out else run_dir / "select.json", result)
+    write_json(Path(cfg.out) if cfg.out else RunDir(run_dir).select, result)
     return result
 
 
@@ -231,7 +223,7 @@ def dp_guarantee(run_dir: Path, settings: dict) -> str | None:
     """The run's DP claim (its final LoRA's ``privlora_dp_*`` metadata), or None for a run without one."""
     from privlora.captions import read_lora_metadata
 
-    final = run_dir / f"{settings.get('output_name', 'lora')}.safetensors"
+    final = RunDir(run_dir, settings.get("output_name", "lora")).lora()
     checkpoints = list_checkpoints(run_dir, settings.get("output_name", "lora"))
     path = final if final.is_file() else (checkpoints[-1] if checkpoints else None)
     meta = read_lora_metadata(path) if path else {}
@@ -268,7 +260,7 @@ def select_on_nonmembers(cfg: SelectConfig, run_dir: Path, settings: dict, guara
     log(f"{run_dir}: a DP-LoRA run {guarantee}: choosing the most useful checkpoint on nonmember_aux only "
         "(post-processing; member_aux is training data and is not used); the leakage bounds are not applied")
     work = run_dir / "select"
-    manifest = nonmember_manifest(run_dir / "splits.json", work / "nonmember_splits.json", cfg.seed)
+    manifest = nonmember_manifest(RunDir(run_dir).splits, work / "nonmember_splits.json", cfg.seed)
     report = run_audit(AuditConfig(
         splits=str(manifest), out=str(work),
         pretrained_model_name_or_path=settings.get("pretrained_model_name_or_path", "tiny-sd"),
@@ -288,7 +280,7 @@ def select_on_nonmembers(cfg: SelectConfig, run_dir: Path, settings: dict, guara
         "checkpoints": {name: {"path": paths.get(name), "heldout_loss": loss} for name, loss in losses.items()},
         "choice": {"model": best, "path": paths.get(best), "heldout_loss": losses[best], "reason": rule},
     }
-    write_json(Path(cfg.out) if cfg.out else run_dir / "select.json", result)
+    write_json(Path(cfg.out) if cfg.out else RunDir(run_dir).select, result)
     return result
 
 

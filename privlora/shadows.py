@@ -26,6 +26,7 @@ import numpy as np
 from privlora.errors import PrivloraError
 from privlora.files import file_error
 from privlora.io import write_json
+from privlora.rundir import RunDir
 
 POOL_ROLES = ("member_test", "nonmember_test", "member_aux", "nonmember_aux")
 SHADOW_NAME = "shadow"
@@ -99,11 +100,11 @@ def shadow_manifest(root: Path, inside: list[dict], outside: list[dict], out_fil
 
 
 def run_settings(lora: Path) -> tuple[Path, dict]:
-    from privlora.config import RESOLVED_NAME, read_toml
+    from privlora.config import read_toml
 
-    resolved = lora.parent / RESOLVED_NAME
+    resolved = RunDir(lora.parent).resolved
     if not resolved.is_file():
-        raise file_error(lora, f"the shadow attacks train with the LoRA's own run settings, but {RESOLVED_NAME} is "
+        raise file_error(lora, f"the shadow attacks train with the LoRA's own run settings, but {RunDir.RESOLVED} is "
                                "not beside it")
     return resolved, read_toml(resolved)
 

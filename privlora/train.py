@@ -39,6 +39,7 @@ from privlora.models.lora import (LoraSpec, add_lora, save_diffusers, save_kohya
 from privlora.objectives import METHODS, BuildContext, build_objective
 from privlora.objectives.base import BEST_SUFFIX, Objective
 from privlora.progress import report as report_progress
+from privlora.rundir import RunDir
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -138,7 +139,7 @@ def after_step(run: Run, progress: Progress, logs: dict, bar) -> None:
     if progress.step < run.max_steps and (
             (cfg.save_every_n_steps and progress.step % cfg.save_every_n_steps == 0)
             or progress.step in fraction_steps(cfg.save_at_fractions, run.max_steps)):
-        save_point(run, progress, f"{cfg.output_name}-step{progress.step:06d}")
+        save_point(run, progress, run.dir.checkpoint_name(step=progress.step))
 
 
 def end_epoch(run: Run, progress: Progress, logs: dict, bar) -> None:
@@ -167,7 +168,7 @@ def end_epoch(run: Run, progress: Progress, logs: dict, bar) -> None:
     state_due = due(progress.epoch, cfg.state_every_n_epochs)
     if lora_due:
         run.metadata.update(ss_steps=str(progress.step), ss_epoch=str(progress.epoch))
-        save_lora(run, f"{cfg.output_name}-e{progress.epoch:04d}")
+        save_lora(run, run.dir.checkpoint_name(epoch=progress.epoch))
     if state_due or (lora_due and cfg.save_state):
         save_state(run, progress)
 
@@ -212,7 +213,7 @@ def evaluate_and_log(run: Run, progress: Progress, logs: dict, bar) -> None:
                   f"({run.base_losses['member_test']:.4f}) for {progress.collapsed_epochs} evaluations: "
                   "utility collapse")
     if acc.is_main_process:
-        write_json(run.out / "history.json", {"base": run.base_losses, "epochs": progress.history,
+        write_json(run.dir.history, {"base": run.base_losses, "epochs": progress.history,
                                               **({"hessian": progress.hessian} if progress.hessian else {})})
 
 
@@ -240,6 +241,10 @@ class Run:
     max_steps: int
     epoch_start_order: torch.Tensor | None = None
     augment: Augment = field(default_factory=lambda: Augment(0))  # applied to every training batch
+
+    @property
+    def dir(self) -> RunDir:
+        return RunDir(self.out, self.cfg.output_name)
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -314,7 +319,7 @@ def run_prerequisites(cfg: TrainConfig) -> None:
     """The runs the method needs first, each trained unless finished (its LoRA file is there, trained with exactly
     the settings asked now; other settings are an error rather than a silently stale prerequisite)."""
     for pre in METHODS[cfg.method].prerequisites(cfg):
-        final = Path(pre.output_dir) / f"{pre.output_name}.safetensors"
+        final = RunDir(Path(pre.output_dir), pre.output_name).lora()
         if not final.exists():
             print(f"{cfg.method}: training the prerequisite run {pre.output_dir}")
             try:
@@ -364,7 +369,7 @@ def average_gradients(accelerator, params) -> None:
 
 
 def check_output_dir(cfg: TrainConfig, out: Path) -> None:
-    final = out / f"{cfg.output_name}.safetensors"
+    final = RunDir(out, cfg.output_name).lora()
     if final.exists() and not (cfg.overwrite or cfg.resume):
         raise PrivloraError(f"{final}: a finished run is already there; "
                             "pass --overwrite or choose another --output_dir")
@@ -529,7 +534,7 @@ def lora_metadata(cfg: TrainConfig, base) -> dict[str, str]:
 
 def save_lora(run: Run, name: str) -> Path:
     cfg, acc, base = run.cfg, run.accelerator, run.base
-    path = run.out / f"{name}.safetensors"
+    path = run.dir.path / f"{name}.safetensors"  # name: one of run.dir's checkpoint names
     acc.wait_for_everyone()
     if acc.is_main_process:
         unet = acc.unwrap_model(run.unet)
@@ -546,7 +551,7 @@ def save_modules(run: Run, name: str, suffix: str = "", extra: dict[str, str] | 
         return
     for mod_name, module in run.objective.modules().items():
         meta = {"privlora_module": mod_name, **run.objective.module_metadata(), **(extra or {})}
-        save_safetensors(run.out / f"{name}.{mod_name}{suffix}.safetensors", module.state_dict(), metadata=meta)
+        save_safetensors(run.dir.module(name, mod_name, suffix), module.state_dict(), metadata=meta)
 
 
 def lora_parameters(run: Run) -> dict[str, torch.nn.Parameter]:

@@ -15,8 +15,9 @@ from privlora.data.readers import Example, read_examples
 from privlora.errors import PrivloraError
 from privlora.files import file_error, sha256_file
 from privlora.io import write_json
+from privlora.rundir import RunDir
 
-CANARY_NAME = "canaries.json"
+CANARY_NAME = RunDir.CANARIES
 CANARY_VERSION = 1
 CANARY_WARNING = ("PRIVATE: which canaries were trained on (the one-run audit's secret). Do not publish it with the "
                   "LoRA.")

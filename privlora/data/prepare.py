@@ -7,8 +7,9 @@ from privlora.data.dataset import validate_images
 from privlora.data.readers import read_examples
 from privlora.data.splits import Splits, auto_split, read_manifest, splits_from_dirs, validate, write_manifest
 from privlora.io import write_text
+from privlora.rundir import RunDir
 
-MANIFEST_NAME = "splits.json"
+MANIFEST_NAME = RunDir.SPLITS
 SKIPPED_NAME = "skipped_images.txt"
 
 
