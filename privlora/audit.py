@@ -34,7 +34,7 @@ from privlora.data.readers import Example
 from privlora.data.splits import Splits, read_manifest
 from privlora.errors import PrivloraError
 from privlora.models.lora_files import check_lora_file, lora_module_names
-from privlora.models.vae import vae_scale_factor
+from privlora.models.vae import native_side
 from privlora.files import file_error, sha256_file
 from privlora.files import one_line_error as _one_line
 from privlora.io import write_bytes
@@ -111,7 +111,7 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for module in (base.unet, base.vae, base.text_encoder):
         module.to(device)
-    resolution = cfg.resolution or native_resolution(base)
+    resolution = cfg.resolution or native_side(base)
     roles = TEST_ROLES + (AUX_ROLES if any(a.fits for a in attacks) else ())
     chosen = select_samples(splits, roles, cfg.max_samples, cfg.seed)
 
@@ -216,12 +216,6 @@ def _check_settings(cfg: AuditConfig) -> Path:
     if out.exists() and not out.is_dir():
         raise PrivloraError(f"{out}: --out exists and is not a folder")
     return out
-
-
-def native_resolution(base) -> int:
-    vae_scale = vae_scale_factor(base.vae)
-    size = base.unet.config.sample_size
-    return int((size[0] if isinstance(size, (list, tuple)) else size) * vae_scale)
 
 
 # ------------------------------------------------------------------------------------------------ models

@@ -21,7 +21,7 @@ from privlora.captions import (TextEncoding, check_encoding_flags, lora_hyperpar
                                text_encoding)
 from privlora.errors import PrivloraError
 from privlora.models.lora_files import check_lora_file
-from privlora.models.vae import vae_scale_factor
+from privlora.models.vae import native_side
 from privlora.io import write_bytes, write_json
 from privlora.prompts import PromptLine, read_prompts
 
@@ -74,12 +74,6 @@ def build_pipeline(unet, vae, text_encoder, tokenizer, scheduler_config: Any, sa
 
     return sd_pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                        scheduler=make_scheduler(sampler, scheduler_config))
-
-
-def native_size(pipe) -> tuple[int, int]:
-    """(width, height) the model was built for: UNet sample size × VAE downsampling factor."""
-    side = pipe.unet.config.sample_size * vae_scale_factor(pipe.vae)
-    return side, side
 
 
 def load_lora(pipe, path: str | Path) -> None:
@@ -228,9 +222,9 @@ def sample(base_model: str, out_dir: str | Path, *, prompt: str | None = None, p
     if lora_path:
         load_lora(pipe, lora_path)
         lora_info = {"file": str(lora_path), "sha256": sha256_file(lora_path), "scale": lora_scale}
-    native_w, native_h = native_size(pipe)
+    side = native_side(pipe)
     jobs = plan_jobs(prompts, n, seed=seed, steps=steps, guidance=guidance, sampler=sampler,
-                     width=width or native_w, height=height or native_h, negative_prompt=negative_prompt,
+                     width=width or side, height=height or side, negative_prompt=negative_prompt,
                      lora=lora_info, base={"name": base.name, "sha256": base.sha256}, encoding=encoding)
     return _write_images(pipe, jobs, out)
 
@@ -311,9 +305,9 @@ def sample_during_training(model, prompts_file: str | Path, epoch: int, output_d
     for m in modules:
         m.eval()
     try:
-        w, h = native_size(pipe)
+        side = native_side(pipe)
         jobs = plan_jobs(prompts, len(prompts), seed=seed, steps=steps, guidance=guidance, sampler=sampler,
-                         width=w, height=h, encoding=encoding)
+                         width=side, height=side, encoding=encoding)
         return [_save_training_sample(pipe, job, i, epoch, Path(output_dir), writer) for i, job in enumerate(jobs)]
     finally:
         for m, mode in zip(modules, modes):
