@@ -76,19 +76,12 @@ def build_pipeline(unet, vae, text_encoder, tokenizer, scheduler_config: Any, sa
                        scheduler=make_scheduler(sampler, scheduler_config))
 
 
-def load_lora(pipe, path: str | Path) -> None:
-    """Load a kohya- or diffusers-format LoRA with diffusers' own loader; refuse files that adapt nothing."""
-    from privlora.models.lora import readable_lora_file
+def load_lora(pipe, path: str | Path, base_name: str | None = None) -> None:
+    """Load a kohya- or diffusers-format LoRA as adapter ``ADAPTER_NAME`` (``models.lora.load_lora_adapter``:
+    diffusers' own loader; every module of the file must fit the base model)."""
+    from privlora.models.lora import load_lora_adapter
 
-    path = check_lora_file(path)
-    try:
-        with readable_lora_file(path) as readable:
-            pipe.load_lora_weights(str(readable), adapter_name=ADAPTER_NAME)
-    except Exception as e:  # diffusers/peft raise ValueError, KeyError, RuntimeError (shapes) or their own types
-        text = " ".join(str(e).split())
-        raise PrivloraError(f"{path}: cannot load the LoRA into this base model ({text[:300]})") from None
-    if not any(ADAPTER_NAME in names for names in pipe.get_list_adapters().values()):
-        raise PrivloraError(f"{path}: no LoRA weights in this file fit the base model's UNet or text encoder")
+    load_lora_adapter(pipe, path, ADAPTER_NAME, base_name)
 
 
 # ---------------------------------------------------------------- planning and generating
@@ -220,7 +213,7 @@ def sample(base_model: str, out_dir: str | Path, *, prompt: str | None = None, p
     pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     lora_info = None
     if lora_path:
-        load_lora(pipe, lora_path)
+        load_lora(pipe, lora_path, base.name)
         lora_info = {"file": str(lora_path), "sha256": sha256_file(lora_path), "scale": lora_scale}
     side = native_side(pipe)
     jobs = plan_jobs(prompts, n, seed=seed, steps=steps, guidance=guidance, sampler=sampler,
