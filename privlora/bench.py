@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 import time
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from privlora.benchtable import (add_verdicts, format_extras, format_table, mode
 from privlora.errors import PrivloraError
 from privlora.io import write_bytes, write_json, write_text
 from privlora.progress import ENV as PROGRESS_ENV, Board
+from privlora.tomlio import parse_toml_value
 
 DATA_KEYS = ("train_data_dir", "splits_dir", "splits")
 BENCH_KEYS = ("budgets", "attacks", "n_bootstrap", "quality_samples", "quality_steps", "guidance", "seeds",
@@ -90,7 +90,7 @@ def parse_methods(text: str) -> dict[str, dict]:
             key, eq, value = pair.partition("=")
             if not eq or not key:
                 raise PrivloraError(f"--methods: {pair!r} in {item!r} is not key=value")
-            settings[key] = _toml_value(value)
+            settings[key] = parse_toml_value(value)
         name = method + "".join(f"_{k}{v}" for k, v in list(settings.items())[1:])
         if name in runs:
             raise PrivloraError(f"--methods: run {name!r} is given twice")
@@ -98,13 +98,6 @@ def parse_methods(text: str) -> dict[str, dict]:
     if not runs:
         raise PrivloraError("--methods: no method given")
     return runs
-
-
-def _toml_value(text: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
 
 
 def read_bench_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:

@@ -16,6 +16,7 @@ from typing import Any, get_type_hints
 from privlora.errors import PrivloraError
 from privlora.objectives import METHODS
 from privlora.settings import MethodSettings, TrainConfig
+from privlora.tomlio import toml_literal
 
 __all__ = ["TrainConfig", "MethodSettings", "build_config", "make_config", "read_toml", "add_config_flags",
            "resolved_toml", "ran_with", "write_resolved_config", "all_keys", "owners"]
@@ -207,25 +208,13 @@ def resolved_toml(cfg: TrainConfig) -> str:
     lines = ["# privlora: the fully resolved training settings (every key, after inherit and flags)"]
 
     def line(key: str, value: Any) -> str:
-        return f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}"
+        return f"# {key} = (unset)" if value is None else f"{key} = {toml_literal(value)}"
 
     own = cfg.method_settings.values()
     lines += [line(k, v) for k, v in cfg.flat().items() if k not in own]
     if own:
         lines += ["", f"[{cfg.method}]  # the method's own settings"] + [line(k, v) for k, v in own.items()]
     return "\n".join(lines) + "\n"
-
-
-def _toml_value(value: Any) -> str:
-    import json
-
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid TOML basic string
 
 
 def ran_with(cfg: TrainConfig, out: str | Path) -> bool:
