@@ -440,7 +440,7 @@ def _metrics(runs: AttackRuns, cfg: AuditConfig, model: str, attack: str) -> dic
     result["fit"] = runs.fits[model][attack]
     if details:
         result["details"] = details
-    if details.get("held_out") is False:
+    if not metrics.is_held_out(result):
         result["notes"].append(NOT_HELD_OUT)
     return result
 
@@ -449,16 +449,12 @@ NOT_HELD_OUT = ("not a held-out measurement: the attack was trained or chosen on
                 "left out of the ε lower bound")
 
 
-def _held_out(result: dict) -> bool:
-    return (result.get("details") or {}).get("held_out", True) is not False
-
-
 def _log_decisions(results: dict, log: Callable[[str], None]) -> None:
     for model, by_attack in results.items():
         for attack, r in by_attack.items():
             if "decision_accuracy" in r:
                 log(f"{model}: {attack} AUC {r['auc']:.3f}, {ATTACKS[attack].decision_label} "
-                    f"{r['decision_accuracy']:.3f}" + ("" if _held_out(r) else " (not held out)"))
+                    f"{r['decision_accuracy']:.3f}" + ("" if metrics.is_held_out(r) else " (not held out)"))
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -641,7 +637,7 @@ def _canary_batches(base, file: Path, cfg: AuditConfig, resolution: int, device)
 
 def _dp_bound(scores: dict, results: dict, metadata: dict[str, str]) -> dict[str, Any] | None:
     """The ε lower bound over the held-out attacks run on this model; None when there is none."""
-    usable = [a for a, r in results.items() if _held_out(r)]
+    usable = [a for a, r in results.items() if metrics.is_held_out(r)]
     if not usable:
         return None
     return dp_check({a: scores[a] for a in usable}, metadata, {a: results[a]["tpr_at_1pct_fpr"] for a in usable})
