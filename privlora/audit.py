@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import time
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, UTC
 from pathlib import Path
@@ -33,10 +31,9 @@ from privlora.captions import (TextEncoding, check_encoding_flags, lora_hyperpar
 from privlora.data.readers import Example
 from privlora.data.splits import Splits, read_manifest
 from privlora.errors import PrivloraError
-from privlora.models.lora_files import check_lora_file, lora_module_names
-from privlora.models.vae import vae_scale_factor
+from privlora.models.lora_files import check_lora_file
+from privlora.models.vae import native_side
 from privlora.files import file_error, sha256_file
-from privlora.files import one_line_error as _one_line
 from privlora.io import write_bytes
 
 REPORT_FILES = ("report.json", "report.md", "roc.png", "scores.png")
@@ -111,7 +108,7 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for module in (base.unet, base.vae, base.text_encoder):
         module.to(device)
-    resolution = cfg.resolution or native_resolution(base)
+    resolution = cfg.resolution or native_side(base)
     roles = TEST_ROLES + (AUX_ROLES if any(a.fits for a in attacks) else ())
     chosen = select_samples(splits, roles, cfg.max_samples, cfg.seed)
 
@@ -218,12 +215,6 @@ def _check_settings(cfg: AuditConfig) -> Path:
     return out
 
 
-def native_resolution(base) -> int:
-    vae_scale = vae_scale_factor(base.vae)
-    size = base.unet.config.sample_size
-    return int((size[0] if isinstance(size, (list, tuple)) else size) * vae_scale)
-
-
 # ------------------------------------------------------------------------------------------------ models
 
 
@@ -246,24 +237,9 @@ class AdapterSwitch:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """diffusers/peft/transformers log every key mismatch at length; we report mismatches ourselves."""
-    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
-    levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
-
-
-@contextlib.contextmanager
 def loaded_loras(base, files: list[Path]) -> Iterator[tuple[AdapterSwitch, list[str]]]:
     """Load every LoRA as its own adapter through diffusers' own loader; the base model is restored on exit."""
+    from privlora.models.lora import load_lora_adapter, quiet_loading
     from privlora.models.pipeline import sd_pipeline
 
     pipe = sd_pipeline(unet=base.unet, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
@@ -271,39 +247,12 @@ def loaded_loras(base, files: list[Path]) -> Iterator[tuple[AdapterSwitch, list[
     adapters: list[str] = []
     try:
         for i, path in enumerate(files):
-            adapters.append(_load_one(pipe, base, path, f"audit_lora_{i}"))
+            adapters.append(load_lora_adapter(pipe, path, f"audit_lora_{i}", base.name))
         yield AdapterSwitch(pipe, adapters), adapters
     finally:
         if adapters:
-            with _quiet():
+            with quiet_loading():
                 pipe.unload_lora_weights()
-
-
-def _load_one(pipe, base, path: Path, adapter: str) -> str:
-    from safetensors import safe_open
-
-    from privlora.models.lora import readable_lora_file
-
-    with safe_open(str(path), framework="pt") as f:
-        expected = lora_module_names(list(f.keys()))
-    try:
-        with _quiet(), readable_lora_file(path) as readable:
-            pipe.load_lora_weights(str(readable), adapter_name=adapter)
-    except (RuntimeError, ValueError, KeyError, OSError, TypeError) as e:
-        raise PrivloraError(f"{path}: this LoRA does not fit the base model {base.name} ({_one_line(e)})") from None
-    loaded = _adapted_modules(base.unet, adapter) + _adapted_modules(base.text_encoder, adapter)
-    if loaded < len(expected):
-        with _quiet():
-            pipe.delete_adapters([adapter])
-        raise PrivloraError(f"{path}: only {loaded} of its {len(expected)} LoRA modules exist in the base model "
-                            f"{base.name} (key mismatch: a LoRA for another base model?)")
-    return adapter
-
-
-def _adapted_modules(model, adapter: str) -> int:
-    from peft.tuners.lora import LoraLayer
-
-    return sum(1 for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.lora_A)
 
 
 def lora_metadata(path: Path) -> dict[str, str]:
@@ -491,7 +440,7 @@ def _metrics(runs: AttackRuns, cfg: AuditConfig, model: str, attack: str) -> dic
     result["fit"] = runs.fits[model][attack]
     if details:
         result["details"] = details
-    if details.get("held_out") is False:
+    if not metrics.is_held_out(result):
         result["notes"].append(NOT_HELD_OUT)
     return result
 
@@ -500,16 +449,12 @@ NOT_HELD_OUT = ("not a held-out measurement: the attack was trained or chosen on
                 "left out of the ε lower bound")
 
 
-def _held_out(result: dict) -> bool:
-    return (result.get("details") or {}).get("held_out", True) is not False
-
-
 def _log_decisions(results: dict, log: Callable[[str], None]) -> None:
     for model, by_attack in results.items():
         for attack, r in by_attack.items():
             if "decision_accuracy" in r:
                 log(f"{model}: {attack} AUC {r['auc']:.3f}, {ATTACKS[attack].decision_label} "
-                    f"{r['decision_accuracy']:.3f}" + ("" if _held_out(r) else " (not held out)"))
+                    f"{r['decision_accuracy']:.3f}" + ("" if metrics.is_held_out(r) else " (not held out)"))
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -692,7 +637,7 @@ def _canary_batches(base, file: Path, cfg: AuditConfig, resolution: int, device)
 
 def _dp_bound(scores: dict, results: dict, metadata: dict[str, str]) -> dict[str, Any] | None:
     """The ε lower bound over the held-out attacks run on this model; None when there is none."""
-    usable = [a for a, r in results.items() if _held_out(r)]
+    usable = [a for a, r in results.items() if metrics.is_held_out(r)]
     if not usable:
         return None
     return dp_check({a: scores[a] for a in usable}, metadata, {a: results[a]["tpr_at_1pct_fpr"] for a in usable})

@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 import time
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from privlora.errors import PrivloraError
 from privlora.io import write_bytes, write_json, write_text
 from privlora.progress import ENV as PROGRESS_ENV, Board
 from privlora.rundir import RunDir
+from privlora.tomlio import parse_toml_value
 
 DATA_KEYS = ("train_data_dir", "splits_dir", "splits")
 BENCH_KEYS = ("budgets", "attacks", "n_bootstrap", "quality_samples", "quality_steps", "guidance", "seeds",
@@ -98,7 +98,7 @@ def parse_methods(text: str) -> dict[str, dict]:
             key, eq, value = pair.partition("=")
             if not eq or not key:
                 raise PrivloraError(f"--methods: {pair!r} in {item!r} is not key=value")
-            settings[key] = _toml_value(value)
+            settings[key] = parse_toml_value(value)
         name = method + "".join(f"_{k}{v}" for k, v in list(settings.items())[1:])
         if name in runs:
             raise PrivloraError(f"--methods: run {name!r} is given twice")
@@ -108,43 +108,37 @@ def parse_methods(text: str) -> dict[str, dict]:
     return runs
 
 
-def _toml_value(text: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def read_bench_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+def read_bench_file(path: str | Path) -> dict:
     """A bench file: ``preset = "train.toml"``, a ``[bench]`` table and ``[runs.NAME]`` tables; ``inherit``
     reads another bench file first (its [bench] keys are updated, its runs replaced if this file has any, or
     with ``keep_runs = [...]`` those inherited runs kept and this file's added)."""
-    from privlora.config import load_toml
+    from privlora.tomlio import inherit_chain
 
-    path = Path(path)
-    data = load_toml(path, _seen, "bench file")
-    unknown = set(data) - {"inherit", "preset", "bench", "runs", "keep_runs"}
+    result: dict[str, Any] = {"preset": None, "bench": {}, "runs": {}}
+    for file, data in inherit_chain(path, "bench file", _checked_bench_file):
+        if "preset" in data:
+            result["preset"] = str(file.parent / data["preset"])
+        result["bench"] = {**result["bench"], **data.get("bench", {})}
+        if "keep_runs" in data:  # these inherited runs, then this file's
+            missing = set(data["keep_runs"]) - set(result["runs"])
+            if missing:
+                raise PrivloraError(f"{file}: keep_runs names {sorted(missing)[0]!r}, which the inherited file lacks")
+            kept = {name: result["runs"][name] for name in data["keep_runs"]}
+            result["runs"] = {**kept, **{name: dict(settings) for name, settings in data.get("runs", {}).items()}}
+        elif data.get("runs"):
+            result["runs"] = {name: dict(settings) for name, settings in data["runs"].items()}
+    return result
+
+
+def _checked_bench_file(path: Path, data: dict) -> tuple[Path, dict]:
+    unknown = set(data) - {"preset", "bench", "runs", "keep_runs"}
     if unknown:
         raise PrivloraError(f"{path}: unknown key {sorted(unknown)[0]!r} "
                             "(a bench file has inherit, keep_runs, preset, [bench], [runs.NAME])")
     bad = set(data.get("bench", {})) - set(BENCH_KEYS)
     if bad:
         raise PrivloraError(f"{path}: unknown [bench] key {sorted(bad)[0]!r} (choose from {', '.join(BENCH_KEYS)})")
-    result: dict[str, Any] = {"preset": None, "bench": {}, "runs": {}}
-    if "inherit" in data:
-        result = read_bench_file(path.parent / data["inherit"], (*_seen, path.resolve()))
-    if "preset" in data:
-        result["preset"] = str(path.parent / data["preset"])
-    result["bench"] = {**result["bench"], **data.get("bench", {})}
-    if "keep_runs" in data:  # these inherited runs, then this file's
-        missing = set(data["keep_runs"]) - set(result["runs"])
-        if missing:
-            raise PrivloraError(f"{path}: keep_runs names {sorted(missing)[0]!r}, which the inherited file lacks")
-        kept = {name: result["runs"][name] for name in data["keep_runs"]}
-        result["runs"] = {**kept, **{name: dict(settings) for name, settings in data.get("runs", {}).items()}}
-    elif data.get("runs"):
-        result["runs"] = {name: dict(settings) for name, settings in data["runs"].items()}
-    return result
+    return path, data
 
 
 def check_runs(runs: dict[str, dict], source: str) -> dict[str, dict]:

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
-from privlora.benchtable import frontier_auc, held_out
+from privlora.attacks.metrics import is_held_out
+from privlora.benchtable import frontier_auc
 
 ROLES = ("member_test", "nonmember_test")
 NAMES = {"leakage": "best_auc_two_sided", "tpr": "best_tpr_at_1pct_fpr_two_sided", "heldout": "heldout_loss",
@@ -48,7 +49,7 @@ def replicate_from_report(seed: int, report: dict, frontier: list[str], runs: di
     for model in report["models"]:
         scores[model["name"]] = {
             attack: {role: np.asarray(s[role], dtype=np.float64) for role in ROLES}
-            for attack, s in model["scores"].items() if held_out(model["results"].get(attack, {}))}
+            for attack, s in model["scores"].items() if is_held_out(model["results"].get(attack, {}))}
     return Replicate(seed, scores, frontier, runs)
 
 

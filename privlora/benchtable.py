@@ -11,15 +11,12 @@ import numpy as np
 FRONTIER_MARGIN = 0.01  # AUC differences this small are noise at 200 vs 200 (one standard error ≈ 0.03)
 
 
-def held_out(result: dict) -> bool:
-    """Whether an attack's result is a held-out measurement (not trained or chosen on the test samples)."""
-    return (result.get("details") or {}).get("held_out", True) is not False
-
-
 def model_row(model: dict, quality: dict) -> dict:
     """One audited model (an entry of the audit's report.json) as a table row: its best attack among those run on
     it whose numbers are held-out measurements (an attack can be absent for a model: ``skipped`` in the report)."""
-    results = {a: r for a, r in model["results"].items() if held_out(r)}
+    from privlora.attacks.metrics import is_held_out
+
+    results = {a: r for a, r in model["results"].items() if is_held_out(r)}
     aucs = {a: r["auc"] for a, r in results.items()}
     best = max(aucs, key=lambda a: aucs[a]) if aucs else None
     held_out = -float(np.mean(model["scores"]["loss"]["nonmember_test"])) if "loss" in model["scores"] else None

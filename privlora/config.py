@@ -17,6 +17,7 @@ from privlora.errors import PrivloraError
 from privlora.objectives import METHODS
 from privlora.settings import MethodSettings, TrainConfig
 from privlora.rundir import RunDir
+from privlora.tomlio import inherit_chain, toml_literal
 
 __all__ = ["TrainConfig", "MethodSettings", "build_config", "make_config", "read_toml", "add_config_flags",
            "resolved_toml", "ran_with", "write_resolved_config", "all_keys", "owners"]
@@ -107,32 +108,22 @@ def _flatten(table: dict, path: Path, out: dict | None = None) -> dict:
     return out
 
 
-def load_toml(path: Path, seen: tuple[Path, ...], what: str) -> dict:
-    """A TOML file as a dict, with the checks every privlora TOML reader makes: it exists, it is not already
-    being read (an ``inherit`` loop), it parses."""
-    if not path.is_file():
-        raise PrivloraError(f"{path}: {what} not found")
-    if path.resolve() in seen:
-        raise PrivloraError(f"{path}: inherit loop")
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise PrivloraError(f"{path}: not valid TOML ({e})") from None
+def read_toml(path: str | Path) -> dict:
+    """Flat key → value of a preset; ``inherit = "other.toml"`` (relative to this file) is read first, this
+    file's keys override its."""
+    flat: dict[str, Any] = {}
+    for own in inherit_chain(path, "config file", _preset_keys):
+        flat.update(own)
+    return flat
 
 
-def read_toml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
-    """Flat key → value of a preset; ``inherit = "other.toml"`` (relative to this file) is read first."""
-    path = Path(path)
-    data = load_toml(path, _seen, "config file")
-    parent = data.pop("inherit", None)
+def _preset_keys(path: Path, data: dict) -> dict:
     flat = _flatten(data, path)
     known = all_keys()
     for key in flat:
         if key not in known:
             raise PrivloraError(f"{path}: unknown config key {key!r}")
-    if parent is None:
-        return flat
-    return {**read_toml(path.parent / parent, (*_seen, path.resolve())), **flat}
+    return flat
 
 
 def build_config(config_file: str | None, overrides: dict[str, Any], *, foreign_flags: str = "drop") -> TrainConfig:
@@ -208,25 +199,13 @@ def resolved_toml(cfg: TrainConfig) -> str:
     lines = ["# privlora: the fully resolved training settings (every key, after inherit and flags)"]
 
     def line(key: str, value: Any) -> str:
-        return f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}"
+        return f"# {key} = (unset)" if value is None else f"{key} = {toml_literal(value)}"
 
     own = cfg.method_settings.values()
     lines += [line(k, v) for k, v in cfg.flat().items() if k not in own]
     if own:
         lines += ["", f"[{cfg.method}]  # the method's own settings"] + [line(k, v) for k, v in own.items()]
     return "\n".join(lines) + "\n"
-
-
-def _toml_value(value: Any) -> str:
-    import json
-
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid TOML basic string
 
 
 def ran_with(cfg: TrainConfig, out: str | Path) -> bool:

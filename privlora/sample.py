@@ -21,7 +21,7 @@ from privlora.captions import (TextEncoding, check_encoding_flags, lora_hyperpar
                                text_encoding)
 from privlora.errors import PrivloraError
 from privlora.models.lora_files import check_lora_file
-from privlora.models.vae import vae_scale_factor
+from privlora.models.vae import native_side
 from privlora.io import write_bytes, write_json
 from privlora.prompts import PromptLine, read_prompts
 
@@ -76,25 +76,12 @@ def build_pipeline(unet, vae, text_encoder, tokenizer, scheduler_config: Any, sa
                        scheduler=make_scheduler(sampler, scheduler_config))
 
 
-def native_size(pipe) -> tuple[int, int]:
-    """(width, height) the model was built for: UNet sample size × VAE downsampling factor."""
-    side = pipe.unet.config.sample_size * vae_scale_factor(pipe.vae)
-    return side, side
+def load_lora(pipe, path: str | Path, base_name: str | None = None) -> None:
+    """Load a kohya- or diffusers-format LoRA as adapter ``ADAPTER_NAME`` (``models.lora.load_lora_adapter``:
+    diffusers' own loader; every module of the file must fit the base model)."""
+    from privlora.models.lora import load_lora_adapter
 
-
-def load_lora(pipe, path: str | Path) -> None:
-    """Load a kohya- or diffusers-format LoRA with diffusers' own loader; refuse files that adapt nothing."""
-    from privlora.models.lora import readable_lora_file
-
-    path = check_lora_file(path)
-    try:
-        with readable_lora_file(path) as readable:
-            pipe.load_lora_weights(str(readable), adapter_name=ADAPTER_NAME)
-    except Exception as e:  # diffusers/peft raise ValueError, KeyError, RuntimeError (shapes) or their own types
-        text = " ".join(str(e).split())
-        raise PrivloraError(f"{path}: cannot load the LoRA into this base model ({text[:300]})") from None
-    if not any(ADAPTER_NAME in names for names in pipe.get_list_adapters().values()):
-        raise PrivloraError(f"{path}: no LoRA weights in this file fit the base model's UNet or text encoder")
+    load_lora_adapter(pipe, path, ADAPTER_NAME, base_name)
 
 
 # ---------------------------------------------------------------- planning and generating
@@ -226,11 +213,11 @@ def sample(base_model: str, out_dir: str | Path, *, prompt: str | None = None, p
     pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     lora_info = None
     if lora_path:
-        load_lora(pipe, lora_path)
+        load_lora(pipe, lora_path, base.name)
         lora_info = {"file": str(lora_path), "sha256": sha256_file(lora_path), "scale": lora_scale}
-    native_w, native_h = native_size(pipe)
+    side = native_side(pipe)
     jobs = plan_jobs(prompts, n, seed=seed, steps=steps, guidance=guidance, sampler=sampler,
-                     width=width or native_w, height=height or native_h, negative_prompt=negative_prompt,
+                     width=width or side, height=height or side, negative_prompt=negative_prompt,
                      lora=lora_info, base={"name": base.name, "sha256": base.sha256}, encoding=encoding)
     return _write_images(pipe, jobs, out)
 
@@ -311,9 +298,9 @@ def sample_during_training(model, prompts_file: str | Path, epoch: int, output_d
     for m in modules:
         m.eval()
     try:
-        w, h = native_size(pipe)
+        side = native_side(pipe)
         jobs = plan_jobs(prompts, len(prompts), seed=seed, steps=steps, guidance=guidance, sampler=sampler,
-                         width=w, height=h, encoding=encoding)
+                         width=side, height=side, encoding=encoding)
         return [_save_training_sample(pipe, job, i, epoch, Path(output_dir), writer) for i, job in enumerate(jobs)]
     finally:
         for m, mode in zip(modules, modes):

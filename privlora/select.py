@@ -188,7 +188,9 @@ def check_support(cfg: SelectConfig, n_member: int, n_nonmember: int, splits_fil
 def estimate(model: dict) -> dict:
     """One checkpoint's aux-only estimate: per attack the AUC and its interval; the worst two-sided upper bound and
     the worst TPR@1%FPR upper limit over the held-out attacks; utility from the loss scores."""
-    results = {a: r for a, r in model["results"].items() if (r.get("details") or {}).get("held_out", True)}
+    from privlora.attacks.metrics import is_held_out
+
+    results = {a: r for a, r in model["results"].items() if is_held_out(r)}
     upper = {a: max(r["ci95"]["auc"][1], 1 - r["ci95"]["auc"][0]) for a, r in results.items()}
     tpr_upper = [(r.get("tpr_cp95") or {}).get("tpr_at_1pct_fpr") for r in results.values()]
     best = max(upper, key=lambda a: upper[a])

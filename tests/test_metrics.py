@@ -130,3 +130,11 @@ def test_leakage_is_measured_both_ways():
     result = metrics.evaluate(member, nonmember, seed=0, n_bootstrap=0)
     assert result["auc"] == 0.0 and result["abs_auc_gap"] == 0.5
     assert result["tpr_at_1pct_fpr"] == 0.0 and result["inverted"]["tpr_at_1pct_fpr"] == 1.0
+
+
+def test_is_held_out_is_false_only_when_the_attack_says_so():
+    from privlora.attacks.metrics import is_held_out
+
+    assert is_held_out({"auc": 0.5}) and is_held_out({"details": None}) and is_held_out({"details": {}})
+    assert is_held_out({"details": {"held_out": True}})
+    assert not is_held_out({"details": {"held_out": False}})

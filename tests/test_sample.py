@@ -139,7 +139,22 @@ def test_lora_for_another_model_is_refused(model, tmp_path):
     f = tmp_path / "sd15.safetensors"  # a 320-wide SD1.5 layer does not fit the 32-wide tiny UNet
     save_file({f"{stem}.lora_down.weight": torch.zeros(4, 320), f"{stem}.lora_up.weight": torch.zeros(320, 4),
                f"{stem}.alpha": torch.tensor(4.0)}, str(f))
-    with pytest.raises(PrivloraError, match=rf"^{f}: cannot load the LoRA into this base model"):
+    with pytest.raises(PrivloraError, match=rf"^{f}: this LoRA does not fit the base model"):
+        sample(str(model), tmp_path / "o", prompt="x", lora=f, steps=1)
+    assert not (tmp_path / "o" / "settings.json").exists()
+
+
+def test_lora_that_only_partly_fits_is_refused(model, lora, tmp_path):
+    """One module the base model lacks: diffusers would load the rest silently; privlora refuses the file."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(lora))
+    stem = next(k.split(".")[0] for k in tensors if k.startswith("lora_unet_down_blocks_0"))
+    other = stem.replace("down_blocks_0", "down_blocks_7")  # the tiny UNet has no such block
+    f = tmp_path / "extra.safetensors"
+    save_file({k.replace(stem, other) if k.split(".")[0] == stem else k: v for k, v in tensors.items()}, str(f))
+    n = len({k.split(".")[0] for k in tensors if k.endswith(".lora_down.weight")})
+    with pytest.raises(PrivloraError, match=rf"^{f}: only {n - 1} of its {n} LoRA modules exist in the base model"):
         sample(str(model), tmp_path / "o", prompt="x", lora=f, steps=1)
     assert not (tmp_path / "o" / "settings.json").exists()
 

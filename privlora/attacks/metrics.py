@@ -21,6 +21,13 @@ FPR_TARGETS = {"tpr_at_5pct_fpr": 0.05, "tpr_at_1pct_fpr": 0.01, "tpr_at_0.1pct_
 METRICS = ("auc", "asr", *FPR_TARGETS)
 
 
+def is_held_out(result: dict[str, Any]) -> bool:
+    """Whether an attack's result (an entry of a report's ``results``) is a held-out measurement: true unless the
+    attack's details say ``held_out: False`` (it was trained or chosen on the test samples with their labels).
+    The one rule: the audit's notes and ε bound, the report, ``privlora select`` and the bench's table use it."""
+    return (result.get("details") or {}).get("held_out", True) is not False
+
+
 def _labelled(member: np.ndarray, nonmember: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     labels = np.concatenate([np.ones(len(member)), np.zeros(len(nonmember))])
     return labels, np.concatenate([member, nonmember]).astype(np.float64)

@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy as np
 
-from privlora.attacks.metrics import roc
+from privlora.attacks.metrics import is_held_out, roc
 
 COLUMNS = (("auc", "AUC"), ("asr", "ASR"), ("tpr_at_5pct_fpr", "TPR@5%FPR"), ("tpr_at_1pct_fpr", "TPR@1%FPR"),
            ("tpr_at_0.1pct_fpr", "TPR@0.1%FPR"))
@@ -174,7 +174,7 @@ def _decision_line(report: dict[str, Any], name: str, result: dict[str, Any]) ->
     details = result.get("details") or {}
     where = f" (`{details['attacker_file']}`)" if "attacker_file" in details else ""
     line = f"- {name}{where}: {report['attacks'][name]['decision']['label']}: {result['decision_accuracy']:.3f}"
-    if details.get("held_out") is False:
+    if not is_held_out(result):
         line += " — not held out, see †"
     return line
 

@@ -5,24 +5,29 @@ Kohya key layout, per adapted module ``a.b.c``:
   (scalar; effective scale = alpha / rank, the same as peft's ``lora_alpha / r``). Text encoder: ``lora_te_``
   plus the standard CLIP path (``lora_te_text_model_encoder_layers_0_mlp_fc1``) whatever transformers is
   installed — ComfyUI, A1111 and kohya sd-scripts drop text-encoder modules spelt without ``text_model``.
-Files are read through diffusers' loader after ``readable_lora_file`` has put them in that spelling.
+Files are read through diffusers' loader after ``readable_lora_file`` has put them in that spelling:
+``load_lora_adapter`` is the one loader (``privlora sample``, the audit, the bench's quality runs).
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
+from privlora.errors import PrivloraError
+from privlora.files import one_line_error, safetensors_keys
 from privlora.io import save_safetensors
 from privlora.models.clip_layout import standard_lora_key, standard_name
+from privlora.models.lora_files import check_lora_file, lora_module_names
 
 ADAPTER = "default"
 UNET_ATTN_FF = r".*(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|.*\.(proj_in|proj_out)|.*\.ff\.net\.(0\.proj|2)"
@@ -160,6 +165,54 @@ def readable_lora_file(path: str | Path) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="privlora-lora-") as tmp:
         yield save_safetensors(Path(tmp) / path.name, tensors, metadata=metadata)
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """diffusers/peft/transformers log every key mismatch at length; ``load_lora_adapter`` reports them itself."""
+    import warnings
+
+    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def load_lora_adapter(pipe: Any, path: str | Path, adapter: str, base_name: str | None = None) -> str:
+    """Load a kohya- or diffusers-format LoRA file into ``pipe`` (a diffusers pipeline) as adapter ``adapter``,
+    through diffusers' own ``load_lora_weights`` — what anyone loading the file gets. Returns ``adapter``.
+
+    The file is checked first (``check_lora_file``). Strict: every module the file adapts must land in the
+    pipeline's UNet or text encoder, else the adapter is removed again. Either failure is one line naming the file,
+    the base model (``base_name``, when known) and the reason (the loader's error, or the module counts).
+    """
+    path = check_lora_file(path)
+    expected = lora_module_names(safetensors_keys(path))
+    base = f"the base model {base_name}" if base_name else "the base model"
+    try:
+        with quiet_loading(), readable_lora_file(path) as readable:
+            pipe.load_lora_weights(str(readable), adapter_name=adapter)
+    except Exception as e:  # diffusers/peft raise ValueError, KeyError, RuntimeError (shapes) or their own types
+        raise PrivloraError(f"{path}: this LoRA does not fit {base} ({one_line_error(e)})") from None
+    loaded = sum(_adapted_modules(m, adapter) for m in (pipe.unet, getattr(pipe, "text_encoder", None))
+                 if m is not None)
+    if loaded < len(expected):
+        with quiet_loading():
+            pipe.delete_adapters([adapter])
+        raise PrivloraError(f"{path}: only {loaded} of its {len(expected)} LoRA modules exist in {base} "
+                            "(key mismatch: a LoRA for another base model?)")
+    return adapter
+
+
+def _adapted_modules(model, adapter: str) -> int:
+    return sum(1 for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.lora_A)
 
 
 def read_kohya_weights(path: str | Path, model,
