@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from privlora.errors import Interrupted, PrivloraError
 from privlora.offline import allow_network, offline_by_default
+
+if TYPE_CHECKING:
+    from privlora.benchspec import BenchSpec
 
 
 def _train(args: argparse.Namespace, overrides: dict) -> int:
@@ -214,7 +219,7 @@ def _add_demo_parser(sub) -> None:
 def _bench(args: argparse.Namespace, overrides: dict) -> int:
     from pathlib import Path
 
-    from privlora.bench import bench_spec_from_args, run_bench
+    from privlora.bench import run_bench
 
     spec = bench_spec_from_args(vars(args))
     print(f"privlora bench: {', '.join(spec.runs)}; outputs in {spec.out}")
@@ -360,3 +365,51 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("privlora: interrupted", file=sys.stderr)
         return 130
+
+
+# --- privlora bench's flags -------------------------------------------------------------------------------
+
+def bench_spec_from_args(args: dict[str, Any]) -> BenchSpec:
+    """``privlora bench`` flags → a spec: bench file values first, then the bench's own flags; every other
+    flag is a training setting over every run."""
+    from privlora.benchspec import DATA_KEYS, BenchSpec, parse_methods, read_bench_file
+    from privlora.config import all_keys
+
+    args = {k: v for k, v in args.items() if k not in ("command", "handler", "allow_network")}
+    file = read_bench_file(args.pop("runs")) if "runs" in args else {"preset": None, "bench": {}, "runs": {}}
+    runs = parse_methods(args.pop("methods")) if "methods" in args else file["runs"]
+    if not runs:
+        raise PrivloraError("--runs: the bench file has no [runs.NAME] table")
+    bench = dict(file["bench"])
+    for key in ("budgets", "attacks", "seeds", "select_attacks"):
+        if key in args:
+            bench[key] = _list_flag(key, args.pop(key))
+    for key in ("n_bootstrap", "quality_samples", "quality_steps", "guidance", "max_auc", "max_tpr_at_1fpr", "jobs",
+                "threads_per_job", "shadows", "resplit"):
+        if key in args:
+            bench[key] = args.pop(key)
+    preset = args.pop("preset", None) or file["preset"]
+    out = Path(args.pop("out"))
+    data = {k: args.pop(k) for k in DATA_KEYS if k in args}
+    dataset = args.pop("dataset", None)
+    given = [*data, *(["dataset"] if dataset else [])]
+    if len(given) > 1:
+        raise PrivloraError(f"give one data source, not {' and '.join('--' + k for k in given)}")
+    unknown = set(args) - all_keys()
+    if unknown:
+        raise PrivloraError(f"command line: unknown option --{sorted(unknown)[0]}")
+    return BenchSpec(out=out, runs=runs, data=data, dataset=dataset, preset=preset, train_overrides=args, **bench)
+
+
+def _list_flag(key: str, text: str) -> list:
+    if key == "budgets" and text.strip().lower() == "none":
+        return []
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        if key == "budgets":
+            return [float(t) for t in items]
+        if key == "seeds":
+            return [int(t) for t in items]
+    except ValueError:
+        raise PrivloraError(f"--{key}: {text!r} is not a comma-separated list of numbers") from None
+    return items

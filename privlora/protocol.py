@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from privlora.bench import BenchSpec, read_bench_file, run_bench
+from privlora.bench import run_bench
+from privlora.benchspec import BenchSpec, read_bench_file
 from privlora.benchtable import (FRONTIER_MARGIN, format_extras, format_table, frontier_auc,  # noqa: F401 (re-exported)
                                  frontier_verdict, model_row)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -296,3 +297,50 @@ def _distances(real: torch.Tensor, fake: torch.Tensor, metrics: list[str], featu
         out.update({f"kid{suffix}_mean": mean, f"kid{suffix}_std": std, "kid_subsets": kid_subsets,
                     "kid_subset_size": size})
     return out
+
+
+# --- samples of one model for the bench's proxy FID ---------------------------------------------------
+
+def quality_name(lora: Path | None) -> str:
+    """A model's name in quality.json: "base" or the LoRA file's stem."""
+    return "base" if lora is None else lora.stem
+
+
+@dataclass
+class QualityJob:
+    """Samples of one model (the base model for ``lora=None``) from the held-out captions, scored against the
+    held-out images; picklable, so a worker process can run it."""
+
+    model: str
+    config_dir: str | None
+    real: list  # PIL images
+    prompts: list[str]
+    steps: int
+    guidance: float
+    seed: int
+
+    def run(self, lora: Path | None) -> tuple[dict, bytes]:
+        from privlora.models.loading import load_base
+        from privlora.sample import build_pipeline, load_lora
+
+        base = load_base(self.model, config_dir=self.config_dir)
+        pipe = build_pipeline(base.unet, base.vae, base.text_encoder, base.tokenizer, base.noise_scheduler.config)
+        if lora is not None:
+            load_lora(pipe, lora)
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator().manual_seed(self.seed)
+        images = pipe(self.prompts, num_inference_steps=self.steps, guidance_scale=self.guidance,
+                      generator=generator).images
+        result = score(self.real, images, metrics=["fid"], feature_extractor="tiny", seed=self.seed)
+        return result, sheet_png(images[:16])
+
+
+def sheet_png(images: list) -> bytes:
+    """A contact sheet of ``images`` (8 per row) as PNG bytes."""
+    import io
+
+    from privlora.sample import contact_sheet
+
+    buf = io.BytesIO()
+    contact_sheet(images, columns=8).save(buf, format="PNG")
+    return buf.getvalue()

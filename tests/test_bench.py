@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from privlora.bench import (BenchSpec, bench_spec_from_args, check_runs, jobs_for, job_config, parse_methods,
-                            read_bench_file, run_bench)
+from privlora.bench import run_bench
+from privlora.benchspec import BenchSpec, check_runs, jobs_for, job_config, parse_methods, read_bench_file
+from privlora.cli import bench_spec_from_args
 from privlora.benchtable import recommend, seed_spread
 from privlora.cli import main
 from privlora.config import build_config

@@ -146,7 +146,9 @@ def test_missing_package_is_a_one_line_error(module, tmp_path, monkeypatch):
 
 
 def test_cli_dataset_and_bench_dataset(svg_dir, tmp_path, resvg, monkeypatch, capsys):
-    from privlora.bench import BenchSpec, bench_spec_from_args, prepare_dataset
+    from privlora.bench import prepare_dataset
+    from privlora.benchspec import BenchSpec
+    from privlora.cli import bench_spec_from_args
     from privlora.cli import main
 
     monkeypatch.setattr(openmoji, "package_svg_dir", lambda: (Path(svg_dir), "test"))

@@ -58,7 +58,7 @@ def test_preset_parses(preset):
 
 @pytest.mark.parametrize("bench_file", BENCH_FILES, ids=str)
 def test_bench_file_reads_with_its_train_preset(bench_file):
-    from privlora.bench import read_bench_file
+    from privlora.benchspec import read_bench_file
 
     bench = read_bench_file(bench_file)
     assert bench["runs"] and read_toml(bench["preset"])

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from tqdm import tqdm
 
-from privlora import bench, progress
-from privlora.bench import BenchSpec, Job
+from privlora import benchjobs as bench, progress
+from privlora.benchspec import BenchSpec, Job
 from privlora.progress import Board, Watch, job_meter, job_status, phase_line, read_progress, report, tail_bar
 
 
