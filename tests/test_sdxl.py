@@ -251,3 +251,50 @@ def test_audit_loss_and_ref_loss_run_on_an_sdxl_lora(sdxl, trained, tmp_path):
     assert report["models"][-1]["lora_metadata"]["ss_base_model_version"] == "sdxl_base_v1-0"
     ref = report["models"][-1]["scores"]["ref_loss"]
     assert any(abs(s) > 0 for s in ref["member_test"])  # the LoRA changed the model: it was loaded and switched on
+
+
+# ---------------------------------------------------------------- the other methods, resume and sampling
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,extra", [("mp_lora", {"train_text_encoder": True}),
+                                          ("smp_lora", {"train_text_encoder": True}),
+                                          ("dp_lora", {"dp_noise_multiplier": 1.0}),
+                                          ("distill_lora", {})])
+def test_every_method_trains_two_steps_on_sdxl(sdxl, tmp_path, method, extra):
+    from privlora.config import build_config
+    from privlora.train import train
+
+    cfg = build_config(None, {**SMALL, "method": method, "pretrained_model_name_or_path": sdxl,
+                              "output_dir": str(tmp_path / method), **extra})
+    with safe_open(str(train(cfg)), "pt") as f:
+        names, meta = _names(f.keys()), f.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["privlora_method"] == method
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in names
+    assert any(n.startswith("lora_te2_") for n in names) == bool(extra.get("train_text_encoder"))
+
+
+@pytest.mark.slow
+def test_resume_restores_both_text_encoders_loras(sdxl, tmp_path):
+    from privlora.config import build_config
+    from privlora.train import train
+
+    settings = {**SMALL, "pretrained_model_name_or_path": sdxl, "train_text_encoder": True, "text_encoder_lr": 1e-3,
+                "save_state": True, "save_every_n_steps": 2, "max_train_steps": 4}
+    straight = train(build_config(None, {**settings, "output_dir": str(tmp_path / "a")}))
+    copy = Path(shutil.copytree(tmp_path / "a", tmp_path / "b"))
+    (copy / straight.name).unlink()  # as if killed after the step-2 state
+    resumed = train(build_config(None, {**settings, "output_dir": str(copy),
+                                        "resume": str(copy / "state-step000002")}))
+    a, b = load_file(str(straight)), load_file(str(resumed))
+    assert a.keys() == b.keys() and any(k.startswith("lora_te2_") for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_sample_with_an_sdxl_lora_and_long_prompts(sdxl, trained, tmp_path):
+    from privlora.sample import sample
+
+    paths = sample(sdxl, tmp_path / "s", prompt="a red cat, " * 30, n=1, steps=2, lora=trained, lora_scale=0.5,
+                   max_token_length=225)
+    assert len(paths) == 1 and paths[0].stat().st_size > 0
