@@ -298,3 +298,14 @@ def test_sample_with_an_sdxl_lora_and_long_prompts(sdxl, trained, tmp_path):
     paths = sample(sdxl, tmp_path / "s", prompt="a red cat, " * 30, n=1, steps=2, lora=trained, lora_scale=0.5,
                    max_token_length=225)
     assert len(paths) == 1 and paths[0].stat().st_size > 0
+
+
+def test_sdxl_single_files_are_refused_in_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "sd_xl_base.safetensors"
+    save_file({"model.diffusion_model.out.2.weight": torch.zeros(1), "first_stage_model.x": torch.zeros(1),
+               "conditioner.embedders.1.model.ln_final.weight": torch.zeros(1)}, str(path))
+    with pytest.raises(PrivloraError, match="SDXL single-file checkpoint") as e:
+        load_base(str(path))
+    assert str(path) in str(e.value) and "\n" not in str(e.value)

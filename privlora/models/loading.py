@@ -334,6 +334,10 @@ def _read_checkpoint(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
 
 
 def _check_ldm_layout(path: Path, state: dict) -> None:
+    if any(k.startswith("conditioner.embedders.") for k in state):
+        raise PrivloraError(f"{path}: an SDXL single-file checkpoint (conditioner.embedders.*) is not supported yet; "
+                            "load its diffusers folder (StableDiffusionXLPipeline.from_single_file(...)"
+                            ".save_pretrained(DIR) converts one)")
     prefixes = {
         "UNet (model.diffusion_model.*)": "model.diffusion_model.",
         "VAE (first_stage_model.*)": "first_stage_model.",
