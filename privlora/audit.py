@@ -106,7 +106,7 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
     for attack in attacks:
         attack.check(base.noise_scheduler.config.num_train_timesteps)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    for module in (base.unet, base.vae, base.text_encoder):
+    for module in base.modules:
         module.to(device)
     resolution = cfg.resolution or native_side(base)
     roles = TEST_ROLES + (AUX_ROLES if any(a.fits for a in attacks) else ())
@@ -243,7 +243,8 @@ def loaded_loras(base, files: list[Path]) -> Iterator[tuple[AdapterSwitch, list[
     from privlora.models.pipeline import sd_pipeline
 
     pipe = sd_pipeline(unet=base.unet, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                       scheduler=base.noise_scheduler)
+                       scheduler=base.noise_scheduler, text_encoder_2=base.text_encoder_2,
+                       tokenizer_2=base.tokenizer_2)
     adapters: list[str] = []
     try:
         for i, path in enumerate(files):

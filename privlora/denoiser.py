@@ -89,7 +89,7 @@ class Denoiser:
 @contextlib.contextmanager
 def adapters_disabled(base):
     """Run the base model as published, without the LoRA (for base-model reference losses)."""
-    models = [m for m in (base.unet, base.text_encoder) if getattr(m, "_hf_peft_config_loaded", False)]
+    models = [m for m in (base.unet, *base.text_encoders) if getattr(m, "_hf_peft_config_loaded", False)]
     for m in models:
         m.disable_adapters()
     try:

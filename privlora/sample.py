@@ -68,12 +68,15 @@ def make_scheduler(sampler: str, config: Any):
     raise PrivloraError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
 
 
-def build_pipeline(unet, vae, text_encoder, tokenizer, scheduler_config: Any, sampler: str = "ddim"):
-    """A ``StableDiffusionPipeline`` sharing (not copying) the given modules; no safety checker."""
+def build_pipeline(unet, vae, text_encoder, tokenizer, scheduler_config: Any, sampler: str = "ddim",
+                   text_encoder_2=None, tokenizer_2=None):
+    """A ``StableDiffusionPipeline`` sharing (not copying) the given modules; no safety checker.
+    With ``text_encoder_2``: a ``StableDiffusionXLPipeline``."""
     from privlora.models.pipeline import sd_pipeline
 
     return sd_pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                       scheduler=make_scheduler(sampler, scheduler_config))
+                       scheduler=make_scheduler(sampler, scheduler_config), text_encoder_2=text_encoder_2,
+                       tokenizer_2=tokenizer_2)
 
 
 def load_lora(pipe, path: str | Path, base_name: str | None = None) -> None:
@@ -138,18 +141,26 @@ def prompt_embeds(pipe, job: ImageJob) -> dict[str, torch.Tensor]:
     applied to the text encoder's LoRA as the pipeline itself does."""
     from diffusers.utils import scale_lora_layers, unscale_lora_layers
 
-    from privlora.models.loading import encode_text
+    from privlora.diffusion import unpack_sdxl
+    from privlora.models.loading import encode_text, is_sdxl
 
     encoding = TextEncoding(job.clip_skip, job.max_token_length)
+    encoders = [te for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if te is not None]
     if job.lora_scale is not None:
-        scale_lora_layers(pipe.text_encoder, job.lora_scale)
+        for te in encoders:
+            scale_lora_layers(te, job.lora_scale)
     try:
         with torch.no_grad():
             both = encode_text(pipe, [job.prompt, job.negative_prompt or ""], encoding)
     finally:
         if job.lora_scale is not None:
-            unscale_lora_layers(pipe.text_encoder, job.lora_scale)
-    return {"prompt_embeds": both[:1], "negative_prompt_embeds": both[1:]}
+            for te in encoders:
+                unscale_lora_layers(te, job.lora_scale)
+    if not is_sdxl(pipe):
+        return {"prompt_embeds": both[:1], "negative_prompt_embeds": both[1:]}
+    hidden, pooled = unpack_sdxl(both, pipe.text_encoder_2.config.projection_dim)
+    return {"prompt_embeds": hidden[:1], "negative_prompt_embeds": hidden[1:],
+            "pooled_prompt_embeds": pooled[:1], "negative_pooled_prompt_embeds": pooled[1:]}
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
@@ -209,7 +220,8 @@ def sample(base_model: str, out_dir: str | Path, *, prompt: str | None = None, p
     from privlora.models.loading import load_base, sha256_file
 
     base = load_base(base_model, config_dir=config_dir, prediction_type=prediction_type)
-    pipe = build_pipeline(base.unet, base.vae, base.text_encoder, base.tokenizer, base.noise_scheduler.config, sampler)
+    pipe = build_pipeline(base.unet, base.vae, base.text_encoder, base.tokenizer, base.noise_scheduler.config, sampler,
+                          text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2)
     pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     lora_info = None
     if lora_path:
@@ -293,7 +305,8 @@ def sample_during_training(model, prompts_file: str | Path, epoch: int, output_d
     """
     prompts = read_prompts(prompts_file)
     pipe = _training_pipeline(model, sampler)
-    modules = [pipe.unet, pipe.text_encoder, pipe.vae]
+    modules = [m for m in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), pipe.vae)
+               if m is not None]
     modes = [m.training for m in modules]
     for m in modules:
         m.eval()
@@ -311,7 +324,9 @@ def _training_pipeline(model, sampler: str):
     # A fresh pipeline around the same modules: a caller's pipeline keeps its own scheduler.
     config = model.noise_scheduler.config if hasattr(model, "noise_scheduler") else model.scheduler.config
     unet = getattr(model.unet, "module", model.unet)  # unwrap DistributedDataParallel
-    return build_pipeline(unet, model.vae, model.text_encoder, model.tokenizer, config, sampler)
+    return build_pipeline(unet, model.vae, model.text_encoder, model.tokenizer, config, sampler,
+                          text_encoder_2=getattr(model, "text_encoder_2", None),
+                          tokenizer_2=getattr(model, "tokenizer_2", None))
 
 
 def _save_training_sample(pipe, job: ImageJob, i: int, epoch: int, output_dir: Path, writer) -> Path:

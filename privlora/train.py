@@ -33,7 +33,7 @@ from privlora.errors import Interrupted, PrivloraError
 from privlora.io import save_safetensors, write_json
 from privlora.models.cache import Cache
 from privlora.models.clip_layout import standard_name
-from privlora.models.loading import is_sd2, load_base
+from privlora.models.loading import SDXL, is_sd2, load_base
 from privlora.models.lora import (LoraSpec, add_lora, save_diffusers, save_kohya, text_encoder_lora_config,
                                   unet_lora_config)
 from privlora.objectives import METHODS, BuildContext, build_objective
@@ -113,8 +113,9 @@ def train_step(run: Run, batch: dict, step: int) -> dict | None:
             raise PrivloraError(f"{run.out}: non-finite loss ({result.loss.item()}) at step {step + 1}; training "
                                 "stopped and the last saved checkpoint is intact (try a lower learning rate)")
         if acc.sync_gradients and acc.num_processes > 1 and run.cfg.train_text_encoder:
-            # DDP wraps the UNet only; the text encoder's LoRA gradients are averaged here.
-            average_gradients(acc, run.base.text_encoder.parameters())
+            # DDP wraps the UNet only; the text encoders' LoRA gradients are averaged here.
+            for te in run.base.text_encoders:
+                average_gradients(acc, te.parameters())
         if acc.sync_gradients:
             grad_norm = run.objective.clip(run.trainable, run.cfg.max_grad_norm, acc.clip_grad_norm_)
         run.optimizer.step()
@@ -342,7 +343,7 @@ def configure_captions(denoiser: Denoiser, cfg: TrainConfig, rank: int) -> None:
 def inject_lora(cfg: TrainConfig, base, device) -> tuple[list, list[dict[str, Any]]]:
     """Frozen base in the compute dtype, LoRA on the UNet (and text encoder) in fp32; returns its parameters."""
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
-    for m in (base.unet, base.vae, base.text_encoder):
+    for m in base.modules:
         m.to(device).requires_grad_(False)
         if weight_dtype != torch.float32:
             m.to(dtype=weight_dtype)
@@ -350,8 +351,8 @@ def inject_lora(cfg: TrainConfig, base, device) -> tuple[list, list[dict[str, An
     groups: list[dict[str, Any]]
     groups = [{"params": add_lora(base.unet, unet_lora_config(spec, base.unet)), "lr": cfg.unet_lr}]
     if cfg.train_text_encoder:
-        groups.append({"params": add_lora(base.text_encoder, text_encoder_lora_config(spec)),
-                       "lr": cfg.text_encoder_lr})
+        for te in base.text_encoders:  # SDXL: both encoders, as kohya's SDXL LoRA
+            groups.append({"params": add_lora(te, text_encoder_lora_config(spec)), "lr": cfg.text_encoder_lr})
     for group in groups:
         for p in group["params"]:
             p.data = p.data.float()
@@ -515,12 +516,14 @@ def lora_metadata(cfg: TrainConfig, base) -> dict[str, str]:
             "clip_skip", "noise_offset", "min_snr_gamma", "seed", "max_token_length", "shuffle_caption",
             "keep_tokens", "random_flip", "random_crop_scale", "color_jitter", "network_dropout", "weight_decay")
     hyperparameters = {**{k: getattr(cfg, k) for k in keys}, **cfg.method_settings.values()}
-    v2 = is_sd2(base.unet.config)
+    sdxl = base.family == SDXL
+    v2 = not sdxl and is_sd2(base.unet.config)
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(cfg.network_dim),
         "ss_network_alpha": str(cfg.network_alpha),
-        "ss_base_model_version": "sd_v2" if v2 else "sd_v1",
+        # kohya's model-version names (SDXL base: library/sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0)
+        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v2" if v2 else "sd_v1",
         "ss_v2": str(v2),
         "ss_v_parameterization": str(base.prediction_type == "v_prediction"),
         "ss_sd_model_name": Path(str(base.name)).name,
@@ -539,8 +542,9 @@ def save_lora(run: Run, name: str) -> Path:
     if acc.is_main_process:
         unet = acc.unwrap_model(run.unet)
         te = base.text_encoder if cfg.train_text_encoder else None
+        te2 = base.text_encoder_2 if cfg.train_text_encoder else None
         metadata = {**run.metadata, **run.objective.metadata()}
-        (save_kohya if cfg.save_format == "kohya" else save_diffusers)(path, unet, te, metadata)
+        (save_kohya if cfg.save_format == "kohya" else save_diffusers)(path, unet, te, metadata, text_encoder_2=te2)
     save_modules(run, name)
     return path
 
@@ -557,7 +561,11 @@ def save_modules(run: Run, name: str, suffix: str = "", extra: dict[str, str] | 
 def lora_parameters(run: Run) -> dict[str, torch.nn.Parameter]:
     """Trainable parameters by a name that does not depend on the transformers version (standard CLIP path)."""
     names = {}
-    for prefix, model in (("unet", run.accelerator.unwrap_model(run.unet)), ("text_encoder", run.base.text_encoder)):
+    models = (("unet", run.accelerator.unwrap_model(run.unet)), ("text_encoder", run.base.text_encoder),
+              ("text_encoder_2", run.base.text_encoder_2))
+    for prefix, model in models:
+        if model is None:
+            continue
         for n, p in model.named_parameters():
             if p.requires_grad:
                 names[state_name(f"{prefix}.{n}")] = p
@@ -567,7 +575,7 @@ def lora_parameters(run: Run) -> dict[str, torch.nn.Parameter]:
 def state_name(name: str) -> str:
     """``text_encoder.encoder…`` (transformers >= 5.6) and ``text_encoder.text_model.encoder…`` are one name."""
     prefix, rest = name.split(".", 1)
-    return f"{prefix}.{standard_name(rest)}" if prefix == "text_encoder" else name
+    return f"{prefix}.{standard_name(rest)}" if prefix in ("text_encoder", "text_encoder_2") else name
 
 
 def lora_state(run: Run) -> dict[str, torch.Tensor]:

@@ -44,8 +44,10 @@ def tiny_vocab() -> dict[str, int]:
     return {t: i for i, t in enumerate(tokens)}
 
 
-def write_tiny_tokenizer(folder: str | Path, model_max_length: int = tiny.MAX_TOKENS) -> int:
-    """Write a CLIP tokenizer folder (vocab.json, merges.txt, tokenizer_config.json); returns the vocab size."""
+def write_tiny_tokenizer(folder: str | Path, model_max_length: int = tiny.MAX_TOKENS, pad_token: str = EOS) -> int:
+    """Write a CLIP tokenizer folder (vocab.json, merges.txt, tokenizer_config.json); returns the vocab size.
+
+    ``pad_token``: EOS as CLIP-L's tokenizer pads; SDXL's second tokenizer (OpenCLIP-bigG) pads with ``"!"``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab = tiny_vocab()
@@ -56,7 +58,7 @@ def write_tiny_tokenizer(folder: str | Path, model_max_length: int = tiny.MAX_TO
         "model_max_length": model_max_length,
         "bos_token": BOS,
         "eos_token": EOS,
-        "pad_token": EOS,
+        "pad_token": pad_token,
         "unk_token": EOS,
         "do_lower_case": True,
     }
@@ -343,3 +345,83 @@ def make_single_file(diffusers_folder: str | Path, out_path: str | Path, *, open
     out_path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out_path))
     return out_path
+
+
+# ---------------------------------------------------------------- tiny SDXL (base) folder
+
+# SDXL base's structure — 3 UNet levels (no attention at the first), 2 layers per block, linear projections,
+# "text_time" added conditioning fed by text encoder 2's pooled projection and 6 size/crop ids, cross-attention
+# over both encoders' hidden states concatenated, a 4-level VAE (latents 1/8 of the pixels) — at toy widths
+# and depths. The UNet's LDM/SGM block numbering, which kohya's SDXL LoRA names use, depends only on the level
+# layout and layers per block, so the tiny model's names follow the same rule as SDXL's.
+TINY_SDXL_TE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                    max_position_embeddings=77)
+TINY_SDXL_TIME_DIM = 8
+TINY_SDXL_UNET: dict[str, Any] = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(16, 32, 32),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 2, 4),
+    cross_attention_dim=2 * TINY_SDXL_TE["hidden_size"],  # te1 ⊕ te2 hidden states
+    addition_embed_type="text_time", addition_time_embed_dim=TINY_SDXL_TIME_DIM,
+    projection_class_embeddings_input_dim=TINY_SDXL_TE["hidden_size"] + 6 * TINY_SDXL_TIME_DIM,  # pooled ⊕ 6 ids
+    use_linear_projection=True, norm_num_groups=8,
+)
+TINY_SDXL_VAE: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=64,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 8, 16, 16), scaling_factor=0.13025,
+)
+TINY_SDXL_RESOLUTION = 64
+
+
+def _sdxl_model_index(refiner: bool = False) -> dict:
+    return {
+        "_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
+        "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None], "image_encoder": [None, None],
+        "force_zeros_for_empty_prompt": not refiner,
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": [None, None] if refiner else ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": [None, None] if refiner else ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def make_tiny_sdxl_folder(path: str | Path, *, seed: int = 0, refiner: bool = False) -> Path:
+    """A random-init diffusers ``StableDiffusionXLPipeline`` folder with SDXL base's structure at toy size.
+
+    ``refiner``: the refiner's layout instead (no ``text_encoder``/``tokenizer``, only the second encoder), which
+    privlora must refuse; its UNet is the base-shaped one, only the folder layout matters there.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_tiny_tokenizer(path / "tokenizer_2", pad_token="!")
+    if not refiner:
+        write_tiny_tokenizer(path / "tokenizer")
+    te_cfg = {**TINY_SDXL_TE, "vocab_size": vocab_size, "bos_token_id": vocab_size - 2,
+              "eos_token_id": vocab_size - 1, "pad_token_id": 1}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        UNet2DConditionModel(**TINY_SDXL_UNET).save_pretrained(path / "unet")
+        AutoencoderKL(**TINY_SDXL_VAE).save_pretrained(path / "vae")
+        if not refiner:
+            save_text_encoder(CLIPTextModel(CLIPTextConfig(**te_cfg, projection_dim=32)), path / "text_encoder")
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**te_cfg, hidden_act="gelu",
+                                                         projection_dim=TINY_SDXL_TE["hidden_size"]))
+        te2.save_pretrained(path / "text_encoder_2", safe_serialization=True)
+    sched = {**tiny.scheduler_config(), "timestep_spacing": "leading", "interpolation_type": "linear",
+             "use_karras_sigmas": False}
+    sched.pop("clip_sample"), sched.pop("set_alpha_to_one")
+    _write_json(path / "scheduler" / "scheduler_config.json",
+                {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.42.1", **sched})
+    _write_json(path / "model_index.json", _sdxl_model_index(refiner))
+    return path

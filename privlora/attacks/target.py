@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from privlora.attacks.base import Batch, Query
-from privlora.diffusion import loss_map
+from privlora.diffusion import denoise, loss_map
 
-TextEncoder = Callable[[list[str]], torch.Tensor]  # captions -> (B, L, D) embeddings
+TextEncoder = Callable[[list[str]], torch.Tensor]  # captions -> (B, L, D) embeddings (SDXL: packed)
 
 
 def stable_seed(*parts: object) -> int:
@@ -135,8 +135,7 @@ class Target:
             self._activate()
             self.unet_queries += xs.shape[0]
             with torch.no_grad():
-                pred = self.unet(xs.to(self.device), ts.to(self.device), encoder_hidden_states=es.to(self.device),
-                                 return_dict=False)[0].float().cpu()
+                pred = denoise(self.unet, xs.to(self.device), ts.to(self.device), es.to(self.device)).float().cpu()
             if self.prediction_type == "v_prediction":
                 a = self.alpha_bar(ts).float()
                 pred = a.sqrt() * pred + (1 - a).sqrt() * xs.float()

@@ -1,4 +1,5 @@
-"""Loading a base Stable Diffusion model (SD1.x / SD2.x) offline, from a diffusers folder or one single file.
+"""Loading a base Stable Diffusion model (SD1.x / SD2.x / SDXL base) offline, from a diffusers folder or one single
+file.
 
 Every failure a user can cause (missing path, incomplete folder, corrupt or pickle-based weights, a single
 file without configs) becomes a one-line ``PrivloraError`` naming the file and the problem.
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from privlora.captions import TextEncoding
+from privlora.diffusion import pack_sdxl
 from privlora.errors import PrivloraError
 from privlora.files import PICKLE_SUFFIXES, safetensors_keys, sha256_file
 from privlora.files import one_line_error as _one_line
@@ -22,17 +24,21 @@ from privlora.offline import offline_by_default
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_COMPONENTS = COMPONENTS + ("text_encoder_2", "tokenizer_2")
 _CONFIG_FILES = {
     "unet": "config.json",
     "vae": "config.json",
     "text_encoder": "config.json",
+    "text_encoder_2": "config.json",
     "scheduler": "scheduler_config.json",
 }
 _WEIGHT_STEMS = {
     "unet": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
     "text_encoder": "model",
+    "text_encoder_2": "model",
 }
+SD, SDXL = "sd", "sdxl"  # BaseModel.family: SD1.x/SD2.x (one CLIP encoder) or SDXL base (two, added conditioning)
 CONFIG_DIR_HINT = (
     "pass --config_dir PATH_TO_LOCAL_DIFFUSERS_FOLDER (a folder with model_index.json and tokenizer/, "
     "e.g. a local SD1.5 diffusers copy, or tiny-sd for the embedded model)"
@@ -50,6 +56,19 @@ class BaseModel:
     name: str  # what the user passed
     sha256: str  # of the single file, or of the UNet weights of a folder
     source_kind: str  # "diffusers" | "single_file"
+    family: str = SD  # "sd" (SD1.x / SD2.x) or "sdxl" (SDXL base)
+    text_encoder_2: Any = None  # SDXL: OpenCLIP-bigG (CLIPTextModelWithProjection); None for SD1.x / SD2.x
+    tokenizer_2: Any = None
+
+    @property
+    def text_encoders(self) -> list:
+        """The text encoders the model conditions on: one for SD1.x / SD2.x, two for SDXL."""
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
+
+    @property
+    def modules(self) -> list:
+        """Every network of the model: UNet, VAE and text encoder(s)."""
+        return [self.unet, self.vae, *self.text_encoders]
 
 
 def load_base(
@@ -78,7 +97,7 @@ def load_base(
         raise PrivloraError(f"{path}: no such file or folder (expected tiny-sd, a diffusers folder or a .safetensors "
                             "file)")
     base.name = str(name_or_path)
-    for module in (base.unet, base.vae, base.text_encoder):
+    for module in base.modules:
         module.requires_grad_(False).eval()
     return base
 
@@ -124,32 +143,60 @@ def _weight_files(folder: Path, component: str, allow_pickle: bool) -> tuple[lis
                         "weights")
 
 
-def _check_folder(folder: Path) -> None:
+def _check_folder(folder: Path) -> str:
+    """The folder's family (``sd`` or ``sdxl``) once every component it needs is there."""
     index = folder / "model_index.json"
     if index.is_file():
-        _check_index(index)
+        family = _check_index(index)
     elif not any((folder / c).is_dir() for c in COMPONENTS):
         raise PrivloraError(f"{folder}: not a diffusers Stable Diffusion folder (no model_index.json, no unet/ vae/ "
                             "... subfolders)")
-    for component in COMPONENTS:
+    else:
+        family = SDXL if (folder / "text_encoder_2").is_dir() else SD
+    if family == SDXL and not (folder / "text_encoder").is_dir():
+        raise PrivloraError(f"{folder}: an SDXL refiner (text_encoder_2 only, no text_encoder/) is not supported; "
+                            "use the SDXL base model")
+    components = SDXL_COMPONENTS if family == SDXL else COMPONENTS
+    for component in components:
         sub = folder / component
         if not sub.is_dir():
-            raise PrivloraError(f"{sub}: missing — a Stable Diffusion folder needs "
-                                f"{', '.join(c + '/' for c in COMPONENTS)}")
-        if component == "tokenizer":
+            raise PrivloraError(f"{sub}: missing — a {'SDXL' if family == SDXL else 'Stable Diffusion'} folder "
+                                f"needs {', '.join(c + '/' for c in components)}")
+        if component.startswith("tokenizer"):
             _check_tokenizer(sub)
         elif not (sub / _CONFIG_FILES[component]).is_file():
             raise PrivloraError(f"{sub / _CONFIG_FILES[component]}: missing {component} config")
+    _check_unet_family(folder / "unet" / _CONFIG_FILES["unet"], family)
+    return family
 
 
-def _check_index(index: Path) -> None:
+def _check_index(index: Path) -> str:
     try:
         spec = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise PrivloraError(f"{index}: unreadable ({_one_line(e)})") from None
-    if "text_encoder_2" in spec or "transformer" in spec:
-        raise PrivloraError(f"{index}: {spec.get('_class_name', 'this pipeline')} is not supported "
-                            "(SD1.x / SD2.x only)")
+    name = spec.get("_class_name", "this pipeline")
+    present = {k for k, v in spec.items() if isinstance(v, list) and v and v[0] is not None}
+    if "text_encoder_2" in present and "text_encoder" not in present:
+        raise PrivloraError(f"{index}: an SDXL refiner ({name}: text_encoder_2 only, no text_encoder) is not "
+                            "supported; use the SDXL base model")
+    if "transformer" in spec or "prior" in spec or ("text_encoder_2" in present and "XL" not in name):
+        raise PrivloraError(f"{index}: {name} is not supported (SD1.x / SD2.x / SDXL base only)")
+    return SDXL if "text_encoder_2" in present else SD
+
+
+def _check_unet_family(config: Path, family: str) -> None:
+    """An SDXL folder's UNet takes SDXL's added conditioning ("text_time"); an SD1.x/SD2.x one takes none."""
+    try:
+        kind = json.loads(config.read_text(encoding="utf-8")).get("addition_embed_type")
+    except (OSError, ValueError) as e:
+        raise PrivloraError(f"{config}: unreadable ({_one_line(e)})") from None
+    if family == SDXL and kind != "text_time":
+        raise PrivloraError(f"{config}: addition_embed_type {kind!r} in an SDXL folder (SDXL base's UNet has "
+                            "\"text_time\"): unknown layout")
+    if family == SD and kind is not None:
+        raise PrivloraError(f"{config}: addition_embed_type {kind!r} needs a second text encoder (text_encoder_2/), "
+                            "which this folder lacks: unknown layout")
 
 
 def _check_tokenizer(sub: Path) -> None:
@@ -161,13 +208,13 @@ def _check_tokenizer(sub: Path) -> None:
 # ---------------------------------------------------------------- components
 
 
-def _load_tokenizer(folder: Path):
+def _load_tokenizer(folder: Path, subfolder: str = "tokenizer"):
     from transformers import CLIPTokenizer
 
     try:
-        return CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer", local_files_only=True)
+        return CLIPTokenizer.from_pretrained(str(folder), subfolder=subfolder, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise PrivloraError(f"{folder / 'tokenizer'}: cannot load the CLIP tokenizer ({_one_line(e)})") from None
+        raise PrivloraError(f"{folder / subfolder}: cannot load the CLIP tokenizer ({_one_line(e)})") from None
 
 
 def _load_scheduler(folder: Path, prediction_type: str | None):
@@ -200,11 +247,11 @@ def _from_pretrained(cls, folder: Path, component: str, dtype: torch.dtype, allo
     return model, files
 
 
-def _load_text_encoder(folder: Path, dtype: torch.dtype, allow_pickle: bool):
-    from transformers import CLIPTextModel
+def _load_text_encoder(folder: Path, dtype: torch.dtype, allow_pickle: bool, component: str = "text_encoder"):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    (model, info), files = _from_pretrained(CLIPTextModel, folder, "text_encoder", dtype, allow_pickle,
-                                            output_loading_info=True)
+    cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
+    (model, info), files = _from_pretrained(cls, folder, component, dtype, allow_pickle, output_loading_info=True)
     if info["missing_keys"]:
         # transformers left those weights at random init: the file has the other CLIP spelling (transformers
         # < 5.6 reads only text_model.*), or it is incomplete.
@@ -224,11 +271,16 @@ def _load_in_own_spelling(model, files: list[Path], allow_pickle: bool) -> None:
 def _load_folder(folder: Path, dtype: torch.dtype, allow_pickle: bool, prediction_type: str | None) -> BaseModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    _check_folder(folder)
+    family = _check_folder(folder)
     unet, unet_files = _from_pretrained(UNet2DConditionModel, folder, "unet", dtype, allow_pickle)
     vae, _ = _from_pretrained(AutoencoderKL, folder, "vae", dtype, allow_pickle)
     text_encoder = _load_text_encoder(folder, dtype, allow_pickle)
     sched = _load_scheduler(folder, prediction_type)
+    second: dict[str, Any] = {}
+    if family == SDXL:
+        second = dict(family=SDXL, text_encoder_2=_load_text_encoder(folder, dtype, allow_pickle, "text_encoder_2"),
+                      tokenizer_2=_load_tokenizer(folder, "tokenizer_2"))
+        _check_sdxl_shapes(folder, unet, text_encoder, second["text_encoder_2"])
     return BaseModel(
         unet=unet,
         vae=vae,
@@ -239,7 +291,19 @@ def _load_folder(folder: Path, dtype: torch.dtype, allow_pickle: bool, predictio
         name=str(folder),
         sha256=sha256_file(unet_files),
         source_kind="diffusers",
+        **second,
     )
+
+
+def _check_sdxl_shapes(folder: Path, unet, te1, te2) -> None:
+    """SDXL's UNet attends to te1 ⊕ te2 hidden states and embeds te2's pooled projection ⊕ 6 time ids."""
+    cfg = unet.config
+    width = te1.config.hidden_size + te2.config.hidden_size
+    pooled = te2.config.projection_dim
+    added = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    if cfg.cross_attention_dim != width or added != pooled or pooled > width:
+        raise PrivloraError(f"{folder / 'unet'}: cross_attention_dim {cfg.cross_attention_dim} / added embedding "
+                            f"{added} do not fit the text encoders (hidden {width}, pooled {pooled}): unknown layout")
 
 
 # ---------------------------------------------------------------- single file (original LDM layout)
@@ -270,6 +334,10 @@ def _read_checkpoint(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
 
 
 def _check_ldm_layout(path: Path, state: dict) -> None:
+    if any(k.startswith("conditioner.embedders.") for k in state):
+        raise PrivloraError(f"{path}: an SDXL single-file checkpoint (conditioner.embedders.*) is not supported yet; "
+                            "load its diffusers folder (StableDiffusionXLPipeline.from_single_file(...)"
+                            ".save_pretrained(DIR) converts one)")
     prefixes = {
         "UNet (model.diffusion_model.*)": "model.diffusion_model.",
         "VAE (first_stage_model.*)": "first_stage_model.",
@@ -379,7 +447,10 @@ def encode_prompt(base: BaseModel, captions: list[str], clip_skip: int | None = 
     """CLIP embeddings (B, max_len, hidden). ``clip_skip=k`` takes hidden_states[-k] + final layer norm (A1111/kohya).
 
     ``max_token_length`` (75 | 150 | 225): kohya's long prompts in 75-token windows (``encode_long``).
+    SDXL: both encoders, packed with the pooled projection (``encode_sdxl``).
     """
+    if is_sdxl(base):
+        return encode_sdxl(base, captions, clip_skip, max_token_length)
     if max_token_length:
         return encode_long(base, captions, max_token_length, clip_skip)
     return encode_ids(base, tokenize(base, captions), clip_skip)
@@ -451,6 +522,45 @@ def encode_long(base, captions: list[str], max_token_length: int, clip_skip: int
               return_tensors="pt").input_ids
     windows = split_windows(ids, n, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     return merge_windows(encode_ids(base, windows, clip_skip), n)
+
+
+def is_sdxl(model) -> bool:
+    """A BaseModel or pipeline with SDXL's second text encoder."""
+    return getattr(model, "text_encoder_2", None) is not None
+
+
+def encode_sdxl(base, captions: list[str], clip_skip: int | None = None,
+                max_token_length: int | None = None) -> torch.Tensor:
+    """SDXL's text conditioning, packed as ``diffusion.pack_sdxl`` describes: (B, L + 1, D1 + D2).
+
+    As SDXL (and kohya's SDXL scripts) encode: the penultimate hidden states of te1 (CLIP-L) and te2
+    (OpenCLIP-bigG), without the final layer norm, side by side; te2's pooled projection is its final (layer-
+    normed) hidden state at the first EOS token through ``text_projection``. Long prompts (``max_token_length``)
+    are cut into windows for each encoder with its own tokenizer (te2's pads with "!", not EOS, so SD2's window
+    rule applies to it); the pooled projection is the first window's, as kohya takes it. ``clip_skip``: SDXL
+    has already skipped one layer and kohya's SDXL scripts ignore the flag, so only 1 (or none) is accepted.
+    """
+    if clip_skip not in (None, 1):
+        raise PrivloraError(f"clip_skip {clip_skip} is not supported for SDXL (it already conditions on the "
+                            "penultimate layer of both text encoders; kohya's SDXL scripts ignore clip_skip)")
+    n = max_token_length // WINDOW_TOKENS if max_token_length else 1
+    hidden = []
+    for tok, te in ((base.tokenizer, base.text_encoder), (base.tokenizer_2, base.text_encoder_2)):
+        length = min(tok.model_max_length, te.config.max_position_embeddings)
+        if n == 1:
+            ids = tok(list(captions), padding="max_length", max_length=length, truncation=True,
+                      return_tensors="pt").input_ids
+        else:
+            ids = tok(list(captions), padding="max_length", max_length=n * (length - 2) + 2, truncation=True,
+                      return_tensors="pt").input_ids
+            ids = split_windows(ids, n, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+        ids = ids.to(te.device)
+        out = te(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2] if n == 1 else merge_windows(out.hidden_states[-2], n))
+    first_eos = (ids == tok.eos_token_id).int().argmax(dim=1)  # te2's ids: the loop's last encoder
+    last = out.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), first_eos]
+    pooled = te.text_projection(last.to(te.text_projection.weight.dtype))[::n]
+    return pack_sdxl(torch.cat(hidden, dim=-1), pooled)
 
 
 def encode_images(

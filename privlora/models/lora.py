@@ -7,6 +7,10 @@ Kohya key layout, per adapted module ``a.b.c``:
   installed — ComfyUI, A1111 and kohya sd-scripts drop text-encoder modules spelt without ``text_model``.
 Files are read through diffusers' loader after ``readable_lora_file`` has put them in that spelling:
 ``load_lora_adapter`` is the one loader (``privlora sample``, the audit, the bench's quality runs).
+
+SDXL, as kohya sd-scripts writes it: UNet modules by their original (LDM/SGM) path (``models/sgm_names.py``:
+``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``), the two text encoders as ``lora_te1_…`` (CLIP-L)
+and ``lora_te2_…`` (OpenCLIP-bigG), each with the standard CLIP path.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ from privlora.files import one_line_error, safetensors_keys
 from privlora.io import save_safetensors
 from privlora.models.clip_layout import standard_lora_key, standard_name
 from privlora.models.lora_files import check_lora_file, lora_module_names
+from privlora.diffusion import takes_added_cond
+from privlora.models.sgm_names import sgm_path
 
 ADAPTER = "default"
 UNET_ATTN_FF = r".*(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|.*\.(proj_in|proj_out)|.*\.ff\.net\.(0\.proj|2)"
@@ -85,17 +91,31 @@ def lora_layers(model) -> dict[str, LoraLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
 
 
-def kohya_key(prefix: str, name: str) -> str:
-    """The kohya key stem of a peft LoRA layer's module name (``prefix`` is ``lora_unet`` or ``lora_te``)."""
-    name = standard_name(name) if prefix == "lora_te" else name
+TE_PREFIXES = ("lora_te", "lora_te1", "lora_te2")
+
+
+def kohya_key(prefix: str, name: str, unet_config=None) -> str:
+    """The kohya key stem of a peft LoRA layer's module name (``prefix`` is ``lora_unet``, ``lora_te``, or SDXL's
+    ``lora_te1`` / ``lora_te2``). ``unet_config``: an SDXL UNet's config, whose names kohya spells in the original
+    layout."""
+    if prefix in TE_PREFIXES:
+        name = standard_name(name)
+    elif unet_config is not None:
+        name = sgm_path(name, unet_config)
     return f"{prefix}_{name.replace('.', '_')}"
 
 
+def kohya_key_of(model, prefix: str, name: str) -> str:
+    """``kohya_key`` for a module of ``model``: SDXL UNets get the original-layout spelling."""
+    sdxl_unet = prefix == "lora_unet" and takes_added_cond(model)
+    return kohya_key(prefix, name, getattr(model, "config", None) if sdxl_unet else None)
+
+
 def kohya_state_dict(model, prefix: str) -> dict[str, torch.Tensor]:
-    """Kohya keys for every peft LoRA layer of ``model`` (``prefix`` is ``lora_unet`` or ``lora_te``)."""
+    """Kohya keys for every peft LoRA layer of ``model`` (``prefix`` as in ``kohya_key``)."""
     out: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model).items():
-        key = kohya_key(prefix, name)
+        key = kohya_key_of(model, prefix, name)
         down = layer.lora_A[ADAPTER].weight
         up = layer.lora_B[ADAPTER].weight
         rank = down.shape[0]  # type: ignore[index]  # peft's ModuleDict entries are typed loosely
@@ -106,41 +126,49 @@ def kohya_state_dict(model, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_kohya(path, unet, text_encoder=None, metadata: dict[str, str] | None = None):
+def save_kohya(path, unet, text_encoder=None, metadata: dict[str, str] | None = None, text_encoder_2=None):
+    """``text_encoder_2``: SDXL's second encoder; then the encoders are ``lora_te1`` / ``lora_te2``."""
     tensors = kohya_state_dict(unet, "lora_unet")
-    if text_encoder is not None and lora_layers(text_encoder):
-        tensors.update(kohya_state_dict(text_encoder, "lora_te"))
+    te_prefixes = ("lora_te1", "lora_te2") if text_encoder_2 is not None else ("lora_te",)
+    for te, prefix in zip((text_encoder, text_encoder_2), te_prefixes):
+        if te is not None and lora_layers(te):
+            tensors.update(kohya_state_dict(te, prefix))
     return save_safetensors(path, tensors, metadata=metadata)
 
 
-def diffusers_state_dict(unet, text_encoder=None) -> dict[str, torch.Tensor]:
+def _text_encoders(text_encoder, text_encoder_2) -> list[tuple[str, torch.nn.Module]]:
+    pairs = (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2))
+    return [(name, te) for name, te in pairs if te is not None and lora_layers(te)]
+
+
+def diffusers_state_dict(unet, text_encoder=None, text_encoder_2=None) -> dict[str, torch.Tensor]:
     """peft/diffusers keys (``unet.<module>.lora_A.weight``), as ``pipe.load_lora_weights`` reads them."""
     from peft.utils import get_peft_model_state_dict
 
     out = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER).items()}
-    if text_encoder is not None and lora_layers(text_encoder):
-        te = get_peft_model_state_dict(text_encoder, adapter_name=ADAPTER)
-        out.update({f"text_encoder.{standard_name(k)}": v for k, v in te.items()})
+    for name, te in _text_encoders(text_encoder, text_encoder_2):
+        state = get_peft_model_state_dict(te, adapter_name=ADAPTER)
+        out.update({f"{name}.{standard_name(k)}": v for k, v in state.items()})
     return {k: v.detach().float().cpu().clone() for k, v in out.items()}
 
 
-def save_diffusers(path, unet, text_encoder=None, metadata: dict[str, str] | None = None):
+def save_diffusers(path, unet, text_encoder=None, metadata: dict[str, str] | None = None, text_encoder_2=None):
     """One safetensors file with diffusers keys; the adapter config goes into the metadata as diffusers expects."""
     import json
 
     meta = dict(metadata or {})
-    meta["lora_adapter_metadata"] = json.dumps(_adapter_metadata(unet, text_encoder))
-    return save_safetensors(path, diffusers_state_dict(unet, text_encoder), metadata=meta)
+    meta["lora_adapter_metadata"] = json.dumps(_adapter_metadata(unet, text_encoder, text_encoder_2))
+    return save_safetensors(path, diffusers_state_dict(unet, text_encoder, text_encoder_2), metadata=meta)
 
 
-def _adapter_metadata(unet, text_encoder) -> dict:
+def _adapter_metadata(unet, text_encoder, text_encoder_2=None) -> dict:
     def cfg(model):
         c = model.peft_config[ADAPTER].to_dict()
         return {k: (sorted(v) if isinstance(v, set) else v) for k, v in c.items()}
 
     meta = {f"unet.{k}": v for k, v in cfg(unet).items()}
-    if text_encoder is not None and lora_layers(text_encoder):
-        meta.update({f"text_encoder.{k}": v for k, v in cfg(text_encoder).items()})
+    for name, te in _text_encoders(text_encoder, text_encoder_2):
+        meta.update({f"{name}.{k}": v for k, v in cfg(te).items()})
     return meta
 
 
@@ -201,8 +229,8 @@ def load_lora_adapter(pipe: Any, path: str | Path, adapter: str, base_name: str 
             pipe.load_lora_weights(str(readable), adapter_name=adapter)
     except Exception as e:  # diffusers/peft raise ValueError, KeyError, RuntimeError (shapes) or their own types
         raise PrivloraError(f"{path}: this LoRA does not fit {base} ({one_line_error(e)})") from None
-    loaded = sum(_adapted_modules(m, adapter) for m in (pipe.unet, getattr(pipe, "text_encoder", None))
-                 if m is not None)
+    models = (pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None))  # SDXL: two
+    loaded = sum(_adapted_modules(m, adapter) for m in models if m is not None)
     if loaded < len(expected):
         with quiet_loading():
             pipe.delete_adapters([adapter])
@@ -226,7 +254,7 @@ def read_kohya_weights(path: str | Path, model,
     tensors = load_file(str(path))
     pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     for name, layer in lora_layers(model).items():
-        key = kohya_key(prefix, name)
+        key = kohya_key_of(model, prefix, name)
         # peft's ModuleDict entries are typed loosely
         down = cast(torch.nn.Parameter, layer.lora_A[ADAPTER].weight)
         up = cast(torch.nn.Parameter, layer.lora_B[ADAPTER].weight)

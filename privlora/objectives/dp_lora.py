@@ -239,9 +239,9 @@ class DPLoraObjective(Objective):
         scheduler = denoiser.base.noise_scheduler
 
         def image_loss(lora: dict[str, torch.Tensor], z1, c1, noise1, t1):
-            def model(x, tt, encoder_hidden_states, return_dict=False):
-                return functional_call(unet, lora, (x, tt),
-                                       {"encoder_hidden_states": encoder_hidden_states, "return_dict": False})
+            def model(x, tt, **kwargs):  # the UNet's keywords (SDXL adds added_cond_kwargs) pass through
+                return functional_call(unet, lora, (x, tt), kwargs)
+            model.config = unet.config  # type: ignore[attr-defined]  # diffusion.denoise reads the UNet's kind
             maps = loss_map(model, scheduler, z1.expand(k, *z1.shape), c1.expand(k, *c1.shape), t1, noise1)
             return denoiser.adaptation_loss(maps, t1)
 
