@@ -127,7 +127,7 @@ def test_bad_values_are_one_line_errors_naming_the_setting(key, value):
 
 def test_network_dropout_reaches_the_lora_layers_and_weight_decay_the_optimizer():
     from privlora.models.loading import load_base
-    from privlora.train import inject_lora, make_optimizer
+    from privlora.train_setup import inject_lora, make_optimizer
 
     outputs = {}
     for p in (0.0, 0.5):

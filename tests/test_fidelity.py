@@ -7,7 +7,7 @@ import torch
 from privlora.config import TrainConfig
 from privlora.data.cache import RoleData
 from privlora.data.readers import Example
-from privlora.train import probe_roles
+from privlora.train_probes import probe_roles
 
 
 def role(n, tag):

@@ -79,7 +79,7 @@ def test_another_methods_key_is_dropped_from_presets_and_refused_on_the_train_co
 
 
 def test_every_method_key_must_match_on_resume_unless_the_method_frees_it():
-    from privlora.train import RESUME_MUST_MATCH, resume_settings
+    from privlora.train_state import RESUME_MUST_MATCH, resume_settings
 
     for name, cls in METHODS.items():
         cfg = make_config(method=name)

@@ -162,7 +162,7 @@ def test_bad_sample_prompts_fail_before_training(model, tmp_path):
 
 
 def test_scale_lr_and_channels_last(model, tmp_path):
-    from privlora.train import setup
+    from privlora.train_setup import setup
 
     cfg = build_config(None, {**SMALL, "pretrained_model_name_or_path": model, "output_dir": str(tmp_path / "r"),
                               "max_train_steps": 1, "scale_lr": True, "channels_last": True,
