@@ -47,4 +47,4 @@ class TimestepFloorObjective(Objective):
 def loss_of(objective: Objective, maps: torch.Tensor, t: torch.Tensor) -> float:
     """The objective's loss on given maps and timesteps (a stand-in denoiser that returns them)."""
     fake = type("Fixed", (), {"loss_map": lambda self, batch: (maps, t)})()
-    return objective.lora_loss({}, fake).loss.item()  # type: ignore[arg-type]
+    return objective.lora_loss({}, fake).loss.item()

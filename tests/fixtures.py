@@ -407,7 +407,7 @@ def make_tiny_sdxl_folder(path: str | Path, *, seed: int = 0, refiner: bool = Fa
     vocab_size = write_tiny_tokenizer(path / "tokenizer_2", pad_token="!")
     if not refiner:
         write_tiny_tokenizer(path / "tokenizer")
-    te_cfg = {**TINY_SDXL_TE, "vocab_size": vocab_size, "bos_token_id": vocab_size - 2,
+    te_cfg: dict[str, Any] = {**TINY_SDXL_TE, "vocab_size": vocab_size, "bos_token_id": vocab_size - 2,
               "eos_token_id": vocab_size - 1, "pad_token_id": 1}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
