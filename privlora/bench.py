@@ -143,8 +143,8 @@ def audit(spec: BenchSpec, cfg, splits: Path, loras: list[Path], name: str = "au
     inputs = {"loras": [[str(p), _stamp(p)] for p in loras], "attacks": list(spec.attacks), "seed": cfg.seed,
               "n_bootstrap": spec.n_bootstrap, "model": cfg.pretrained_model_name_or_path,
               "splits": str(splits), "canaries": "auto" if cfg.canaries else None, "shadows": spec.shadows}
-    done = folder / "inputs.json"
-    if (folder / "report.json").is_file() and done.is_file() and json.loads(done.read_text()) == inputs:
+    cache = PhaseCache(spec.out)
+    if cache.get(name, inputs) is not None and (folder / "report.json").is_file():
         return json.loads((folder / "report.json").read_text())
     report = run_audit(AuditConfig(splits=str(splits), out=str(folder),
                                    pretrained_model_name_or_path=cfg.pretrained_model_name_or_path,
@@ -153,8 +153,29 @@ def audit(spec: BenchSpec, cfg, splits: Path, loras: list[Path], name: str = "au
                                    clip_skip=cfg.clip_skip, jobs=spec.jobs, threads_per_job=spec.threads_per_job,
                                    canaries="auto" if cfg.canaries else None, shadows=spec.shadows,
                                    shadow_dir=str(spec.out / "shadows")))
-    write_json(done, inputs)
+    cache.put(name, inputs, {"report": str(Path(name) / "report.json")})
     return report
+
+
+class PhaseCache:
+    """``<out>/phases.json``: for every finished piece of the bench (an audit, one model's samples, a selection),
+    the inputs it was computed from and its result. A piece is reused while its inputs are unchanged; LoRA files
+    enter the inputs by size and mtime (``_stamp``), so a re-trained run invalidates what was computed from it."""
+
+    def __init__(self, out: Path):
+        self.path = out / "phases.json"
+
+    def _read(self) -> dict:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def get(self, key: str, inputs: dict) -> Any:
+        entry = self._read().get(key)
+        return entry["result"] if entry and entry["inputs"] == json.loads(json.dumps(inputs)) else None
+
+    def put(self, key: str, inputs: dict, result: Any) -> None:
+        stored = self._read()
+        stored[key] = {"inputs": inputs, "result": result}
+        write_json(self.path, stored)
 
 
 def _stamp(path: Path) -> str:
@@ -165,20 +186,18 @@ def _stamp(path: Path) -> str:
 
 def utility_quality(spec: BenchSpec, cfg, splits_file: Path, loras: list[Path]) -> dict[str, dict]:
     """Proxy FID (tiny-sd VAE features) of samples from nonmember_test captions against those images; each
-    model's result is cached in quality.json and reused while the sampling settings stay the same. With
-    ``jobs`` > 1 on a CPU, models are sampled in worker processes (each model's generator is seeded alone, so
-    the numbers do not change)."""
+    model's result is cached (``PhaseCache``) and reused while the sampling settings and its LoRA file stay the
+    same. With ``jobs`` > 1 on a CPU, models are sampled in worker processes (each model's generator is seeded
+    alone, so the numbers do not change)."""
     if spec.quality_samples <= 0:
         return {}
     from privlora.data.splits import read_manifest
 
-    cache = spec.out / "quality.json"
+    cache = PhaseCache(spec.out)
     settings = {"quality_samples": spec.quality_samples, "quality_steps": spec.quality_steps,
                 "guidance": spec.guidance, "seed": cfg.seed, "model": cfg.pretrained_model_name_or_path}
-    stored = json.loads(cache.read_text()) if cache.is_file() else {}
-    results = stored.get("models", {}) if stored.get("settings") == settings else {}
-    stamps = {"base": "", **{p.stem: _stamp(p) for p in loras}}
-    results = {n: r for n, r in results.items() if stored.get("stamps", {}).get(n) == stamps.get(n)}
+    inputs = {quality_name(p): {**settings, "lora": "" if p is None else _stamp(p)} for p in [None, *loras]}
+    results = {n: r for n, key in inputs.items() if (r := cache.get(f"quality/{n}", key)) is not None}
     todo = [lora for lora in [None, *loras] if quality_name(lora) not in results]
     if not todo:
         return results
@@ -191,8 +210,7 @@ def utility_quality(spec: BenchSpec, cfg, splits_file: Path, loras: list[Path]) 
     def keep(name: str, result: dict, sheet: bytes) -> None:
         results[name] = result
         write_bytes(spec.out / f"samples_{name}.png", sheet)
-        # each model's result survives an interrupt
-        write_json(cache, {"settings": settings, "models": results, "stamps": {n: stamps[n] for n in results}})
+        cache.put(f"quality/{name}", inputs[name], result)  # each model's result survives an interrupt
 
     from privlora.processes import on_cpu, threads_for, worker_pool
 
@@ -212,22 +230,24 @@ def aux_selection(spec: BenchSpec, baseline: Job, log) -> dict:
     recorded as a refusal, not an error: the table then says why there is no recommendation."""
     from privlora.select import SelectConfig, select
 
-    done = baseline.dir.select
     settings: dict[str, Any] = {"max_auc": spec.max_auc, "max_tpr_at_1fpr": spec.max_tpr_at_1fpr,
                 "attacks": ["loss", *[a for a in spec.select_attacks if a != "loss"]], "seed": job_seed(spec, baseline),
                 "n_bootstrap": spec.n_bootstrap, "include_base": True}
-    result = json.loads(done.read_text()) if done.is_file() else None
-    final = baseline.dir.lora()
-    if result is None or result["settings"] != settings or done.stat().st_mtime_ns < final.stat().st_mtime_ns:
-        log(f"privacy-aware selection of {baseline.name}'s checkpoints on the aux roles")
-        try:
-            result = select(SelectConfig(str(baseline.out), spec.max_auc, spec.max_tpr_at_1fpr,
-                                         list(spec.select_attacks), settings["seed"], spec.n_bootstrap, True,
-                                         jobs=spec.jobs, threads_per_job=spec.threads_per_job), log=log)
-        except PrivloraError as e:
-            log(f"selection refused: {e}")
-            return {"settings": settings, "refused": str(e), "checkpoints": {},
-                    "choice": {"model": None, "path": None, "reason": f"select refused: {e}"}}
+    cache = PhaseCache(spec.out)
+    inputs = {**settings, "lora": _stamp(baseline.dir.lora())}
+    result = cache.get(f"select/{baseline.name}", inputs)
+    if result is not None:
+        return result
+    log(f"privacy-aware selection of {baseline.name}'s checkpoints on the aux roles")
+    try:
+        result = select(SelectConfig(str(baseline.out), spec.max_auc, spec.max_tpr_at_1fpr,
+                                     list(spec.select_attacks), settings["seed"], spec.n_bootstrap, True,
+                                     jobs=spec.jobs, threads_per_job=spec.threads_per_job), log=log)
+    except PrivloraError as e:  # cached too: the same aux roles refuse the same bound again
+        log(f"selection refused: {e}")
+        result = {"settings": settings, "refused": str(e), "checkpoints": {},
+                  "choice": {"model": None, "path": None, "reason": f"select refused: {e}"}}
+    cache.put(f"select/{baseline.name}", inputs, result)
     return result
 
 

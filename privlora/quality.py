@@ -302,7 +302,7 @@ def _distances(real: torch.Tensor, fake: torch.Tensor, metrics: list[str], featu
 # --- samples of one model for the bench's proxy FID ---------------------------------------------------
 
 def quality_name(lora: Path | None) -> str:
-    """A model's name in quality.json: "base" or the LoRA file's stem."""
+    """A model's name in the bench's quality results: "base" or the LoRA file's stem."""
     return "base" if lora is None else lora.stem
 
 

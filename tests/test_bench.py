@@ -309,6 +309,14 @@ def test_bench_on_a_kohya_folder_reuses_finished_pieces(toy, tmp_path, capsys):
     mp = "mp_lora_privacy_alpha0.5"
     assert again["rows"][mp]["auc"] == first["rows"][mp]["auc"]
     assert again["rows"][mp]["heldout_loss"] == first["rows"][mp]["heldout_loss"]
+    # nothing changed: every phase is reused from phases.json (the audit, the selection, each model's samples)
+    report = out / "audit" / "report.json"
+    stamp = report.stat().st_mtime_ns
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert report.stat().st_mtime_ns == stamp and "privacy-aware selection" not in printed
+    phases = json.loads((out / "phases.json").read_text())
+    assert {"audit", "select/lora", "quality/base", f"quality/{mp}"} <= set(phases)
 
 
 @pytest.mark.slow
