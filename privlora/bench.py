@@ -38,7 +38,7 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict:
     from privlora.attacks import parse_attack_names
 
     spec.runs = check_runs(spec.runs, "runs")
-    spec.attacks = parse_attack_names(spec.attacks)
+    spec.attacks = parse_attack_names(["loss", *[a for a in spec.attacks if a != "loss"]])  # loss: the utility
     spec.select_attacks = parse_attack_names(spec.select_attacks)
     base = baseline_name(spec)
     if spec.dataset:
@@ -228,7 +228,7 @@ def utility_quality(spec: BenchSpec, cfg, splits_file: Path, loras: list[Path]) 
 def aux_selection(spec: BenchSpec, baseline: Job, log) -> dict:
     """``privlora select`` on the baseline's checkpoints (aux roles only); a bound the aux roles cannot support is
     recorded as a refusal, not an error: the table then says why there is no recommendation."""
-    from privlora.select import SelectConfig, select
+    from privlora.select import SelectConfig, Unsupported, select
 
     settings: dict[str, Any] = {"max_auc": spec.max_auc, "max_tpr_at_1fpr": spec.max_tpr_at_1fpr,
                 "attacks": ["loss", *[a for a in spec.select_attacks if a != "loss"]], "seed": job_seed(spec, baseline),
@@ -243,7 +243,7 @@ def aux_selection(spec: BenchSpec, baseline: Job, log) -> dict:
         result = select(SelectConfig(str(baseline.out), spec.max_auc, spec.max_tpr_at_1fpr,
                                      list(spec.select_attacks), settings["seed"], spec.n_bootstrap, True,
                                      jobs=spec.jobs, threads_per_job=spec.threads_per_job), log=log)
-    except PrivloraError as e:  # cached too: the same aux roles refuse the same bound again
+    except Unsupported as e:  # cached too: the same aux roles refuse the same bound again
         log(f"selection refused: {e}")
         result = {"settings": settings, "refused": str(e), "checkpoints": {},
                   "choice": {"model": None, "path": None, "reason": f"select refused: {e}"}}

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
-from privlora.attacks.metrics import is_held_out
+from privlora.attacks.metrics import is_held_out, sanitize
 from privlora.benchtable import frontier_auc
 
 ROLES = ("member_test", "nonmember_test")
@@ -47,10 +47,16 @@ def replicate_from_report(seed: int, report: dict, frontier: list[str], runs: di
     """A replicate from an audit's report.json: only attacks whose numbers are held-out measurements."""
     scores: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for model in report["models"]:
-        scores[model["name"]] = {
-            attack: {role: np.asarray(s[role], dtype=np.float64) for role in ROLES}
-            for attack, s in model["scores"].items() if is_held_out(model["results"].get(attack, {}))}
+        scores[model["name"]] = {attack: _clean(s) for attack, s in model["scores"].items()
+                                 if is_held_out(model["results"].get(attack, {}))}
     return Replicate(seed, scores, frontier, runs)
+
+
+def _clean(scores: dict) -> dict[str, np.ndarray]:
+    """Non-finite scores become the least member-like value, over both roles together, as the audit's metrics do."""
+    member, nonmember = (np.asarray(scores[r], dtype=np.float64) for r in ROLES)
+    both, _ = sanitize(np.concatenate([member, nonmember]))
+    return {"member_test": both[: len(member)], "nonmember_test": both[len(member):]}
 
 
 def folded_auc(member: np.ndarray, nonmember: np.ndarray) -> np.ndarray:

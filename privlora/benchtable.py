@@ -188,9 +188,11 @@ def power_markdown(power: dict, resplit: bool | None) -> str:
         lines.append(f"| {run} | {_interval(r['best_auc_two_sided'])} | {_interval(r['auc_gap'])} | {tpr} "
                      f"| {_interval(r['heldout_loss'], '.4f')} | {distance} | {r.get('verdict', '')} |")
     return (f"Paired comparison over {how}: mean [95 % interval] over seeds × images (seeds and images resampled, "
-            "the same images for every model of a seed); leakage is two-sided (an inverted attack counts); a "
-            "negative distance is more private than training less at the same held-out loss, and the verdict is "
-            "above/below only when the interval excludes zero:\n\n" + "\n".join(lines))
+            "the same images for every model of a seed); leakage is two-sided (an inverted attack counts); each "
+            "seed's frontier runs through its base model, budgets and full-length plain LoRA (not the aux-selected "
+            "checkpoint, which only the first seed has); a negative distance is more private than training less at "
+            "the same held-out loss, and the verdict is above/below only when the interval excludes zero:\n\n"
+            + "\n".join(lines))
 
 
 def _interval(stat: dict, fmt: str = ".3f") -> str:

@@ -157,6 +157,10 @@ def members_needed_for_tpr(max_tpr: float) -> int:
     return math.ceil(math.log(0.025) / math.log(1 - max_tpr)) if max_tpr < 1 else 1
 
 
+class Unsupported(PrivloraError):
+    """The aux roles cannot support the bound asked for (a property of the data, not a failure)."""
+
+
 def check_support(cfg: SelectConfig, n_member: int, n_nonmember: int, splits_file: Path) -> None:
     """Refuse, in one line and before any audit, a bound these aux roles cannot support."""
     from privlora.attacks.metrics import FPR_TARGETS, nonmembers_needed
@@ -168,7 +172,7 @@ def check_support(cfg: SelectConfig, n_member: int, n_nonmember: int, splits_fil
     chance = null_auc_upper(n_member, n_nonmember)
     if chance > cfg.max_auc:
         need = aux_needed_for_auc(cfg.max_auc)
-        raise PrivloraError(f"{where}; even a model at chance has a 95 % AUC upper bound of {chance:.3f} > --max_auc "
+        raise Unsupported(f"{where}; even a model at chance has a 95 % AUC upper bound of {chance:.3f} > --max_auc "
                             f"{cfg.max_auc:g} there: " + (f"needs ≥ {need} images in each aux role (member_aux, "
                                                           f"nonmember_aux), or --max_auc ≥ {chance:.3f}"
                                                           if need else "no aux size supports a bound ≤ 0.5"))
@@ -178,7 +182,7 @@ def check_support(cfg: SelectConfig, n_member: int, n_nonmember: int, splits_fil
         if n_nonmember < needs_nm or n_member < needs_m:
             levels = [f"{t:g}" for t in FPR_TARGETS.values() if n_nonmember >= nonmembers_needed(t)]
             lowest = f"{100 * float(levels[-1]):g} %" if levels else "none of 5 %, 1 %, 0.1 %"
-            raise PrivloraError(
+            raise Unsupported(
                 f"{where}; --max_tpr_at_1fpr {cfg.max_tpr_at_1fpr:g} needs ≥ {needs_nm} scored non-members to resolve "
                 f"a 1 % FPR and ≥ {needs_m} scored members for a Clopper–Pearson upper limit that low, i.e. ≥ "
                 f"{2 * max(needs_nm, needs_m)} images in each aux role; the lowest standard FPR level these aux roles "

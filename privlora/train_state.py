@@ -133,7 +133,7 @@ def restore(run: Run, path: Path) -> Progress:
     run.optimizer.load_state_dict(state["optimizer"])
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
     # states saved before the method kept its own batch counts had them beside it
-    run.objective.load_state_dict({"aux_served": state.get("aux_served", {}), **state["objective"]})
+    run.objective.load_state_dict(objective_state(state))
     progress = Progress(**{k: v for k, v in state["progress"].items() if k in Progress.__dataclass_fields__})
     checkpoint.set_rng_state(rank_state["rng"])
     run.noise.set_state(rank_state["noise"])
@@ -143,6 +143,15 @@ def restore(run: Run, path: Path) -> Progress:
     # Mid-epoch: replay this epoch's data order (the loop then skips the batches already seen).
     run.loader_order.set_state(rank_state["epoch_start_order"] if progress.batch_in_epoch else rank_state["order"])
     return progress
+
+
+def objective_state(state: dict) -> dict:
+    """The method's saved state; a state saved before methods kept their own aux batch counts and best attacker
+    accuracy had them beside it (top-level ``aux_served``, ``progress.best_attacker_acc``): they are handed over."""
+    old: dict = {"aux_served": state.get("aux_served", {})}
+    if "best_attacker_acc" in state.get("progress", {}):
+        old["best_test_acc"] = state["progress"]["best_attacker_acc"]
+    return {**old, **state["objective"]}
 
 
 def resume_settings(cfg: TrainConfig) -> dict:

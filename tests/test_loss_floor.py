@@ -96,6 +96,9 @@ def test_loss_floor_settings_are_checked_and_the_objective_builds_from_the_confi
     with pytest.raises(PrivloraError, match="loss_floor_margin -1.0 must be ≥ 0"):
         build_config(None, {"method": "loss_floor", "loss_floor_margin": -1, "synthetic_images": 9,
                             "max_train_steps": 1})
+    with pytest.raises(PrivloraError, match="hessian_every_n_steps = 0"):
+        build_config(None, {"method": "loss_floor", "hessian_every_n_steps": 5, "synthetic_images": 9,
+                            "max_train_steps": 1})
     with pytest.raises(PrivloraError, match="min_snr_gamma"):
         build_config(None, {"method": "loss_floor", "min_snr_gamma": 5, "synthetic_images": 9, "max_train_steps": 1})
     obj = build_objective(make_config(method="loss_floor", loss_floor_margin=0.2), latent_channels=4,

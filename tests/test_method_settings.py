@@ -91,6 +91,26 @@ def test_every_method_key_must_match_on_resume_unless_the_method_frees_it():
     assert DPSettings.resume_free == ("dp_micro_batch_size",)
 
 
+def test_a_state_saved_before_the_refactor_hands_the_method_its_counts_and_best_accuracy():
+    from privlora.objectives import build_objective
+    from privlora.train_state import objective_state
+
+    def endless():
+        while True:
+            yield {}
+
+    obj = build_objective(make_config(method="smp_lora", attacker_pool=4, attacker_hidden=[4]), latent_channels=4,
+                          member_aux=endless(), nonmember_aux=endless())
+    saved = obj.state_dict()
+    old = {"objective": {k: v for k, v in saved.items() if k not in ("aux_served", "best_test_acc")},
+           "aux_served": {"member_aux": 3, "nonmember_aux": 3}, "progress": {"step": 9, "best_attacker_acc": 0.625}}
+    merged = objective_state(old)
+    assert merged["best_test_acc"] == 0.625 and merged["aux_served"] == {"member_aux": 3, "nonmember_aux": 3}
+    obj.load_state_dict(merged)
+    assert obj.best_snapshot({"attacker_test_acc_fresh": 0.6, "step": 10}) is None  # not better than the old best
+    assert objective_state({"objective": saved, "progress": {}}) == {"aux_served": {}, **saved}
+
+
 def test_a_run_folder_written_before_methods_owned_their_settings_still_matches(tmp_path):
     cfg = build_config(None, {**DATA, "method": "smp_lora", "privacy_alpha": 2})
     flat_old_style = "\n".join(

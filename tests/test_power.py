@@ -71,6 +71,19 @@ def test_point_estimates_need_no_resampling():
     assert point["frontier_distance"]["ci95"] is None and point["verdict"] == "no interval (n_bootstrap 0)"
 
 
+def test_non_finite_scores_are_cleaned_as_the_audit_does():
+    from privlora.benchpower import replicate_from_report
+
+    rng = np.random.default_rng(3)
+    s = scores(rng, 0.9, 1.0)["loss"]
+    s["member_test"][0] = np.nan
+    model = {"name": "m", "results": {"loss": {}}, "scores": {"loss": {r: list(v) for r, v in s.items()}}}
+    rep = replicate_from_report(0, {"models": [model, {**model, "name": "base"}]}, ["base"], {"m": "m"})
+    assert np.isfinite(rep.scores["m"]["loss"]["member_test"]).all()
+    power = power_table([rep], ["m"], n_boot=50)
+    assert all(np.isfinite(power["m"]["best_auc_two_sided"]["ci95"]))
+
+
 def test_verdict_rule():
     assert paired_verdict([-0.1, -0.01]) == "above"
     assert paired_verdict([0.01, 0.2]) == "below"

@@ -43,6 +43,9 @@ class LossFloorSettings(MethodSettings):
     def check(self, cfg: TrainConfig) -> str | None:
         if self.loss_floor_margin < 0:
             return f"loss_floor_margin {self.loss_floor_margin} must be ≥ 0"
+        if cfg.hessian_every_n_steps:
+            return "loss_floor's floor moves with every loss evaluation (it reads a non-member batch), so the " \
+                   "Hessian probe would not see one fixed loss: set hessian_every_n_steps = 0"
         if cfg.min_snr_gamma is not None:
             return "loss_floor compares each image's plain loss with the non-members' at its timestep; " \
                    "min_snr_gamma would weight them differently: unset it"
