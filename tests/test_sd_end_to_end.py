@@ -22,6 +22,7 @@ from privlora.audit import AuditConfig, run_audit
 from privlora.config import build_config, make_config
 from privlora.models.loading import load_base
 from privlora.objectives import build_objective
+from privlora.objectives.adversarial import AdversarialSettings
 from privlora.train import train
 from tests.fixtures import make_sd_folder, make_single_file
 
@@ -71,7 +72,8 @@ def test_smp_lora_trains_saves_loads_in_diffusers_and_audits(models, tmp_path, f
         else {"pretrained_model_name_or_path": str(folder)}
     cfg = build_config(None, {**TRAIN, **FAMILY[family]["train"], **model, "adv_step": adv_step,
                               "output_dir": str(tmp_path / "run")})
-    assert cfg.attacker_pool == 64 and cfg.attacker_hidden == [512, 256]  # the paper's attacker
+    attacker = cfg.settings(AdversarialSettings)
+    assert attacker.attacker_pool == 64 and attacker.attacker_hidden == [512, 256]  # the paper's attacker
     lora = train(cfg)
 
     with safe_open(str(lora), "pt") as f:
