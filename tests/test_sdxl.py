@@ -309,3 +309,37 @@ def test_sdxl_single_files_are_refused_in_one_line(tmp_path):
     with pytest.raises(PrivloraError, match="SDXL single-file checkpoint") as e:
         load_base(str(path))
     assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- the SDXL presets, from the CLI
+
+
+@pytest.mark.slow
+def test_sdxl_smp_preset_trains_audits_and_samples_from_the_cli(sdxl, tmp_path, capsys):
+    """Issue 25's done-when: configs/sdxl/smp_lora.toml on the tiny SDXL, 2 steps, then audit and sample. The
+    overrides only shrink the run to the tiny model on CPU: its 64² images (8×8 latents, so attacker_pool 8), a
+    20-image kohya folder with small split roles, fp32 (CPU) and a small attacker; gradient checkpointing stays on."""
+    from privlora.cli import main
+    from privlora.data.synthetic import write_folder
+
+    data = write_folder(tmp_path / "data", 20, resolution=TINY_SDXL_RESOLUTION, layout="kohya", repeats=2)
+    out = tmp_path / "run"
+    assert main(["train", "--config", "configs/sdxl/smp_lora.toml", "--pretrained_model_name_or_path", sdxl,
+                 "--max_train_steps", "2", "--train_data_dir", str(data), "--resolution", str(TINY_SDXL_RESOLUTION),
+                 "--n_member_aux", "4", "--n_nonmember_aux", "4", "--n_nonmember_test", "4", "--eval_samples", "4",
+                 "--attacker_pool", "8", "--attacker_hidden", "16", "--mixed_precision", "no",
+                 "--output_dir", str(out)]) == 0
+    lora = out / "sdxl-smp_lora.safetensors"
+    with safe_open(str(lora), "pt") as f:
+        meta = f.metadata()
+    assert meta["privlora_method"] == "smp_lora" and meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert (out / "sdxl-smp_lora.attacker.safetensors").is_file()  # what the proxy attack reads
+    audit = tmp_path / "audit"
+    assert main(["audit", "--pretrained_model_name_or_path", sdxl, "--lora", str(lora), "--splits",
+                 str(out / "splits.json"), "--out", str(audit), "--attacks", "loss,ref_loss,proxy",
+                 "--max_samples", "4", "--n_bootstrap", "10"]) == 0
+    results = json.loads((audit / "report.json").read_text())["models"][-1]["results"]
+    assert set(results) == {"loss", "ref_loss", "proxy"} and all(0 <= r["auc"] <= 1 for r in results.values())
+    assert main(["sample", "--pretrained_model_name_or_path", sdxl, "--lora", str(lora), "--prompt", "a red cat",
+                 "--n", "1", "--steps", "2", "--out", str(tmp_path / "samples")]) == 0
+    assert (tmp_path / "samples" / "00000.png").stat().st_size > 0
