@@ -188,6 +188,9 @@ _UNET_FIXED = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    # SDXL's "text_time" added conditioning (pooled text ⊕ size ids): SGM's label_emb
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 _UNET_RESNET = {
     "norm1": "in_layers.0",
@@ -289,13 +292,15 @@ def clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {prefix + k.removeprefix("text_model."): v for k, v in state.items() if "position_ids" not in k}
 
 
-def open_clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A CLIPTextModel's weights in SD2's original OpenCLIP layout (``cond_stage_model.model.*``).
+def open_clip_to_ldm(state: dict[str, torch.Tensor], p: str = "cond_stage_model.model.") -> dict[str, torch.Tensor]:
+    """A CLIPTextModel's weights in SD2's original OpenCLIP layout (``cond_stage_model.model.*``), or under prefix
+    ``p`` (SDXL's second encoder: ``conditioner.embedders.1.model.``).
 
     q/k/v fuse into ``attn.in_proj_*``; ``fc1``/``fc2`` are ``mlp.c_fc``/``mlp.c_proj``. A 23-layer encoder gets
-    the 24th resblock and the ``text_projection`` that SD2 files carry and diffusers skips (random here).
+    the 24th resblock and the ``text_projection`` that SD2 files carry and diffusers skips (random here). A
+    CLIPTextModelWithProjection's ``text_projection.weight`` (out × in) becomes OpenCLIP's ``text_projection``
+    (in × out: open_clip computes x @ text_projection).
     """
-    p = "cond_stage_model.model."
     s = {k.removeprefix("text_model."): v for k, v in state.items() if "position_ids" not in k}
     out = {p + "token_embedding.weight": s["embeddings.token_embedding.weight"],
            p + "positional_embedding": s["embeddings.position_embedding.weight"],
@@ -309,6 +314,8 @@ def open_clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out.update({k: torch.randn(v.shape, generator=g) for k, v in unused.items()})
         width = s["final_layer_norm.weight"].shape[0]
         out[p + "text_projection"] = torch.randn(width, width, generator=g)
+    if "text_projection.weight" in state:
+        out[p + "text_projection"] = state["text_projection.weight"].T.contiguous()
     return out
 
 
@@ -425,3 +432,25 @@ def make_tiny_sdxl_folder(path: str | Path, *, seed: int = 0, refiner: bool = Fa
                 {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.42.1", **sched})
     _write_json(path / "model_index.json", _sdxl_model_index(refiner))
     return path
+
+
+def make_sdxl_single_file(diffusers_folder: str | Path, out_path: str | Path) -> Path:
+    """Convert a diffusers SDXL base folder into one ``.safetensors`` in the SGM layout of Stability's
+    ``sd_xl_base_1.0.safetensors`` (what A1111/Forge and ComfyUI load): ``model.diffusion_model.*`` (the UNet in
+    LDM/SGM block numbering, ``label_emb.0.*`` for the added conditioning), ``first_stage_model.*`` (VAE),
+    ``conditioner.embedders.0.transformer.text_model.*`` (CLIP-L, transformers' names) and
+    ``conditioner.embedders.1.model.*`` (OpenCLIP-bigG in open_clip's names, fused q/k/v, ``text_projection``)."""
+    src, out_path = Path(diffusers_folder), Path(out_path)
+    unet_cfg = json.loads((src / "unet" / "config.json").read_text())
+    vae_cfg = json.loads((src / "vae" / "config.json").read_text())
+    unet = _weights(src / "unet", ("diffusion_pytorch_model.safetensors",))
+    vae = _weights(src / "vae", ("diffusion_pytorch_model.safetensors",))
+    te1 = _weights(src / "text_encoder", ("model.safetensors",))
+    te2 = _weights(src / "text_encoder_2", ("model.safetensors",))
+    prefix1 = "conditioner.embedders.0.transformer.text_model."
+    state = {**unet_to_ldm(unet, unet_cfg), **vae_to_ldm(vae, vae_cfg),
+             **{prefix1 + k.removeprefix("text_model."): v for k, v in te1.items() if "position_ids" not in k},
+             **open_clip_to_ldm(te2, "conditioner.embedders.1.model.")}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out_path))
+    return out_path

@@ -27,7 +27,9 @@ ALL_TOML = set(Path("configs").rglob("*.toml")) | set(Path("configs/demo").glob(
 BENCH_FILES = sorted(p for p in ALL_TOML if is_bench_file(p))
 PRESETS = sorted(ALL_TOML - set(BENCH_FILES))
 DATASET_PRESETS = [p for p in PRESETS if p.parent.name not in ("paper", "tiny")]
-PAPER_PRESETS = [p for p in DATASET_PRESETS if p.stem in ("lora", "mp_lora", "smp_lora")]  # the paper's methods
+PAPER_PRESETS = [p for p in DATASET_PRESETS  # the paper's methods and settings (SDXL's are an extension)
+                 if p.stem in ("lora", "mp_lora", "smp_lora") and p.parent.name != "sdxl"]
+SDXL_PRESETS = sorted(Path("configs/sdxl").glob("*.toml"))
 
 
 def role_sizes(splits: Splits) -> dict[str, int]:
@@ -122,7 +124,8 @@ def test_paper_presets_resolve_to_the_reference_method(preset):
     assert (s.attacker_hidden, s.attacker_dropout, s.attacker_pool) == ([512, 256], 0.5, 64)
 
 
-@pytest.mark.parametrize("preset", ["configs/tiny/dp_lora.toml", "configs/pokemon/dp_lora.toml"])
+@pytest.mark.parametrize("preset", ["configs/tiny/dp_lora.toml", "configs/pokemon/dp_lora.toml",
+                                    "configs/sdxl/dp_lora.toml"])
 def test_dp_presets_keep_the_reference_settings_except_what_dp_sgd_forces(preset):
     cfg = build_config(preset, {})
     dp = cfg.settings(DPSettings)
@@ -133,6 +136,31 @@ def test_dp_presets_keep_the_reference_settings_except_what_dp_sgd_forces(preset
         assert (cfg.network_dim, cfg.max_train_epochs, cfg.resolution, cfg.clip_skip, cfg.seed) == \
             (paper.network_dim, paper.max_train_epochs, paper.resolution, paper.clip_skip, paper.seed)
         assert cfg.train_data_dir == paper.train_data_dir and cfg.split_seed == paper.split_seed
+
+
+def test_there_is_an_sdxl_preset_for_every_method():
+    from privlora.objectives import METHODS
+
+    assert {p.stem for p in SDXL_PRESETS} == set(METHODS)
+
+
+@pytest.mark.parametrize("preset", SDXL_PRESETS, ids=str)
+def test_sdxl_presets_train_at_1024_with_the_papers_attacker_on_whole_latents(preset):
+    cfg = build_config(str(preset), {})
+    assert cfg.method == preset.stem and cfg.resolution == 1024 and cfg.train_data_dir
+    assert (cfg.mixed_precision, cfg.gradient_checkpointing, cfg.cache_latents) == ("bf16", True, True)
+    assert not cfg.train_text_encoder and cfg.clip_skip is None  # SDXL conditions on the penultimate layers
+    assert (cfg.network_dim, cfg.network_alpha, cfg.unet_lr) == (32, 16, 5e-4 if cfg.method == "dp_lora" else 1e-4)
+    assert cfg.caches_text  # both encoders' outputs, pooled and size ids: the encoders need not stay on the GPU
+    if cfg.method in ("mp_lora", "smp_lora"):
+        s, paper = cfg.settings(AdversarialSettings), build_config("configs/pokemon/smp_lora.toml", {})
+        ref = paper.settings(AdversarialSettings)
+        assert s.attacker_pool == 128 == cfg.resolution // 8  # the whole 1024² latent map, as 64 is at 512²
+        keys = ("privacy_alpha", "k_steps", "attacker_lr", "attacker_weight_decay", "attacker_hidden",
+                "attacker_dropout", "adv_step", "attacker_dropout_in_adv")
+        assert [getattr(s, k) for k in keys] == [getattr(ref, k) for k in keys]
+    else:
+        assert "attacker_pool" not in cfg.flat()
 
 
 def test_train_sh_launches_the_reference_step():

@@ -8,14 +8,16 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from privlora.errors import PrivloraError
 from privlora.models.loading import encode_prompt, load_base
-from tests.fixtures import TINY_SDXL_RESOLUTION, make_tiny_folder, make_tiny_sdxl_folder
+from tests.fixtures import TINY_SDXL_RESOLUTION, make_single_file, make_tiny_folder, make_tiny_sdxl_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -300,12 +302,123 @@ def test_sample_with_an_sdxl_lora_and_long_prompts(sdxl, trained, tmp_path):
     assert len(paths) == 1 and paths[0].stat().st_size > 0
 
 
-def test_sdxl_single_files_are_refused_in_one_line(tmp_path):
+# ---------------------------------------------------------------- single files (A1111 / ComfyUI layout)
+
+
+@pytest.fixture(scope="module")
+def single_file(sdxl, tmp_path_factory) -> Path:
+    """The tiny SDXL as one SGM-layout .safetensors, as Stability ships sd_xl_base_1.0.safetensors."""
+    from tests.fixtures import make_sdxl_single_file
+
+    return make_sdxl_single_file(sdxl, tmp_path_factory.mktemp("sdxl_single") / "sd_xl_tiny.safetensors")
+
+
+def test_sgm_single_file_has_stabilitys_layout(single_file):
+    keys = set(load_file(str(single_file)))
+    for key in ("model.diffusion_model.label_emb.0.0.weight", "model.diffusion_model.label_emb.0.2.weight",
+                "model.diffusion_model.input_blocks.7.1.transformer_blocks.1.attn2.to_k.weight",  # 2 layers deep
+                "model.diffusion_model.output_blocks.2.2.conv.weight",  # the upsampler after the attention
+                "first_stage_model.decoder.up.3.block.1.conv2.weight",
+                "conditioner.embedders.0.transformer.text_model.encoder.layers.2.self_attn.q_proj.weight",
+                "conditioner.embedders.1.model.transformer.resblocks.2.attn.in_proj_weight",
+                "conditioner.embedders.1.model.text_projection", "conditioner.embedders.1.model.positional_embedding"):
+        assert key in keys, key
+    assert not any(k.startswith(("cond_stage_model.", "conditioner.embedders.1.model.text_model")) for k in keys)
+
+
+def test_sdxl_single_file_loads_the_same_weights_as_its_folder(sdxl, single_file):
+    """diffusers' single-file converters (configs from the folder, offline) give exactly the folder's weights."""
+    import hashlib
+
+    ref, got = load_base(sdxl), load_base(str(single_file), config_dir=sdxl)
+    assert (got.family, got.source_kind) == ("sdxl", "single_file")
+    assert got.sha256 == hashlib.sha256(single_file.read_bytes()).hexdigest()
+    assert type(got.text_encoder_2).__name__ == "CLIPTextModelWithProjection" and got.tokenizer_2 is not None
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(ref, part).state_dict(), getattr(got, part).state_dict()
+        assert a.keys() == b.keys(), part
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{part}.{k}"
+    captions = ["a red cat", ""]
+    assert torch.equal(encode_prompt(ref, captions), encode_prompt(got, captions))
+    assert not any(p.requires_grad for m in got.modules for p in m.parameters())
+
+
+def test_a_lora_trained_on_the_single_file_applies_to_the_folder(sdxl, single_file, trained, tmp_path):
+    """2 steps on the single file write the same kohya modules as on the folder, and the LoRA gives identical
+    images on either base (loaded by diffusers' load_lora_weights in both)."""
+    from privlora.config import build_config
+    from privlora.sample import sample
+    from privlora.train import train
+
+    cfg = build_config(None, {**SMALL, "pretrained_model_name_or_path": str(single_file), "config_dir": sdxl,
+                              "output_dir": str(tmp_path / "run"), "train_text_encoder": True,
+                              "text_encoder_lr": 1e-3})
+    lora = train(cfg)
+    with safe_open(str(lora), "pt") as f, safe_open(str(trained), "pt") as g:
+        assert set(f.keys()) == set(g.keys()) and f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+    kw = dict(prompt="a red cat", n=1, steps=2, lora=lora, seed=3)
+    on_folder = sample(sdxl, tmp_path / "folder", **kw)[0]
+    on_file = sample(str(single_file), tmp_path / "file", config_dir=sdxl, **kw)[0]
+    without = sample(sdxl, tmp_path / "base", **{**kw, "lora": None})[0]
+    pixels = [np.asarray(Image.open(f)) for f in (on_folder, on_file, without)]
+    assert np.array_equal(pixels[0], pixels[1]) and not np.array_equal(pixels[0], pixels[2])
+
+
+def test_sdxl_single_file_refusals_are_one_line(sdxl, single_file, tmp_path):
     from safetensors.torch import save_file
 
-    path = tmp_path / "sd_xl_base.safetensors"
-    save_file({"model.diffusion_model.out.2.weight": torch.zeros(1), "first_stage_model.x": torch.zeros(1),
-               "conditioner.embedders.1.model.ln_final.weight": torch.zeros(1)}, str(path))
-    with pytest.raises(PrivloraError, match="SDXL single-file checkpoint") as e:
-        load_base(str(path))
-    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    state = load_file(str(single_file))
+
+    def refused(name: str, tensors: dict, match: str, config_dir: str | None = sdxl) -> str:
+        path = tmp_path / name
+        save_file(tensors, str(path))
+        with pytest.raises(PrivloraError, match=match) as e:
+            load_base(str(path), config_dir=config_dir)
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+        return str(e.value)
+
+    no_te2 = {k: v for k, v in state.items() if not k.startswith("conditioner.embedders.1.")}
+    assert "OpenCLIP-bigG" in refused("no_te2.safetensors", no_te2, "not an SDXL base")
+    refiner = {k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v for k, v in state.items()
+               if not k.startswith("conditioner.embedders.0.")}
+    refused("refiner.safetensors", refiner, "refiner")
+    refused("no_config.safetensors", state, "--config_dir", config_dir=None)
+    sd = make_tiny_folder(tmp_path / "sd")
+    refused("wrong_config.safetensors", state, "an SDXL base checkpoint, but --config_dir", config_dir=str(sd))
+    sd_file = load_file(str(make_single_file(sd, tmp_path / "sd.safetensors")))
+    refused("sd_file.safetensors", sd_file, "an SD1.x/SD2.x checkpoint, but --config_dir")
+
+
+# ---------------------------------------------------------------- the SDXL presets, from the CLI
+
+
+@pytest.mark.slow
+def test_sdxl_smp_preset_trains_audits_and_samples_from_the_cli(sdxl, tmp_path, capsys):
+    """Issue 25's done-when: configs/sdxl/smp_lora.toml on the tiny SDXL, 2 steps, then audit and sample. The
+    overrides only shrink the run to the tiny model on CPU: its 64² images (8×8 latents, so attacker_pool 8), a
+    20-image kohya folder with small split roles, fp32 (CPU) and a small attacker; gradient checkpointing stays on."""
+    from privlora.cli import main
+    from privlora.data.synthetic import write_folder
+
+    data = write_folder(tmp_path / "data", 20, resolution=TINY_SDXL_RESOLUTION, layout="kohya", repeats=2)
+    out = tmp_path / "run"
+    assert main(["train", "--config", "configs/sdxl/smp_lora.toml", "--pretrained_model_name_or_path", sdxl,
+                 "--max_train_steps", "2", "--train_data_dir", str(data), "--resolution", str(TINY_SDXL_RESOLUTION),
+                 "--n_member_aux", "4", "--n_nonmember_aux", "4", "--n_nonmember_test", "4", "--eval_samples", "4",
+                 "--attacker_pool", "8", "--attacker_hidden", "16", "--mixed_precision", "no",
+                 "--output_dir", str(out)]) == 0
+    lora = out / "sdxl-smp_lora.safetensors"
+    with safe_open(str(lora), "pt") as f:
+        meta = f.metadata()
+    assert meta["privlora_method"] == "smp_lora" and meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert (out / "sdxl-smp_lora.attacker.safetensors").is_file()  # what the proxy attack reads
+    audit = tmp_path / "audit"
+    assert main(["audit", "--pretrained_model_name_or_path", sdxl, "--lora", str(lora), "--splits",
+                 str(out / "splits.json"), "--out", str(audit), "--attacks", "loss,ref_loss,proxy",
+                 "--max_samples", "4", "--n_bootstrap", "10"]) == 0
+    results = json.loads((audit / "report.json").read_text())["models"][-1]["results"]
+    assert set(results) == {"loss", "ref_loss", "proxy"} and all(0 <= r["auc"] <= 1 for r in results.values())
+    assert main(["sample", "--pretrained_model_name_or_path", sdxl, "--lora", str(lora), "--prompt", "a red cat",
+                 "--n", "1", "--steps", "2", "--out", str(tmp_path / "samples")]) == 0
+    assert (tmp_path / "samples" / "00000.png").stat().st_size > 0

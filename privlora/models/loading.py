@@ -82,7 +82,8 @@ def load_base(
     """Load UNet, VAE, CLIP text encoder, tokenizer and a DDPM noise scheduler, all weights frozen.
 
     ``name_or_path``: ``tiny-sd`` (embedded model), a diffusers folder, or a single ``.safetensors`` checkpoint in
-    the original LDM layout (then ``config_dir`` must name a local diffusers folder providing configs and tokenizer).
+    the original LDM layout (SD1.x/SD2.x) or Stability's SGM layout (SDXL base, as A1111/ComfyUI load it); then
+    ``config_dir`` must name a local diffusers folder of the same family providing configs and tokenizer(s).
     ``prediction_type`` overrides the scheduler config (for checkpoints whose config is wrong).
     """
     offline_by_default()  # a local model needs no network; the caller may have opted in already
@@ -306,7 +307,7 @@ def _check_sdxl_shapes(folder: Path, unet, te1, te2) -> None:
                             f"{added} do not fit the text encoders (hidden {width}, pooled {pooled}): unknown layout")
 
 
-# ---------------------------------------------------------------- single file (original LDM layout)
+# ---------------------------------------------------------------- single file (original LDM / SGM layout)
 
 
 def _read_checkpoint(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -333,51 +334,86 @@ def _read_checkpoint(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     return state
 
 
-def _check_ldm_layout(path: Path, state: dict) -> None:
-    if any(k.startswith("conditioner.embedders.") for k in state):
-        raise PrivloraError(f"{path}: an SDXL single-file checkpoint (conditioner.embedders.*) is not supported yet; "
-                            "load its diffusers folder (StableDiffusionXLPipeline.from_single_file(...)"
-                            ".save_pretrained(DIR) converts one)")
-    prefixes = {
+SDXL_TE1_PREFIX = "conditioner.embedders.0.transformer."  # CLIP-L in transformers' names
+SDXL_TE2_PREFIX = "conditioner.embedders.1.model."  # OpenCLIP-bigG in open_clip's names
+
+
+def _check_ldm_layout(path: Path, state: dict) -> str:
+    """The single file's family: ``sd`` (SD1.x/SD2.x, ``cond_stage_model.*``) or ``sdxl`` (SDXL base in Stability's
+    SGM layout, ``conditioner.embedders.*``), once its UNet, VAE and text encoder(s) are all there."""
+    def has(prefix: str | tuple[str, ...]) -> bool:
+        return any(k.startswith(prefix) for k in state)
+
+    family = SDXL if has("conditioner.embedders.") else SD
+    if family == SDXL and not has(SDXL_TE1_PREFIX) and has("conditioner.embedders.0.model."):
+        raise PrivloraError(f"{path}: an SDXL refiner single file (conditioner.embedders.0.model.*: OpenCLIP-bigG "
+                            "only) is not supported; use the SDXL base model")
+    prefixes: dict[str, str | tuple[str, ...]] = {
         "UNet (model.diffusion_model.*)": "model.diffusion_model.",
         "VAE (first_stage_model.*)": "first_stage_model.",
-        "CLIP text encoder (cond_stage_model.transformer.* for SD1.x, cond_stage_model.model.* for SD2.x)":
-            ("cond_stage_model.transformer.", "cond_stage_model.model."),
     }
-    missing = [what for what, p in prefixes.items() if not any(k.startswith(p) for k in state)]
+    if family == SDXL:
+        prefixes[f"CLIP-L text encoder ({SDXL_TE1_PREFIX}*)"] = SDXL_TE1_PREFIX
+        prefixes[f"OpenCLIP-bigG text encoder ({SDXL_TE2_PREFIX}*)"] = SDXL_TE2_PREFIX
+    else:
+        prefixes["CLIP text encoder (cond_stage_model.transformer.* for SD1.x, cond_stage_model.model.* for SD2.x)"] \
+            = ("cond_stage_model.transformer.", "cond_stage_model.model.")
+    missing = [what for what, p in prefixes.items() if not has(p)]
     if missing:
-        raise PrivloraError(f"{path}: not an original-layout SD1.x/SD2.x checkpoint; missing {', '.join(missing)} "
-                            "weights")
+        kind = "SDXL base (SGM-layout)" if family == SDXL else "original-layout SD1.x/SD2.x"
+        raise PrivloraError(f"{path}: not an {kind} checkpoint; missing {', '.join(missing)} weights")
+    return family
 
 
-def _config_folder(path: Path, config_dir: str | None) -> Path:
+SDXL_CONFIG_DIR_HINT = (
+    "pass --config_dir PATH_TO_LOCAL_SDXL_FOLDER (an SDXL base diffusers folder: model_index.json, unet/, vae/, "
+    "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/; only its configs and tokenizers are read)"
+)
+
+
+def _config_folder(path: Path, config_dir: str | None, family: str = SD) -> tuple[Path, str]:
+    """The local diffusers folder that configures a single file of ``family``, and the folder's own family."""
+    hint = SDXL_CONFIG_DIR_HINT if family == SDXL else CONFIG_DIR_HINT
     if config_dir is None:
-        raise PrivloraError(
-            f"{path}: a single-file checkpoint needs the diffusers configs (unet/config.json, vae/config.json, "
-            "text_encoder/config.json, scheduler/) and the tokenizer, which cannot be downloaded offline; "
-            f"{CONFIG_DIR_HINT}"
-        )
+        what = ("unet/config.json, vae/config.json, text_encoder/ and text_encoder_2/ config.json, scheduler/) and "
+                "both tokenizers" if family == SDXL else
+                "unet/config.json, vae/config.json, text_encoder/config.json, scheduler/) and the tokenizer")
+        raise PrivloraError(f"{path}: a single-file checkpoint needs the diffusers configs ({what}, which cannot be "
+                            f"downloaded offline; {hint}")
     folder = _resolve(config_dir)
     if not folder.is_dir():
-        raise PrivloraError(f"{folder}: --config_dir is not a folder; {CONFIG_DIR_HINT}")
-    _check_folder(folder)
-    return folder
+        raise PrivloraError(f"{folder}: --config_dir is not a folder; {hint}")
+    return folder, _check_folder(folder)
 
 
-def _single_file_models(path: Path, state: dict, folder: Path, dtype: torch.dtype) -> tuple:
+def _single_file_models(path: Path, state: dict, folder: Path, dtype: torch.dtype, family: str) -> tuple:
+    """UNet, VAE and text encoder(s), each through diffusers' own single-file converter with its config from
+    ``folder``. SDXL's encoders are each handed only their own embedder's tensors: diffusers tells CLIP-L from
+    OpenCLIP-bigG by width (768 vs 1280), which a model whose two encoders are equally wide would confuse."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     # Passing the config folder explicitly keeps diffusers from inferring a Hub repo id (it would try the network).
     # fp32 is what diffusers loads into anyway; passing it would only trigger a spurious keep-in-fp32 warning.
     kw = dict(config=str(folder), local_files_only=True, torch_dtype=None if dtype == torch.float32 else dtype)
-    loaders = (
+
+    def text(cls, sub: str, part: dict):
+        return lambda: create_diffusers_clip_model_from_ldm(cls, part, subfolder=sub, **kw)
+
+    loaders = [
         ("UNet", "unet", lambda: UNet2DConditionModel.from_single_file(state, subfolder="unet", **kw)),
         ("VAE", "vae", lambda: AutoencoderKL.from_single_file(state, subfolder="vae", **kw)),
-        ("text encoder", "text_encoder", lambda: create_diffusers_clip_model_from_ldm(CLIPTextModel, state,
-                                                                                      subfolder="text_encoder", **kw)),
-    )
+    ]
+    if family == SDXL:
+        def only(prefix: str) -> dict:
+            return {k: v for k, v in state.items() if k.startswith(prefix)}
+
+        loaders += [("CLIP-L text encoder", "text_encoder", text(CLIPTextModel, "text_encoder", only(SDXL_TE1_PREFIX))),
+                    ("OpenCLIP-bigG text encoder", "text_encoder_2",
+                     text(CLIPTextModelWithProjection, "text_encoder_2", only(SDXL_TE2_PREFIX)))]
+    else:
+        loaders.append(("text encoder", "text_encoder", text(CLIPTextModel, "text_encoder", state)))
     return tuple(_single_file_component(path, folder / sub, label, load) for label, sub, load in loaders)
 
 
@@ -403,10 +439,18 @@ def _load_single_file(
     path: Path, config_dir: str | None, dtype: torch.dtype, allow_pickle: bool, prediction_type: str | None
 ) -> BaseModel:
     state = _read_checkpoint(path, allow_pickle)
-    _check_ldm_layout(path, state)
-    folder = _config_folder(path, config_dir)
-    unet, vae, text_encoder = _single_file_models(path, state, folder, dtype)
+    family = _check_ldm_layout(path, state)
+    folder, folder_family = _config_folder(path, config_dir, family)
+    if folder_family != family:
+        names = {SD: "an SD1.x/SD2.x", SDXL: "an SDXL base"}
+        raise PrivloraError(f"{path}: {names[family]} checkpoint, but --config_dir {folder} is {names[folder_family]} "
+                            f"folder; pass {names[family]} diffusers folder as --config_dir")
+    unet, vae, text_encoder, *rest = _single_file_models(path, state, folder, dtype, family)
     sched = _load_scheduler(folder, prediction_type)
+    second: dict[str, Any] = {}
+    if family == SDXL:
+        second = dict(family=SDXL, text_encoder_2=rest[0], tokenizer_2=_load_tokenizer(folder, "tokenizer_2"))
+        _check_sdxl_shapes(folder, unet, text_encoder, rest[0])
     return BaseModel(
         unet=unet,
         vae=vae,
@@ -417,6 +461,7 @@ def _load_single_file(
         name=str(path),
         sha256=sha256_file(path),
         source_kind="single_file",
+        **second,
     )
 
 
