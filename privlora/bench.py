@@ -326,7 +326,7 @@ def machine(spec: BenchSpec) -> str:
 
     from privlora.processes import threads_for
 
-    threads = (f"{torch.get_num_threads()} threads" if spec.jobs <= 1 else
+    threads = (f"{torch.get_num_threads()} thread(s)" if spec.jobs <= 1 else
                f"{spec.jobs} processes × {threads_for(spec.jobs, spec.threads_per_job)} thread(s)")
     return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, {threads}"
 
