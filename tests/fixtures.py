@@ -454,3 +454,32 @@ def make_sdxl_single_file(diffusers_folder: str | Path, out_path: str | Path) ->
     out_path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out_path))
     return out_path
+
+
+SDXL_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "sdxl"
+
+
+def load_sdxl_derive():
+    """tests/fixtures/sdxl/derive.py as a module (it is a script, not a package module)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("sdxl_fixture_derive", SDXL_FIXTURES / "derive.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def small_smp_objective():
+    """An SMP-LoRA objective with a 4×4-pooled, 4-wide attacker and endless empty aux batches (no model needed)."""
+    from privlora.config import make_config
+    from privlora.objectives import build_objective
+
+    def endless():
+        while True:
+            yield {}
+
+    return build_objective(make_config(method="smp_lora", attacker_pool=4, attacker_hidden=[4]), latent_channels=4,
+                           member_aux=endless(), nonmember_aux=endless())

@@ -252,20 +252,13 @@ def test_the_attackers_own_step_runs_under_the_runs_autocast():
 
 
 def test_a_best_attacker_is_kept_only_above_chance():
-    from privlora.config import make_config
-    from privlora.objectives import build_objective
+    from tests.fixtures import small_smp_objective
 
-    def endless():
-        while True:
-            yield {}
-
-    obj = build_objective(make_config(method="smp_lora", attacker_pool=4, attacker_hidden=[4]), latent_channels=4,
-                          member_aux=endless(), nonmember_aux=endless())
+    obj = small_smp_objective()
     saved = [obj.best_snapshot({"attacker_test_acc_fresh": acc, "step": i})
              for i, acc in enumerate((0.45, 0.5, 0.5625, 0.55, 0.6))]
     assert [None if s is None else float(s["privlora_attacker_test_acc_fresh"]) for s in saved] == \
         [None, None, 0.5625, None, 0.6]
-    again = build_objective(make_config(method="smp_lora", attacker_pool=4, attacker_hidden=[4]), latent_channels=4,
-                            member_aux=endless(), nonmember_aux=endless())
+    again = small_smp_objective()
     again.load_state_dict(obj.state_dict())  # a resumed run keeps the best so far
     assert again.best_snapshot({"attacker_test_acc_fresh": 0.58, "step": 9}) is None

@@ -92,15 +92,10 @@ def test_every_method_key_must_match_on_resume_unless_the_method_frees_it():
 
 
 def test_a_state_saved_before_the_refactor_hands_the_method_its_counts_and_best_accuracy():
-    from privlora.objectives import build_objective
     from privlora.train_state import objective_state
+    from tests.fixtures import small_smp_objective
 
-    def endless():
-        while True:
-            yield {}
-
-    obj = build_objective(make_config(method="smp_lora", attacker_pool=4, attacker_hidden=[4]), latent_channels=4,
-                          member_aux=endless(), nonmember_aux=endless())
+    obj = small_smp_objective()
     saved = obj.state_dict()
     old = {"objective": {k: v for k, v in saved.items() if k not in ("aux_served", "best_test_acc")},
            "aux_served": {"member_aux": 3, "nonmember_aux": 3}, "progress": {"step": 9, "best_attacker_acc": 0.625}}

@@ -1,11 +1,9 @@
 """SDXL base on a tiny random-init model (tests/fixtures.py ``make_tiny_sdxl_folder``): loading and refusals, the
 two-encoder conditioning, plain LoRA training from the CLI-level config, kohya's SDXL file names (against the
 naming rule of tests/fixtures/sdxl/derive.py and its committed lists), diffusers' exact delta, and the audit."""
-import importlib.util
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,27 +15,20 @@ from safetensors.torch import load_file
 
 from privlora.errors import PrivloraError
 from privlora.models.loading import encode_prompt, load_base
-from tests.fixtures import TINY_SDXL_RESOLUTION, make_single_file, make_tiny_folder, make_tiny_sdxl_folder
+from tests.fixtures import (SDXL_FIXTURES, TINY_SDXL_RESOLUTION, load_sdxl_derive, make_single_file, make_tiny_folder,
+                            make_tiny_sdxl_folder)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "sdxl"
+FIXTURES = SDXL_FIXTURES
 SMALL = dict(synthetic_images=40, n_member_aux=5, n_nonmember_aux=5, n_nonmember_test=10,
              resolution=TINY_SDXL_RESOLUTION, train_batch_size=8, eval_samples=8, network_dim=4, network_alpha=4,
              unet_lr=1e-3, attacker_pool=8, attacker_hidden=[32], max_train_steps=2)
 
 
-def _derive():
-    spec = importlib.util.spec_from_file_location("sdxl_fixture_derive", FIXTURES / "derive.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def derive():
-    return _derive()
+    return load_sdxl_derive()
 
 
 @pytest.fixture(scope="module")

@@ -3,32 +3,23 @@
 by ComfyUI's, A1111's and diffusers' naming rules (re-stated in tests/fixtures/sdxl/derive.py; README.md there
 says where each was read). The diffusers rule is also checked against the installed diffusers' own conversion.
 """
-import importlib.util
 import re
-import sys
 import types
-from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "sdxl"
+from tests.fixtures import SDXL_FIXTURES, load_sdxl_derive
+
+FIXTURES = SDXL_FIXTURES
 KOHYA_LISTS = ("kohya_sdxl_unet.txt", "kohya_sdxl_unet_conv.txt", "kohya_sdxl_te1.txt", "kohya_sdxl_te2.txt")
 CLIENTS = ("comfyui", "a1111", "diffusers")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _load_derive():
-    spec = importlib.util.spec_from_file_location("sdxl_fixture_derive", FIXTURES / "derive.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def derive():
-    module = _load_derive()
+    module = load_sdxl_derive()
     module.derive_all()  # builds the meta-device models once (about 10 s on the 2-core box)
     return module
 
