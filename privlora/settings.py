@@ -75,6 +75,11 @@ class TrainConfig:
     random_flip: bool = False  # kohya's flip_aug: mirror each image left-right with probability 1/2
     random_crop_scale: float = 1.0  # random resized crop: area fraction in [s, 1], aspect 3/4..4/3; 1 = off
     color_jitter: float = 0.0  # kohya's color_aug, as brightness/contrast/saturation factors in [1-s, 1+s]; 0 = off
+    # conditioning randomisation of the training batches (Somepalli et al. 2023: copying rises with caption
+    # specificity); inference is unchanged
+    caption_swap_rate: float = 0.0  # each image's caption replaced by another image's from its batch, at this rate
+    caption_word_dropout: float = 0.0  # each comma-separated tag dropped at this rate (needs uncached captions)
+    text_noise_scale: float = 0.0  # Gaussian noise of this std on the text embeddings (needs cached text)
     skip_bad_images: bool = False
     cache_latents: bool = True
     cache_text_encoder_outputs: bool | None = None  # default: on when the text encoder is not trained
@@ -200,6 +205,17 @@ class TrainConfig:
             raise bad(f"network_dropout {self.network_dropout} is not in [0, 1)")
         if self.weight_decay < 0.0:
             raise bad(f"weight_decay {self.weight_decay} must be ≥ 0")
+        for key in ("caption_swap_rate", "caption_word_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise bad(f"{key} {getattr(self, key)} is not in [0, 1)")
+        if self.text_noise_scale < 0.0:
+            raise bad(f"text_noise_scale {self.text_noise_scale} must be ≥ 0")
+        if self.caption_word_dropout and self.caches_text:
+            raise bad("caption_word_dropout changes the caption text, which cached text encoder outputs cannot "
+                      "follow: set cache_text_encoder_outputs = false")
+        if self.text_noise_scale and not self.caches_text:
+            raise bad("text_noise_scale adds noise to cached text embeddings: it needs cache_text_encoder_outputs "
+                      "(and no shuffle_caption or text-encoder training)")
 
     def settings(self, kind: type[S]) -> S:
         """The method's settings as the class the method declared (a method reads its own keys through this)."""

@@ -1,4 +1,6 @@
-"""Data augmentation of training batches: horizontal flip, random resized crop, colour jitter.
+"""Data augmentation of training batches: horizontal flip, random resized crop, colour jitter, and conditioning
+randomisation (caption swap, caption word dropout, Gaussian noise on the text embeddings; Somepalli et al.,
+NeurIPS 2023, "Understanding and Mitigating Copying in Diffusion Models").
 
 Applied by the training loop to every training batch (any method) before the objective sees it. The draws come
 from a generator seeded from (seed, process, epoch, batch position), never from a running stream, so a run resumed
@@ -82,10 +84,14 @@ class Augment:
     random_flip: bool = False
     crop_scale: float = 1.0
     color_jitter: float = 0.0
+    caption_swap: float = 0.0
+    word_dropout: float = 0.0
+    text_noise: float = 0.0
 
     @classmethod
     def from_config(cls, cfg, rank: int = 0) -> Augment:
-        return cls(cfg.seed + 12 + 10 * rank, cfg.random_flip, cfg.random_crop_scale, cfg.color_jitter)
+        return cls(cfg.seed + 12 + 10 * rank, cfg.random_flip, cfg.random_crop_scale, cfg.color_jitter,
+                   cfg.caption_swap_rate, cfg.caption_word_dropout, cfg.text_noise_scale)
 
     @property
     def needs_pixels(self) -> bool:
@@ -93,8 +99,12 @@ class Augment:
         return self.crop_scale < 1.0 or self.color_jitter > 0.0
 
     @property
+    def conditions(self) -> bool:
+        return bool(self.caption_swap or self.word_dropout or self.text_noise)
+
+    @property
     def active(self) -> bool:
-        return self.random_flip or self.needs_pixels
+        return self.random_flip or self.needs_pixels or self.conditions
 
     def __call__(self, batch: dict, *position: int) -> dict:
         """``batch`` augmented with draws from (seed, *position); untouched when every setting is off."""
@@ -107,6 +117,27 @@ class Augment:
         elif self.random_flip:
             batch["latents"] = flip_cached(batch, torch.rand(len(batch["latents"]), generator=gen) < 0.5)
         batch.pop(FLIPPED, None)
+        if self.conditions:  # its own generator: the image transforms draw exactly as without it
+            batch = self.conditioning(batch, position_generator(self.seed + 7919, *position))
+        return batch
+
+    def conditioning(self, batch: dict, gen: torch.Generator) -> dict:
+        """Caption swap within the batch, then word dropout (captions) or embedding noise (cached text)."""
+        n = len(batch["text_emb"]) if "text_emb" in batch else len(batch["caption"])
+        if self.caption_swap and n > 1:
+            swap = (torch.rand(n, generator=gen) < self.caption_swap).tolist()
+            other = [(i + 1 + int(j)) % n for i, j in enumerate(torch.randint(0, n - 1, (n,), generator=gen))]
+            order = [o if s else i for i, (s, o) in enumerate(zip(swap, other))]
+            if "text_emb" in batch:
+                batch["text_emb"] = batch["text_emb"][order]
+            else:
+                batch["caption"] = [batch["caption"][i] for i in order]
+        if self.word_dropout and "caption" in batch:
+            batch["caption"] = [drop_tags(c, self.word_dropout, gen) for c in batch["caption"]]
+        if self.text_noise and "text_emb" in batch:
+            emb = batch["text_emb"]
+            noise = torch.randn(emb.shape, generator=gen) * self.text_noise
+            batch["text_emb"] = emb + noise.to(emb.device, emb.dtype)
         return batch
 
     def pixels(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -119,6 +150,16 @@ class Augment:
             s = self.color_jitter
             x = jitter(x, torch.empty(n, 3).uniform_(1 - s, 1 + s, generator=gen))
         return x
+
+
+def drop_tags(caption: str, rate: float, gen: torch.Generator) -> str:
+    """Each comma-separated tag dropped with probability ``rate`` (at least one kept)."""
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    if not tags:
+        return caption
+    keep = (torch.rand(len(tags), generator=gen) >= rate).tolist()
+    kept = [t for t, k in zip(tags, keep) if k]
+    return ", ".join(kept or tags[:1])
 
 
 def flip_cached(batch: dict, mask: torch.Tensor) -> torch.Tensor:
