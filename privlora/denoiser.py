@@ -15,8 +15,10 @@ if TYPE_CHECKING:
 
 class Denoiser:
     def __init__(self, base, *, device, generator: torch.Generator, clip_skip: int | None = None,
-                 noise_offset: float = 0.0, min_snr_gamma: float | None = None, autocast=None):
+                 noise_offset: float = 0.0, min_snr_gamma: float | None = None, autocast=None,
+                 timestep_range: tuple[int, int | None] = (0, None)):
         self.base, self.device, self.generator = base, device, generator
+        self.timestep_range = timestep_range  # [low, high) of the drawn timesteps (kohya's min/max_timestep)
         self.clip_skip, self.noise_offset, self.min_snr_gamma = clip_skip, noise_offset, min_snr_gamma
         self.autocast = autocast or contextlib.nullcontext
         self.unet = base.unet  # may be replaced by the accelerate-wrapped module
@@ -72,7 +74,8 @@ class Denoiser:
             factor = vae_scale_factor(self.base.vae)
             shape = (px.shape[0], self.base.vae.config.latent_channels, px.shape[2] // factor, px.shape[3] // factor)
         noise = sample_noise(torch.empty(shape), gen, self.noise_offset)
-        timesteps = sample_timesteps(shape[0], self.base.noise_scheduler.config.num_train_timesteps, gen, "cpu")
+        timesteps = sample_timesteps(shape[0], self.base.noise_scheduler.config.num_train_timesteps, gen, "cpu",
+                                     *self.timestep_range)
         return noise, timesteps
 
     def reference_map(self, batch: dict, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -116,5 +116,8 @@ def sample_noise(latents: torch.Tensor, generator: torch.Generator | None, noise
     return noise
 
 
-def sample_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator | None, device) -> torch.Tensor:
-    return torch.randint(0, num_train_timesteps, (n,), generator=generator, device="cpu").to(device)
+def sample_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator | None, device,
+                     low: int = 0, high: int | None = None) -> torch.Tensor:
+    """n timesteps uniform in [low, high) (default: all of [0, num_train_timesteps)), drawn on the CPU."""
+    top = num_train_timesteps if high is None else min(high, num_train_timesteps)
+    return torch.randint(low, top, (n,), generator=generator, device="cpu").to(device)

@@ -113,6 +113,11 @@ class TrainConfig:
     clip_skip: int | None = None
     noise_offset: float = 0.0
     min_snr_gamma: float | None = None
+    # kohya's timestep range: training (and the method's own) noise levels drawn from [min_timestep, max_timestep)
+    # only, e.g. away from where membership leaks most (benchmarks/timestep_leakage.py measures where); the
+    # probe and the audit still query every timestep
+    min_timestep: int = 0
+    max_timestep: int | None = None  # default: the scheduler's num_train_timesteps
     seed: int = 1337
     # fidelity to the reference implementation (docs/fidelity.md)
     shuffle_caption: bool = False  # kohya: shuffle comma-separated tags every step (seeded); no text caching then
@@ -208,6 +213,8 @@ class TrainConfig:
         for key in ("caption_swap_rate", "caption_word_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise bad(f"{key} {getattr(self, key)} is not in [0, 1)")
+        if self.min_timestep < 0 or (self.max_timestep is not None and self.max_timestep <= self.min_timestep):
+            raise bad(f"timestep range [{self.min_timestep}, {self.max_timestep}) is empty or negative")
         if self.text_noise_scale < 0.0:
             raise bad(f"text_noise_scale {self.text_noise_scale} must be ≥ 0")
         if self.caption_word_dropout and self.caches_text:

@@ -86,7 +86,8 @@ def setup(cfg: TrainConfig) -> Run:
     lr_scheduler = accelerator.prepare(make_lr_scheduler(cfg, optimizer, max_steps, accelerator.num_processes))
     noise = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
     denoiser = Denoiser(base, device=device, generator=noise, clip_skip=cfg.clip_skip, noise_offset=cfg.noise_offset,
-                        min_snr_gamma=cfg.min_snr_gamma, autocast=accelerator.autocast)
+                        min_snr_gamma=cfg.min_snr_gamma, autocast=accelerator.autocast,
+                        timestep_range=(cfg.min_timestep, cfg.max_timestep))
     denoiser.unet = unet
     configure_captions(denoiser, cfg, accelerator.process_index)
     probe = FixedNoiseProbe(probe_roles(roles, cfg), cfg.seed + 3)

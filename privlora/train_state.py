@@ -30,7 +30,8 @@ from privlora.train_run import Progress, Run
 RESUME_MUST_MATCH = ("method", "network_dim", "network_alpha", "conv_dim", "train_text_encoder", "train_batch_size",
                      "gradient_accumulation_steps", "seed", "pretrained_model_name_or_path", "resolution",
                      "random_flip", "random_crop_scale", "color_jitter",
-                     "caption_swap_rate", "caption_word_dropout", "text_noise_scale", "train_subset", "split_seed")
+                     "caption_swap_rate", "caption_word_dropout", "text_noise_scale", "min_timestep", "max_timestep",
+                     "train_subset", "split_seed")
 
 
 def lora_metadata(cfg: TrainConfig, base) -> dict[str, str]:
@@ -40,7 +41,7 @@ def lora_metadata(cfg: TrainConfig, base) -> dict[str, str]:
             "gradient_accumulation_steps", "max_train_epochs", "max_train_steps", "resolution", "mixed_precision",
             "clip_skip", "noise_offset", "min_snr_gamma", "seed", "max_token_length", "shuffle_caption",
             "keep_tokens", "random_flip", "random_crop_scale", "color_jitter", "network_dropout", "weight_decay",
-            "caption_swap_rate", "caption_word_dropout", "text_noise_scale")
+            "caption_swap_rate", "caption_word_dropout", "text_noise_scale", "min_timestep", "max_timestep")
     hyperparameters = {**{k: getattr(cfg, k) for k in keys}, **cfg.method_settings.values()}
     sdxl = base.family == SDXL
     v2 = not sdxl and is_sd2(base.unet.config)
