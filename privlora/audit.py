@@ -554,6 +554,8 @@ def _activator(switch: AdapterSwitch, adapter: str) -> Callable[[], None]:
 
 def _add_shadow_report(report: dict, shadow_sets: dict[Path, Any]) -> None:
     """The shadows' cost per audited LoRA, and each shadow attack's most exposed members (top 1 %, at least 1)."""
+    from privlora.attacks import SHADOW_ATTACKS
+
     if not shadow_sets:
         return
     by_path = {str(p): s.cost() for p, s in shadow_sets.items()}
@@ -564,7 +566,7 @@ def _add_shadow_report(report: dict, shadow_sets: dict[Path, Any]) -> None:
         exposed = {}
         for attack, scores in model["scores"].items():
             paths = report["data"].get("member_test_paths")
-            if attack in ("lira", "lira_offline") and paths:
+            if attack in SHADOW_ATTACKS and paths:
                 member = np.asarray(scores["member_test"])
                 top = np.argsort(-member, kind="stable")[:max(1, len(member) // 100)]
                 exposed[attack] = [{"path": paths[i], "score": float(member[i])} for i in top]

@@ -98,19 +98,33 @@ def test_shadows_turn_a_weak_loss_attack_into_a_strong_one():
     shadow_set.targets = [CalibratedToy(f"shadow{k}", {p for p, m in zip(pool, masks[k]) if m}) for k in range(8)]
     target.shadows = shadow_set
     results = {}
-    for name in ("loss", "lira", "lira_offline"):
+    for name in ("loss", "lira", "lira_offline", "rmia"):
         attack = build_attacks([name])[0]
         assert attack.prepare(target) is None
         if attack.fits:
             fit = attack.fit(target, [toy_batch(aux_m, "member_aux")], [toy_batch(aux_n, "nonmember_aux")])
-            assert 0.005 < fit["sd_out"] < 0.03  # the pooled noise, not the spread of difficulties
+            if name != "rmia":
+                assert 0.005 < fit["sd_out"] < 0.03  # the pooled noise, not the spread of difficulties
         m = attack.score(target, toy_batch(members, "member_test")).numpy()
         n = attack.score(target, toy_batch(others, "nonmember_test")).numpy()
         results[name] = evaluate(m, n, seed=0, n_bootstrap=0)
     assert results["loss"]["auc"] < 0.65 and results["loss"]["tpr_at_1pct_fpr"] < 0.1  # the raw loss is weak
-    for name in ("lira", "lira_offline"):
+    for name in ("lira", "lira_offline", "rmia"):
         assert results[name]["auc"] > 0.95 and results[name]["tpr_at_1pct_fpr"] > 0.5
         assert results[name]["tpr_at_1pct_fpr"] >= results["loss"]["tpr_at_1pct_fpr"]
+
+
+def test_rmia_by_hand():
+    from privlora.attacks.lira import rmia_ratio, rmia_scores
+
+    shadows = np.log(np.array([[0.2, 0.5], [0.6, 0.5]]))  # two references, two examples: mean likelihoods 0.4, 0.5
+    ratio = rmia_ratio(np.log(np.array([0.8, 0.25])), shadows)
+    assert ratio == pytest.approx(np.log([2.0, 0.5]))
+    population = np.log(np.array([0.5, 1.0, 1.5, 3.0]))
+    assert rmia_scores(ratio, population).tolist() == [0.75, 0.25]  # x beats 3 of 4 z; the second beats 1
+    assert rmia_scores(ratio, population, gamma=2.0).tolist() == [0.5, 0.0]
+    tied = rmia_scores(np.array([5.0, 9.0, -9.0]), population, break_ties=True)
+    assert tied[1] > tied[0] > 0.75 > 1 / 8 > tied[2] >= 0.0  # beyond every z: ordered by ratio, still in their step
 
 
 def test_lira_does_not_apply_without_shadows_and_says_why():

@@ -10,7 +10,7 @@ from typing import Any
 
 from privlora.attacks.base import AUX_ROLES, TEST_ROLES, Attack, Batch, Query
 from privlora.attacks.clid import ClidAttack
-from privlora.attacks.lira import LiraAttack, LiraOfflineAttack
+from privlora.attacks.lira import LiraAttack, LiraOfflineAttack, RmiaAttack
 from privlora.attacks.loss import LossAttack
 from privlora.attacks.mlp import MlpAttack
 from privlora.attacks.pia import PIAAttack
@@ -22,11 +22,11 @@ from privlora.errors import PrivloraError
 
 ATTACKS: dict[str, type[Attack]] = {
     cls.name: cls for cls in (LossAttack, RefLossAttack, MlpAttack, SecMIAttack, PIAAttack, ClidAttack, ProxyAttack,
-                              LiraAttack, LiraOfflineAttack)
+                              LiraAttack, LiraOfflineAttack, RmiaAttack)
 }
-# opt-in: proxy applies only to MP-/SMP-LoRA files (and only reference-step runs give a held-out number); lira and
-# lira_offline train shadow LoRAs first (--shadows K)
-SHADOW_ATTACKS = ("lira", "lira_offline")
+# opt-in: proxy applies only to MP-/SMP-LoRA files (and only reference-step runs give a held-out number); lira,
+# lira_offline and rmia train shadow LoRAs first (--shadows K)
+SHADOW_ATTACKS = ("lira", "lira_offline", "rmia")
 DEFAULT_ATTACKS = tuple(n for n in ATTACKS if n != "proxy" and n not in SHADOW_ATTACKS)
 
 

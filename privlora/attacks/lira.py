@@ -107,3 +107,57 @@ class LiraOfflineAttack(LiraAttack):
     summary = ("z-score of the mean denoising loss against OUT shadow LoRAs only (Carlini et al. 2022, offline; "
                "pooled variance fitted on the aux roles)")
     online = False
+
+
+def rmia_ratio(target: np.ndarray, shadows: np.ndarray) -> np.ndarray:
+    """Per example: log Pr(x|θ) − log Pr(x), with Pr(x|θ) = exp(statistic) and Pr(x) the mean likelihood over the
+    reference (shadow) models, IN and OUT alike — the log of RMIA's likelihood ratio (Zarifzadeh et al. 2024)."""
+    top = shadows.max(0)
+    mean_likelihood = top + np.log(np.exp(shadows - top).mean(0))  # log-mean-exp over the K shadows
+    return target - mean_likelihood
+
+
+def rmia_scores(ratio: np.ndarray, population: np.ndarray, gamma: float = 1.0, break_ties: bool = False) -> np.ndarray:
+    """Pr_z[ LR(x) / LR(z) ≥ γ ] over the population z: the share of population ratios at most log γ below x's.
+
+    A population of n resolves the score to 1/n, so many examples tie (at 1.0 above all of it, where the low-FPR
+    operating points are); ``break_ties`` orders examples within a step by their own ratio — the order a larger
+    population would give — without moving any across a step."""
+    n = max(len(population), 1)
+    share = np.searchsorted(np.sort(population), ratio - np.log(gamma), side="right") / n
+    if not break_ties:
+        return share
+    return share + (0.5 + np.arctan(ratio) / np.pi) / (2 * n + 1)
+
+
+@dataclass
+class RmiaAttack(LiraAttack):
+    """RMIA, the relative membership attack of ML Privacy Meter (Zarifzadeh et al., "Low-Cost High-Power Membership
+    Inference Attacks", ICML 2024), on the same shadow LoRAs as ``lira``: an example's likelihood under the audited
+    LoRA over its mean likelihood under the shadows (the reference models), compared pairwise with population
+    examples z (the nonmember_aux images, scored the same way): the score is the share of z that x beats by a factor
+    γ. The likelihood of an image is taken as exp(−mean denoising loss) at the loss attack's fixed draws (a diffusion
+    model has no class probability; this is the adaptation). The score is monotone in the ratio for a fixed
+    population, so γ changes the scores' scale, not their ranking; ties within the population's resolution are
+    broken by the ratio (``rmia_scores``)."""
+
+    name = "rmia"
+    summary = ("likelihood under the LoRA over the mean under shadow LoRAs, compared pairwise with population "
+               "images (Zarifzadeh et al. 2024; population: nonmember_aux)")
+    gamma: float = 1.0
+
+    def fit(self, model, member: list[Batch], nonmember: list[Batch]) -> dict[str, Any]:
+        require_aux(self.name, nonmember)
+        ratios = [rmia_ratio(self.statistic(model, b), self.shadow_statistics(model, b)[0]) for b in nonmember]
+        self._population = np.concatenate(ratios)
+        self._sd = (1.0, 1.0)  # unused; marks the attack as fitted
+        return {"population": int(len(self._population)), "gamma": self.gamma, "shadows": len(model.shadows.targets)}
+
+    def details(self) -> dict[str, Any]:
+        return {"variant": "online (IN and OUT shadows as references)"}
+
+    def score(self, model, batch: Batch) -> torch.Tensor:
+        if self._sd is None:
+            raise RuntimeError(f"attack {self.name}: score() before fit()")
+        ratio = rmia_ratio(self.statistic(model, batch), self.shadow_statistics(model, batch)[0])
+        return torch.from_numpy(rmia_scores(ratio, self._population, self.gamma, break_ties=True))
