@@ -120,6 +120,8 @@ def format_table(table: dict) -> str:
         label = f"{name} ({r['steps']} steps)" if r.get("steps") else name
         if (r.get("dp_guarantee") or "").startswith("void"):
             label += " (DP guarantee VOID: reproducible noise)"
+        elif (r.get("dp_guarantee") or "").startswith("none"):
+            label += " (no DP guarantee: σ = 0, clipping only)"
         lines.append(
             f"| {label} | {auc.get('loss', float('nan')):.3f} | {auc.get('ref_loss', float('nan')):.3f} "
             f"| {r['best_auc']:.3f} ({r['best_attack']}) | {r['best_tpr_at_1pct_fpr']:.3f} | {r['heldout_loss']:.4f} "

@@ -91,6 +91,14 @@ def test_without_noise_or_clipping_a_dp_step_is_a_plain_lora_step(model):
         torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-6)
 
 
+def test_clipping_without_noise_claims_no_guarantee():
+    from privlora.objectives.dp_lora import NO_NOISE
+
+    meta = dp(n_images=40, batch_size=5, noise_multiplier=0.0).metadata()
+    assert meta["privlora_dp_guarantee"] == NO_NOISE and meta["privlora_dp_guarantee"].startswith("none")
+    assert dp(n_images=40, batch_size=5, noise_multiplier=1.0).metadata()["privlora_dp_guarantee"].startswith("holds")
+
+
 def test_noise_has_the_calibrated_scale(model):
     base, params = lora_model(model)
     obj = dp(n_images=40, batch_size=8, noise_multiplier=2.0, max_grad_norm=0.5)

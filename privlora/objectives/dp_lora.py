@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 
 VOID = "void: reproducible noise"
+NO_NOISE = "none: no noise (σ = 0), per-image clipping only"
 
 
 def secret_seed() -> int:
@@ -275,9 +276,16 @@ class DPLoraObjective(Objective):
                 "privlora_dp_planned_epsilon": f"{self.planned_epsilon:.6g}",
                 "privlora_dp_unit": "one training image (with its caption)",
                 "privlora_dp_num_images": str(self.num_images),
-                "privlora_dp_guarantee": VOID if self.reproducible else
-                f"holds: (ε, δ) = ({self.epsilon():.6g}, {self.delta:.3g}) per training image; noise and sampling "
-                "from a secret per-run source"}
+                "privlora_dp_guarantee": self.guarantee()}
+
+    def guarantee(self) -> str:
+        """What the file may claim: void (reproducible noise), none (σ = 0: per-image clipping only), or holds."""
+        if self.reproducible:
+            return VOID
+        if not self.noise_multiplier:
+            return NO_NOISE
+        return (f"holds: (ε, δ) = ({self.epsilon():.6g}, {self.delta:.3g}) per training image; noise and sampling "
+                "from a secret per-run source")
 
     def state_dict(self) -> dict:
         return {"accountant": self.accountant.state_dict(), "noise": self.noise.get_state(),
