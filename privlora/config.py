@@ -169,7 +169,7 @@ def add_config_flags(parser: argparse.ArgumentParser | Any) -> None:
     hints = get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         if f.name != "method_settings":
-            add(parser, f.name, str(hints[f.name]), None)
+            add(parser, f.name, str(hints[f.name]), f.metadata.get("help"))
     seen: set[type] = set()
     for cls in METHODS.values():
         kind = cls.settings_cls

@@ -77,9 +77,12 @@ class TrainConfig:
     color_jitter: float = 0.0  # kohya's color_aug, as brightness/contrast/saturation factors in [1-s, 1+s]; 0 = off
     # conditioning randomisation of the training batches (Somepalli et al. 2023: copying rises with caption
     # specificity); inference is unchanged
-    caption_swap_rate: float = 0.0  # each image's caption replaced by another image's from its batch, at this rate
-    caption_word_dropout: float = 0.0  # each comma-separated tag dropped at this rate (needs uncached captions)
-    text_noise_scale: float = 0.0  # Gaussian noise of this std on the text embeddings (needs cached text)
+    caption_swap_rate: float = field(default=0.0, metadata={
+        "help": "defence: each training image's caption replaced by another image's from its batch at this rate"})
+    caption_word_dropout: float = field(default=0.0, metadata={
+        "help": "defence: each comma-separated caption tag dropped at this rate (needs uncached captions)"})
+    text_noise_scale: float = field(default=0.0, metadata={
+        "help": "defence: Gaussian noise of this std on the cached text embeddings of each training batch"})
     skip_bad_images: bool = False
     cache_latents: bool = True
     cache_text_encoder_outputs: bool | None = None  # default: on when the text encoder is not trained
@@ -116,8 +119,10 @@ class TrainConfig:
     # kohya's timestep range: training (and the method's own) noise levels drawn from [min_timestep, max_timestep)
     # only, e.g. away from where membership leaks most (benchmarks/timestep_leakage.py measures where); the
     # probe and the audit still query every timestep
-    min_timestep: int = 0
-    max_timestep: int | None = None  # default: the scheduler's num_train_timesteps
+    min_timestep: int = field(default=0, metadata={
+        "help": "training noise levels from this timestep on (kohya's; defence: timestep shaping)"})
+    max_timestep: int | None = field(default=None, metadata={
+        "help": "training noise levels below this timestep (default: all)"})
     seed: int = 1337
     # fidelity to the reference implementation (docs/fidelity.md)
     shuffle_caption: bool = False  # kohya: shuffle comma-separated tags every step (seeded); no text caching then
