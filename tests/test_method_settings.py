@@ -26,15 +26,15 @@ def example_method():
 def test_a_method_in_a_test_module_plugs_in_with_one_registry_call(example_method, capsys):
     from privlora.cli import build_parser
 
-    cfg = build_config(None, {**DATA, "method": "timestep_floor", "min_timestep": "500"})  # a flag's string
-    assert cfg.settings(TimestepFloorSettings).min_timestep == 500
-    assert "[timestep_floor]" in resolved_toml(cfg) and "min_timestep = 500" in resolved_toml(cfg)
+    cfg = build_config(None, {**DATA, "method": "timestep_floor", "count_from_timestep": "500"})  # a flag's string
+    assert cfg.settings(TimestepFloorSettings).count_from_timestep == 500
+    assert "[timestep_floor]" in resolved_toml(cfg) and "count_from_timestep = 500" in resolved_toml(cfg)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])
     help_text = capsys.readouterr().out
-    assert "timestep_floor settings" in help_text and "--min_timestep" in help_text
-    with pytest.raises(PrivloraError, match="min_timestep 2000 is not in") as e:
-        build_config(None, {**DATA, "method": "timestep_floor", "min_timestep": 2000})
+    assert "timestep_floor settings" in help_text and "--count_from_timestep" in help_text
+    with pytest.raises(PrivloraError, match="count_from_timestep 2000 is not in") as e:
+        build_config(None, {**DATA, "method": "timestep_floor", "count_from_timestep": 2000})
     assert "\n" not in str(e.value)
     maps, t = torch.tensor([[1.0], [3.0]]), torch.tensor([100, 900])
     assert loss_of(TimestepFloorObjective(500), maps, t) == 3.0 and loss_of(TimestepFloorObjective(0), maps, t) == 2.0
