@@ -158,7 +158,8 @@ def members_needed_for_tpr(max_tpr: float) -> int:
 
 
 class Unsupported(PrivloraError):
-    """The aux roles cannot support the bound asked for (a property of the data, not a failure)."""
+    """The aux roles (or the resampling asked for) cannot support the bound asked for: a property of the data and
+    settings, not a failure; the bench records it as the reason for no recommendation."""
 
 
 def check_support(cfg: SelectConfig, n_member: int, n_nonmember: int, splits_file: Path) -> None:
@@ -166,7 +167,7 @@ def check_support(cfg: SelectConfig, n_member: int, n_nonmember: int, splits_fil
     from privlora.attacks.metrics import FPR_TARGETS, nonmembers_needed
 
     if cfg.n_bootstrap < MIN_BOOTSTRAP:
-        raise PrivloraError(f"select decides on bootstrap upper bounds: --n_bootstrap {cfg.n_bootstrap} is below "
+        raise Unsupported(f"select decides on bootstrap upper bounds: --n_bootstrap {cfg.n_bootstrap} is below "
                             f"{MIN_BOOTSTRAP}")
     where = f"{splits_file}: select scores {n_member} member_aux vs {n_nonmember} nonmember_aux images (half of each)"
     chance = null_auc_upper(n_member, n_nonmember)
