@@ -202,8 +202,8 @@ def test_fitting_refuses_test_role_samples():
 
 def test_attack_names_and_parameters_are_validated():
     assert parse_attack_names("loss, pia,loss") == ["loss", "pia"]
-    with pytest.raises(PrivloraError, match="unknown attack 'rmia'"):
-        parse_attack_names("loss,rmia")
+    with pytest.raises(PrivloraError, match="unknown attack 'gan_leaks'"):
+        parse_attack_names("loss,gan_leaks")
     with pytest.raises(PrivloraError, match="bad parameters"):
         build_attacks(["secmi"], {"secmi": {"t_sek": 3}})
     with pytest.raises(PrivloraError, match="multiple of interval"):
@@ -215,7 +215,7 @@ def test_attack_names_and_parameters_are_validated():
 def test_queries_per_sample():
     counts = {a.name: a.queries_per_sample() for a in build_attacks(list(ATTACKS))}
     assert counts == {"loss": 8, "ref_loss": 16, "mlp": 8, "secmi": 12, "pia": 2, "clid": 9, "proxy": 1, "lira": 8,
-                      "lira_offline": 8}  # lira: the model's own queries; each shadow asks them once per audit
+                      "lira_offline": 8, "rmia": 8}  # shadow attacks: the model's own; each shadow asks once per audit
 
 
 # ------------------------------------------------------------------------------------------ proxy

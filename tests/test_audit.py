@@ -334,7 +334,7 @@ def not_a_lora(env, tmp):
 
 
 def unknown_attack(env, tmp):
-    return {"attacks": ["loss", "rmia"]}, "unknown attack 'rmia'"
+    return {"attacks": ["loss", "gan_leaks"]}, "unknown attack 'gan_leaks'"
 
 
 def bad_attacker_file(env, tmp):
