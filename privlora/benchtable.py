@@ -189,11 +189,13 @@ def power_markdown(power: dict, resplit: bool | None) -> str:
         distance = _interval(r["frontier_distance"], "+.3f") if "frontier_distance" in r else "(the baseline)"
         lines.append(f"| {run} | {_interval(r['best_auc_two_sided'])} | {_interval(r['auc_gap'])} | {tpr} "
                      f"| {_interval(r['heldout_loss'], '.4f')} | {distance} | {r.get('verdict', '')} |")
-    return (f"Paired comparison over {how}: mean [95 % interval] over seeds × images (seeds and images resampled, "
-            "the same images for every model of a seed); leakage is two-sided (an inverted attack counts); each "
-            "seed's frontier runs through its base model, budgets and full-length plain LoRA (not the aux-selected "
-            "checkpoint, which only the first seed has); a negative distance is more private than training less at "
-            "the same held-out loss, and the verdict is above/below only when the interval excludes zero:\n\n"
+    over = ("seeds × images (seeds and images resampled, the same images for every model of a seed)" if seeds > 1
+            else "the test images (resampled, the same images for every model)")
+    return (f"Paired comparison over {how}: mean [95 % interval] over {over}; leakage is two-sided (an inverted "
+            "attack counts); each seed's frontier runs through its base model, budgets and full-length plain LoRA "
+            "(not the aux-selected checkpoint, which only the first seed has); a negative distance is more private "
+            "than training less at the same held-out loss, and the verdict is above/below only when the interval "
+            "excludes zero:\n\n"
             + "\n".join(lines))
 
 
