@@ -69,6 +69,7 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict:
     log(f"auditing {len(loras)} LoRAs and the base model with {', '.join(spec.attacks)}")
     report = audit(spec, cfg, baseline.dir.splits, loras)
     replicates = [replicate(spec, groups[0], report, budgets)]
+    seed_reports = [report]
     for group in groups[1:]:  # each further seed: its own split's audit of its own runs and budgets
         seed_budgets = budget_files(spec, group[0]) if spec.budgets else []
         seed_loras = [j.dir.lora() for j in group] + seed_budgets
@@ -76,6 +77,7 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict:
         seed_report = audit(spec, job_config(spec, group[0]), group[0].dir.splits, seed_loras,
                             name=f"audit-seed{job_seed(spec, group[0])}")
         replicates.append(replicate(spec, group, seed_report, seed_budgets))
+        seed_reports.append(seed_report)
     wall.done("audit")
     board.enter("quality")
     quality = utility_quality(spec, cfg, baseline.dir.splits, canonical + budgets + extra_pick)
@@ -83,7 +85,7 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict:
     board.enter("table")
     selection = compare_selection(chosen, report)
     points = sorted(budgets + extra_pick, key=lambda p: budget_steps(p) or 0)  # the train-less points in order
-    table = build_table(spec, jobs, report, quality, points, selection, replicates)
+    table = build_table(spec, jobs, report, quality, points, selection, replicates, seed_reports)
     table["wall_seconds"] = wall.seconds
     write_outputs(spec, table, {j.run: history(j) for j in sorted(main_jobs, key=lambda j: j.run != base)})
     return table
@@ -269,7 +271,10 @@ def compare_selection(result: dict, report: dict) -> dict:
 
 
 def build_table(spec: BenchSpec, jobs: list[Job], report: dict, quality: dict, budgets: list[Path],
-                selection: dict | None, replicates: list | None = None) -> dict:
+                selection: dict | None, replicates: list | None = None,
+                seed_reports: list[dict] | None = None) -> dict:
+    """The table from the first seed's audit (``report``); with several seeds, ``replicates`` give the powered
+    comparison and ``seed_reports`` (each seed's audit, the first one included) the per-seed rows."""
     from privlora.benchpower import power_table
 
     rows = {m["name"]: model_row(m, quality) for m in report["models"]}
@@ -302,8 +307,7 @@ def build_table(spec: BenchSpec, jobs: list[Job], report: dict, quality: dict, b
              "resplit": resplits(spec) if spec.seeds and len(spec.seeds) > 1 else None}
     if replicates and len(replicates) > 1:
         seed_rows = {}
-        for rep, group in zip(replicates[1:], seed_groups(jobs, base)[1:]):
-            report_i = json.loads((spec.out / f"audit-seed{rep.seed}" / "report.json").read_text())
+        for report_i, group in zip((seed_reports or [])[1:], seed_groups(jobs, base)[1:]):
             by_name = {m["name"]: model_row(m, {}) for m in report_i["models"]}
             for j in group:
                 seed_rows[j.name] = {**by_name[j.name], "train_seconds": json.loads(

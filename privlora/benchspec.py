@@ -160,6 +160,7 @@ def jobs_for(spec: BenchSpec) -> list[Job]:
 
     base = baseline_name(spec)
     seeds: list[int | None] = list(spec.seeds) if spec.seeds else [None]
+    redraw = len(seeds) > 1 and resplits(spec)
     jobs = []
     for name, settings in spec.runs.items():
         for i, seed in enumerate(seeds):
@@ -170,7 +171,7 @@ def jobs_for(spec: BenchSpec) -> list[Job]:
                 controlled.update(dict.fromkeys(DATA_KEYS), synthetic_images=0, **spec.data)
             if seed is not None:
                 controlled["seed"] = seed
-                if i > 0 and resplits(spec):
+                if i > 0 and redraw:
                     controlled["split_seed"] = seed
             overrides = {**settings, **spec.train_overrides, **controlled}
             try:  # a bad setting stops the bench here, before any training

@@ -57,12 +57,5 @@ def build_objective(cfg: TrainConfig, *, latent_channels: int, member_aux: Itera
     return METHODS[cfg.method].from_config(cfg, ctx)
 
 
-def settings_for(method: str) -> type:
-    """The settings class of a registered method (one-line error for an unknown name)."""
-    if method not in METHODS:
-        raise PrivloraError(f"method {method!r} is not one of {', '.join(METHODS)}")
-    return METHODS[method].settings_cls
-
-
 __all__ = ["METHODS", "BuildContext", "Objective", "StepOutput", "build_objective", "make_attacker",
-           "LossMapAttacker", "register_method", "settings_for"]
+           "LossMapAttacker", "register_method"]
