@@ -8,6 +8,7 @@ reader — keys are flat and unique. A key is shared by every method or belongs 
 from __future__ import annotations
 
 import argparse
+import functools
 import tomllib
 from dataclasses import fields
 from pathlib import Path
@@ -37,9 +38,13 @@ def all_keys() -> set[str]:
 
 
 def _hint(key: str) -> str:
-    if key in SHARED_KEYS:
-        return str(get_type_hints(TrainConfig)[key])
-    return str(get_type_hints(METHODS[owners(key)[0]].settings_cls)[key])
+    owner: type = TrainConfig if key in SHARED_KEYS else METHODS[owners(key)[0]].settings_cls
+    return str(_hints(owner)[key])
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
 
 
 def make_config(values: dict[str, Any] | None = None, *, source: str = "config", foreign: str = "error",
