@@ -65,6 +65,7 @@ class AuditConfig:
     shadows: int = 0  # lira / lira_offline: shadow LoRAs per audited LoRA's settings (privlora.shadows)
     shadow_dir: str | None = None  # where shadows are cached and reused; default <out>/shadows
     shadow_method: str | None = None  # train the shadows with this method (e.g. lora) instead of the run's own
+    shadow_seed: int | None = None  # draws the shadows' IN/OUT masks and seeds; default: seed (the bench: its first)
     jobs: int = 1  # on a CPU: the models split between this many worker processes (same numbers, less wall time)
     threads_per_job: int | None = None  # torch threads of each worker; default: cores // jobs
 
@@ -514,8 +515,9 @@ def shadows_for(cfg: AuditConfig, names: list[str], lora_files: list[Path], out:
         raise PrivloraError(f"--attacks {', '.join(n for n in names if n in SHADOW_ATTACKS)} needs --shadows K "
                             "(at least 2 shadow LoRAs)")
     folder = Path(cfg.shadow_dir) if cfg.shadow_dir else out / "shadows"
-    return {path: ensure_shadows(path, Path(cfg.splits), cfg.shadows, cfg.seed, folder, cfg.shadow_method,
-                                 cfg.jobs, cfg.threads_per_job, log) for path in lora_files}
+    seed = cfg.seed if cfg.shadow_seed is None else cfg.shadow_seed
+    return ensure_shadows(lora_files, Path(cfg.splits), cfg.shadows, seed, folder, cfg.shadow_method, cfg.jobs,
+                          cfg.threads_per_job, log)
 
 
 def attach_shadows(base, models: list[_Model], targets: dict[str, Target], shadow_sets: dict[Path, Any],
@@ -559,9 +561,10 @@ def _add_shadow_report(report: dict, shadow_sets: dict[Path, Any]) -> None:
     if not shadow_sets:
         return
     by_path = {str(p): s.cost() for p, s in shadow_sets.items()}
-    report["shadows"] = {"per_lora": by_path,
-                         "trained_now": sum(s.trained for s in {id(s): s for s in shadow_sets.values()}.values()),
-                         "wall_seconds": round(sum(s.wall_seconds for s in shadow_sets.values()), 1)}
+    families = {s.folder: s for s in shadow_sets.values()}  # checkpoints of one run share one family of trainings
+    report["shadows"] = {"per_lora": by_path, "families": len(families),
+                         "trained_now": sum(s.trained for s in families.values()),
+                         "wall_seconds": round(sum(s.wall_seconds for s in families.values()), 1)}
     for model in report["models"]:
         exposed = {}
         for attack, scores in model["scores"].items():

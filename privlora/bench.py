@@ -67,7 +67,7 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict:
     loras = canonical + budgets + extra_pick
     board.enter("audit")
     log(f"auditing {len(loras)} LoRAs and the base model with {', '.join(spec.attacks)}")
-    report = audit(spec, cfg, baseline.dir.splits, loras)
+    report = audit(spec, cfg, baseline.dir.splits, loras, shadow_seed=cfg.seed)
     replicates = [replicate(spec, groups[0], report, budgets)]
     seed_reports = [report]
     for group in groups[1:]:  # each further seed: its own split's audit of its own runs and budgets
@@ -75,7 +75,7 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict:
         seed_loras = [j.dir.lora() for j in group] + seed_budgets
         log(f"auditing seed {job_seed(spec, group[0])}: {len(seed_loras)} LoRAs and the base model")
         seed_report = audit(spec, job_config(spec, group[0]), group[0].dir.splits, seed_loras,
-                            name=f"audit-seed{job_seed(spec, group[0])}")
+                            name=f"audit-seed{job_seed(spec, group[0])}", shadow_seed=cfg.seed)
         replicates.append(replicate(spec, group, seed_report, seed_budgets))
         seed_reports.append(seed_report)
     wall.done("audit")
@@ -136,15 +136,18 @@ def history(job: Job) -> dict:
     return json.loads(job.dir.history.read_text())
 
 
-def audit(spec: BenchSpec, cfg, splits: Path, loras: list[Path], name: str = "audit") -> dict:
+def audit(spec: BenchSpec, cfg, splits: Path, loras: list[Path], name: str = "audit",
+          shadow_seed: int | None = None) -> dict:
     """The audit of every model (and the base model), in ``<out>/<folder>``, reused when it was run with exactly
-    these inputs."""
+    these inputs. ``shadow_seed``: one for every seed's audit, so the seeds' re-drawn splits of the same images
+    share one set of shadows (``privlora.shadows``)."""
     from privlora.audit import AuditConfig, run_audit
 
     folder = spec.out / name
     inputs = {"loras": [[str(p), _stamp(p)] for p in loras], "attacks": list(spec.attacks), "seed": cfg.seed,
               "n_bootstrap": spec.n_bootstrap, "model": cfg.pretrained_model_name_or_path,
-              "splits": str(splits), "canaries": "auto" if cfg.canaries else None, "shadows": spec.shadows}
+              "splits": str(splits), "canaries": "auto" if cfg.canaries else None, "shadows": spec.shadows,
+              **({"shadow_seed": shadow_seed} if spec.shadows else {})}
     cache = PhaseCache(spec.out)
     if cache.get(name, inputs) is not None and (folder / "report.json").is_file():
         return json.loads((folder / "report.json").read_text())
@@ -154,7 +157,7 @@ def audit(spec: BenchSpec, cfg, splits: Path, loras: list[Path], name: str = "au
                                    seed=cfg.seed, n_bootstrap=spec.n_bootstrap, config_dir=cfg.config_dir,
                                    clip_skip=cfg.clip_skip, jobs=spec.jobs, threads_per_job=spec.threads_per_job,
                                    canaries="auto" if cfg.canaries else None, shadows=spec.shadows,
-                                   shadow_dir=str(spec.out / "shadows")))
+                                   shadow_dir=str(spec.out / "shadows"), shadow_seed=shadow_seed))
     cache.put(name, inputs, {"report": str(Path(name) / "report.json")})
     return report
 

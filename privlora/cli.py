@@ -121,7 +121,7 @@ def _audit(args: argparse.Namespace, overrides: dict) -> int:
                       attack_params={"proxy": {"attacker": args.proxy_attacker}}, jobs=args.jobs,
                       threads_per_job=args.threads_per_job, canaries=args.canaries,
                       canary_attack=args.canary_attack, shadows=args.shadows, shadow_dir=args.shadow_dir,
-                      shadow_method=args.shadow_method)
+                      shadow_method=args.shadow_method, shadow_seed=args.shadow_seed)
     run_audit(cfg)
     return 0
 
@@ -160,6 +160,9 @@ def _add_audit_parser(sub) -> None:
                                                           "same folder to reuse them across audits")
     audit.add_argument("--shadow_method", default=None, help="train the shadows with this method (e.g. lora) "
                                                              "instead of the audited run's own")
+    audit.add_argument("--shadow_seed", type=int, default=None,
+                       help="draws the shadows' IN/OUT halves and seeds (default: --seed); audits of re-drawn splits "
+                            "of the same images with one shadow seed share their shadows")
     audit.add_argument("--canaries", default=None, metavar="CANARIES_JSON",
                        help="the training run's canaries.json (train --canaries M): a sound one-run ε lower bound "
                             "per LoRA (Steinke, Nasr & Jagielski 2023); 'auto': each LoRA's own run folder's file")

@@ -6,10 +6,13 @@ nonmember_aux), one entry per distinct image. The design is balanced: each examp
 shadows (alternating), chosen at random per example from ``seed``. A shadow's manifest lists its IN examples as its
 training set and nothing else is trained on: an example marked OUT for a shadow is never in its training data.
 
-Shadows are trained for the audited LoRA's own number of steps (its ``ss_steps``), so a checkpoint stopped early
-gets shadows stopped at the same point. They are cached under ``shadow_dir`` by a key of everything that shapes
-them (the run's settings, the steps, the pool, K, the seed, the method), trained in worker processes on a CPU
-(one torch thread each), and reused by any later audit with the same key — "reusing K shadows" in its log.
+Shadows run as long as the audited LoRA's whole run (its final LoRA's ``ss_steps``) and save the audited checkpoint's
+step (its own ``ss_steps``), so a checkpoint stopped early is compared with shadows at the same point of the same
+learning-rate schedule, and all checkpoints of one run share one family of K trainings. A family is cached under
+``shadow_dir`` by a key of everything that shapes it (the run's settings, the run's length, the pool, K, the mask
+seed, the method) — not the run's own seed or split seed, which a shadow replaces by its own — trained in worker
+processes on a CPU (one torch thread each), and reused by any later audit with the same key ("reusing K shadows"
+in its log). The pool is ordered by content hash, so splits that re-assign the same images share their shadows.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ SHADOW_NAME = "shadow"
 UNSHAPING = ("output_dir", "output_name", "overwrite", "resume", "train_data_dir", "splits_dir", "splits",
              "synthetic_images", "save_every_n_epochs", "save_every_n_steps", "save_at_fractions", "save_state",
              "state_every_n_epochs", "sample_every_n_epochs", "sample_prompts", "canaries", "max_train_epochs",
-             "max_train_steps", "logging_dir")
+             "max_train_steps", "logging_dir", "seed", "split_seed")
 
 
 @dataclass
@@ -45,8 +48,9 @@ class ShadowSet:
     files: list[Path]
     keys: list[str]  # pool examples' sha256, in mask column order
     masks: np.ndarray  # (K, N) bool
-    trained: int = 0  # shadows trained by this audit (the rest were reused)
-    wall_seconds: float = 0.0
+    trained: int = 0  # shadows of its family trained by this audit (the rest were reused)
+    wall_seconds: float = 0.0  # the family's training time in this audit (shared by every step of it)
+    steps: int | None = None  # the audited checkpoint's step, which these files are of
     targets: list = field(default_factory=list)  # attached by the audit: one Target per shadow
 
     def inside(self, keys: list[str]) -> np.ndarray:
@@ -60,8 +64,9 @@ class ShadowSet:
         return out
 
     def cost(self) -> dict[str, Any]:
-        return {"folder": str(self.folder), "shadows": len(self.files), "trained_now": self.trained,
-                "reused": len(self.files) - self.trained, "wall_seconds": round(self.wall_seconds, 1)}
+        return {"folder": str(self.folder), "shadows": len(self.files), "steps": self.steps,
+                "trained_now": self.trained, "reused": len(self.files) - self.trained,
+                "wall_seconds": round(self.wall_seconds, 1)}
 
 
 def balanced_masks(n: int, k: int, seed: int) -> np.ndarray:
@@ -109,6 +114,21 @@ def run_settings(lora: Path) -> tuple[Path, dict]:
     return resolved, read_toml(resolved)
 
 
+def lora_steps(lora: Path) -> int | None:
+    from privlora.captions import read_lora_metadata
+
+    text = read_lora_metadata(lora).get("ss_steps", "")
+    return int(text) if text.isdigit() else None
+
+
+def run_length(lora: Path, settings: dict, steps: int) -> int:
+    """The steps of the whole run a checkpoint belongs to: its run's final LoRA's ss_steps, or the checkpoint's own
+    when the run has no final LoRA (an interrupted run) or the file stands alone."""
+    final = RunDir(lora.parent, str(settings.get("output_name") or "lora")).lora()
+    total = lora_steps(final) if final.is_file() else None
+    return total if total is not None and total >= steps else steps
+
+
 def shadow_key(settings: dict, steps: int, pool: list[dict], k: int, seed: int, method: str | None) -> str:
     shaping = {key: value for key, value in sorted(settings.items()) if key not in UNSHAPING}
     text = json.dumps({"settings": shaping, "steps": steps, "pool": [e["sha256"] for e in pool], "k": k,
@@ -116,49 +136,96 @@ def shadow_key(settings: dict, steps: int, pool: list[dict], k: int, seed: int, 
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def ensure_shadows(lora: Path, splits_file: Path, k: int, seed: int, shadow_dir: Path, method: str | None,
-                   jobs: int, threads: int | None, log: Callable[[str], None]) -> ShadowSet:
-    """The K shadows of this LoRA's settings and steps on this pool: reused from ``shadow_dir`` or trained now."""
-    from privlora.captions import read_lora_metadata
-    from privlora.data.splits import _load_manifest, _manifest_root
+@dataclass
+class _Family:
+    """The K shadows of one run's settings and length on one pool, and the checkpoint steps wanted of them."""
 
-    resolved, settings = run_settings(lora)
-    steps_text = read_lora_metadata(lora).get("ss_steps", "")
-    if not steps_text.isdigit():
-        raise file_error(lora, "has no ss_steps in its metadata: the shadows cannot match its training length")
-    steps = int(steps_text)
+    folder: Path
+    resolved: Path
+    total: int
+    steps: set[int] = field(default_factory=set)
+
+    def file(self, shadow: int, step: int) -> Path:
+        return RunDir(self.folder / f"{SHADOW_NAME}_{shadow:02d}", SHADOW_NAME).lora(
+            step=None if step == self.total else step)
+
+
+def ensure_shadows(loras: list[Path], splits_file: Path, k: int, seed: int, shadow_dir: Path, method: str | None,
+                   jobs: int, threads: int | None, log: Callable[[str], None]) -> dict[Path, ShadowSet]:
+    """Each LoRA's K shadows: reused from ``shadow_dir`` or trained now.
+
+    The shadows of a checkpoint are the same point of shadow runs as long as its whole run (same settings, same
+    learning-rate schedule): every checkpoint of one run — the bench's budgets, select's candidates — shares one
+    family of K trainings that saves each wanted step. The pool is ordered by content hash and the masks drawn from
+    ``seed`` alone, so splits that re-assign the same images (the bench's seeds) share the shadows too."""
+    from privlora.data.splits import _load_manifest
+
     manifest = _load_manifest(splits_file)
-    root = _manifest_root(splits_file, manifest).resolve()
-    pool = pool_entries(manifest)
-    folder = shadow_dir / shadow_key(settings, steps, pool, k, seed, method)
+    pool = sorted(pool_entries(manifest), key=lambda e: e["sha256"])
+    keys = [e["sha256"] for e in pool]
     masks = balanced_masks(len(pool), k, seed)
-    files = [folder / f"{SHADOW_NAME}_{i:02d}" / f"{SHADOW_NAME}.safetensors" for i in range(k)]
-    shadow_set = ShadowSet(folder, files, [e["sha256"] for e in pool], masks)
-    todo = [i for i, f in enumerate(files) if not f.is_file()]
+    families: dict[str, _Family] = {}
+    wanted: dict[Path, tuple[_Family, int]] = {}
+    for lora in loras:
+        resolved, settings = run_settings(lora)
+        steps = lora_steps(lora)
+        if steps is None:
+            raise file_error(lora, "has no ss_steps in its metadata: the shadows cannot match its training length")
+        total = run_length(lora, settings, steps)
+        key = shadow_key(settings, total, pool, k, seed, method)
+        family = families.setdefault(key, _Family(shadow_dir / key, resolved, total))
+        family.steps.add(steps)
+        wanted[lora] = (family, steps)
+    trained: dict[Path, tuple[int, float]] = {}
+    for family in families.values():
+        trained[family.folder] = _ensure_family(family, manifest, splits_file, pool, masks, k, seed, method, jobs,
+                                                threads, log)
+    sets = {}
+    for lora, (family, steps) in wanted.items():
+        count, seconds = trained[family.folder]
+        sets[lora] = ShadowSet(family.folder, [family.file(i, steps) for i in range(k)], keys, masks, count, seconds,
+                               steps=steps)
+    return sets
+
+
+def _ensure_family(family: _Family, manifest: dict, splits_file: Path, pool: list[dict], masks: np.ndarray, k: int,
+                   seed: int, method: str | None, jobs: int, threads: int | None,
+                   log: Callable[[str], None]) -> tuple[int, float]:
+    """Train the family's shadows that lack a wanted step (all its wanted steps, in one run each); (trained, s)."""
+    from privlora.data.splits import _manifest_root
+
+    todo = [i for i in range(k) if not all(family.file(i, s).is_file() for s in family.steps)]
+    steps_text = ", ".join(str(s) for s in sorted(family.steps))
     if not todo:
-        log(f"reusing {k} shadows from {folder}")
-        return shadow_set
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "masks.json", {"pool": shadow_set.keys, "masks": masks.astype(int).tolist(), "seed": seed,
-                                       "settings": str(resolved), "steps": steps, "method": method})
+        log(f"reusing {k} shadows from {family.folder} (steps {steps_text})")
+        return 0, 0.0
+    root = _manifest_root(splits_file, manifest).resolve()
+    family.folder.mkdir(parents=True, exist_ok=True)
+    write_json(family.folder / "masks.json", {"pool": [e["sha256"] for e in pool], "masks": masks.astype(int).tolist(),
+                                              "seed": seed, "settings": str(family.resolved),
+                                              "total_steps": family.total, "method": method})
+    fractions = sorted(s / family.total for s in family.steps if s < family.total)
     configs = []
     for i in todo:
         inside = [e for e, m in zip(pool, masks[i]) if m]
         outside = [e for e, m in zip(pool, masks[i]) if not m]
-        splits = shadow_manifest(root, inside, outside, files[i].parent / "shadow_splits.json")
+        folder = family.file(i, family.total).parent
+        splits = shadow_manifest(root, inside, outside, folder / "shadow_splits.json")
         overrides: dict[str, Any] = dict.fromkeys(
-            ("train_data_dir", "splits_dir", "save_every_n_epochs", "save_every_n_steps", "save_at_fractions",
-             "state_every_n_epochs", "sample_every_n_epochs", "resume", "max_train_epochs"))
-        overrides.update(splits=str(splits), synthetic_images=0, output_dir=str(files[i].parent),
-                         output_name=SHADOW_NAME, overwrite=True, save_state=False, canaries=0,
-                         max_train_steps=steps, seed=seed + 1000 + i, **({"method": method} if method else {}))
-        configs.append((str(resolved), overrides))
+            ("train_data_dir", "splits_dir", "save_every_n_epochs", "save_every_n_steps", "state_every_n_epochs",
+             "sample_every_n_epochs", "resume", "max_train_epochs"))
+        overrides.update(splits=str(splits), synthetic_images=0, output_dir=str(folder), output_name=SHADOW_NAME,
+                         overwrite=True, save_state=False, canaries=0, max_train_steps=family.total,
+                         save_at_fractions=fractions or None, seed=seed + 1000 + i,
+                         **({"method": method} if method else {}))
+        configs.append((str(family.resolved), overrides))
     started = time.time()
-    log(f"training {len(todo)} of {k} shadow LoRAs ({steps} steps each) into {folder}")
+    log(f"training {len(todo)} of {k} shadow LoRAs ({family.total} steps each, saved at steps {steps_text}) into "
+        f"{family.folder}")
     train_shadows(configs, jobs, threads)
-    shadow_set.trained, shadow_set.wall_seconds = len(todo), time.time() - started
-    log(f"trained {len(todo)} shadows in {shadow_set.wall_seconds:.0f} s")
-    return shadow_set
+    seconds = time.time() - started
+    log(f"trained {len(todo)} shadows in {seconds:.0f} s")
+    return len(todo), seconds
 
 
 def train_shadows(configs: list[tuple[str, dict]], jobs: int, threads: int | None) -> None:

@@ -165,3 +165,55 @@ def test_audit_with_lira_trains_shadows_once_and_a_second_audit_reuses_them(tmp_
     again = json.loads((tmp_path / "a2" / "report.json").read_text())
     assert again["shadows"]["trained_now"] == 0
     assert again["models"][0]["scores"]["lira"] == report["models"][0]["scores"]["lira"]
+
+
+@pytest.mark.slow
+def test_checkpoints_of_one_run_share_one_family_and_resplits_of_the_same_images_share_it(tmp_path, capsys):
+    """A run's intermediate checkpoint and its final LoRA get shadows from one family of K trainings as long as the
+    run, each file saved at the checkpoint's own step; an audit on a re-drawn split of the same images with the
+    same shadow seed reuses them, another shadow seed does not."""
+    from privlora.cli import main
+    from privlora.config import build_config
+    from privlora.shadows import lora_steps
+    from privlora.train import train
+    from tests.fixtures import make_tiny_folder
+
+    model = make_tiny_folder(tmp_path / "model")
+    run = tmp_path / "run"
+    lora = train(build_config(None, dict(
+        synthetic_images=40, n_member_aux=6, n_member_test=8, n_nonmember_aux=6, n_nonmember_test=8, resolution=32,
+        train_batch_size=8, eval_samples=4, network_dim=4, network_alpha=4, unet_lr=3e-3, max_train_epochs=2,
+        seed=5, pretrained_model_name_or_path=str(model), output_dir=str(run), save_every_n_epochs=1)))
+    early = run / "lora-e0001.safetensors"
+    total, step = lora_steps(lora), lora_steps(early)
+    assert total is not None and step is not None and step < total
+    shadow_dir = tmp_path / "shadows"
+    common = ["--pretrained_model_name_or_path", str(model), "--attacks", "loss,lira", "--shadows", "2",
+              "--shadow_dir", str(shadow_dir), "--n_bootstrap", "0", "--shadow_seed", "7"]
+    assert main(["audit", "--lora", str(lora), str(early), "--splits", str(run / "splits.json"),
+                 "--out", str(tmp_path / "a1"), *common]) == 0
+    first = capsys.readouterr().out
+    assert first.count("training 2 of 2 shadow LoRAs") == 1 and f"({total} steps each, saved at steps {step}, " \
+        f"{total})" in first
+    report = json.loads((tmp_path / "a1" / "report.json").read_text())
+    assert report["shadows"]["families"] == 1 and report["shadows"]["trained_now"] == 2
+    per_lora = report["shadows"]["per_lora"]
+    assert per_lora[str(early)]["steps"] == step and per_lora[str(lora)]["steps"] == total
+    family = next(shadow_dir.iterdir())
+    for i in range(2):
+        assert lora_steps(family / f"shadow_{i:02d}" / f"shadow-step{step:06d}.safetensors") == step
+        assert lora_steps(family / f"shadow_{i:02d}" / "shadow.safetensors") == total
+
+    manifest = json.loads((run / "splits.json").read_text())  # the same images, member and non-member roles swapped
+    roles = manifest["roles"]
+    roles["member_test"], roles["nonmember_test"] = roles["nonmember_test"], roles["member_test"]
+    roles["member_aux"], roles["nonmember_aux"] = roles["nonmember_aux"], roles["member_aux"]
+    roles["train"] = roles["member_aux"] + roles["member_test"]
+    resplit = tmp_path / "resplit.json"
+    resplit.write_text(json.dumps(manifest))
+    assert main(["audit", "--lora", str(lora), "--splits", str(resplit), "--out", str(tmp_path / "a2"), *common]) == 0
+    assert "reusing 2 shadows from" in capsys.readouterr().out
+    other_seed = [*common[:-1], "8"]
+    assert main(["audit", "--lora", str(lora), "--splits", str(resplit), "--out", str(tmp_path / "a3"),
+                 *other_seed]) == 0
+    assert "training 2 of 2 shadow LoRAs" in capsys.readouterr().out
