@@ -84,11 +84,16 @@ def _shadow_lines(report: dict[str, Any]) -> list[str]:
     shadows = report.get("shadows")
     if not shadows:
         return []
-    lines = ["## Shadow LoRAs (lira, lira_offline)", "",
+    families = shadows.get("families")
+    lines = ["## Shadow LoRAs (lira, lira_offline, rmia)", "",
              f"Trained by this audit: {shadows['trained_now']} shadow LoRA(s), {shadows['wall_seconds']:.0f} s; "
-             "the others were reused from the cache.", ""]
+             "the others were reused from the cache."
+             + (f" {families} famil{'y' if families == 1 else 'ies'} of shadow runs (one per audited run's "
+                "settings and length; each checkpoint is compared with the shadows' same step)." if families else ""),
+             ""]
     for lora, cost in shadows["per_lora"].items():
-        lines.append(f"- `{lora}`: {cost['shadows']} shadows in `{cost['folder']}` ({cost['reused']} reused)")
+        step = f" at step {cost['steps']}" if cost.get("steps") is not None else ""
+        lines.append(f"- `{lora}`: {cost['shadows']} shadows{step} in `{cost['folder']}` ({cost['reused']} reused)")
     exposed = [(m["name"], a, e) for m in report["models"] for a, e in (m.get("most_exposed") or {}).items()]
     if exposed:
         lines += ["", "Most exposed members (top 1 % by score; private: these name training images):", ""]
