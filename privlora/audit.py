@@ -523,12 +523,15 @@ def shadows_for(cfg: AuditConfig, names: list[str], lora_files: list[Path], out:
 def attach_shadows(base, models: list[_Model], targets: dict[str, Target], shadow_sets: dict[Path, Any],
                    adapters: dict[Path, str], switch: AdapterSwitch, cfg: AuditConfig, device) -> None:
     """Give each LoRA's target its shadow set, with one Target per shadow (the model's text encoding and base
-    reference; shared between LoRAs whose shadows and encoding agree, so each shadow answers each query once)."""
+    reference; shared between LoRAs whose shadows and encoding agree, so each shadow answers each query once).
+    The base model, trained on nothing, gets the first LoRA's shadows as a control: its shadow-attack scores
+    measure the attacks' noise floor on this split."""
     import dataclasses
 
     made: dict[tuple[Path, TextEncoding], Target] = {}
+    control = next(iter(shadow_sets.values()), None)
     for m in models:
-        shadow_set = shadow_sets.get(m.path) if m.path else None
+        shadow_set = shadow_sets.get(m.path) if m.path else control
         if shadow_set is None:
             continue
         own = targets[m.name]

@@ -170,7 +170,7 @@ def test_audit_with_lira_trains_shadows_once_and_a_second_audit_reuses_them(tmp_
 @pytest.mark.slow
 def test_checkpoints_of_one_run_share_one_family_and_resplits_of_the_same_images_share_it(tmp_path, capsys):
     """A run's intermediate checkpoint and its final LoRA get shadows from one family of K trainings as long as the
-    run, each file saved at the checkpoint's own step; an audit on a re-drawn split of the same images with the
+    run, each file saved at the checkpoint's own step (the base model is scored against the first's); an audit on a re-drawn split of the same images with the
     same shadow seed reuses them, another shadow seed does not."""
     from privlora.cli import main
     from privlora.config import build_config
@@ -190,13 +190,15 @@ def test_checkpoints_of_one_run_share_one_family_and_resplits_of_the_same_images
     shadow_dir = tmp_path / "shadows"
     common = ["--pretrained_model_name_or_path", str(model), "--attacks", "loss,lira", "--shadows", "2",
               "--shadow_dir", str(shadow_dir), "--n_bootstrap", "0", "--shadow_seed", "7"]
-    assert main(["audit", "--lora", str(lora), str(early), "--splits", str(run / "splits.json"),
+    assert main(["audit", "--lora", str(lora), str(early), "--splits", str(run / "splits.json"), "--include_base",
                  "--out", str(tmp_path / "a1"), *common]) == 0
     first = capsys.readouterr().out
     assert first.count("training 2 of 2 shadow LoRAs") == 1 and f"({total} steps each, saved at steps {step}, " \
         f"{total})" in first
     report = json.loads((tmp_path / "a1" / "report.json").read_text())
     assert report["shadows"]["families"] == 1 and report["shadows"]["trained_now"] == 2
+    base = next(m for m in report["models"] if m["kind"] == "base")  # the control: the first LoRA's shadows
+    assert base["results"]["lira"]["fit"]["shadows"] == 2 and "lira" not in base["skipped"]
     per_lora = report["shadows"]["per_lora"]
     assert per_lora[str(early)]["steps"] == step and per_lora[str(lora)]["steps"] == total
     family = next(shadow_dir.iterdir())

@@ -74,7 +74,7 @@ class LiraAttack(LossAttack):
     def prepare(self, model) -> str | None:
         if getattr(model, "shadows", None) is None:
             return ("needs shadow LoRAs (--shadows K) of a LoRA with its run's resolved_config.toml beside it; "
-                    "the base model has no training run to shadow")
+                    "the base model is scored against the first audited LoRA's shadows, as a control")
         return None
 
     def statistic(self, model, batch: Batch) -> np.ndarray:
