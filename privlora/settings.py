@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from privlora.data.halves import TRAIN_SUBSETS
+from privlora.data.halves import SHARD_PATTERN, TRAIN_SUBSETS, valid_subset
 from privlora.errors import PrivloraError
 
 
@@ -66,7 +66,9 @@ class TrainConfig:
     n_nonmember_aux: int = 200
     n_nonmember_test: int = 200
     split_seed: int = 0
-    train_subset: str = "all"  # all | half_a | half_b: train on one seeded half of the train role (distill teachers)
+    # all | half_a | half_b | shard_<j>_of_<k>_seed_<s>: train on one seeded half (distill_lora's teachers) or shard
+    # (shard_merge's shard runs) of the train role
+    train_subset: str = "all"
     resolution: int = 512
     center_crop: bool = True
     # augmentation of the training batches (any method; privlora.data.augment), seeded per batch position so a
@@ -168,8 +170,9 @@ class TrainConfig:
             raise bad(f"mixed_precision {self.mixed_precision!r} is not no, fp16 or bf16")
         if self.optimizer_type not in ("AdamW", "AdamW8bit"):
             raise bad(f"optimizer_type {self.optimizer_type!r} is not AdamW or AdamW8bit")
-        if self.train_subset not in TRAIN_SUBSETS:
-            raise bad(f"train_subset {self.train_subset!r} is not one of {', '.join(TRAIN_SUBSETS)}")
+        if not valid_subset(self.train_subset):
+            raise bad(f"train_subset {self.train_subset!r} is not one of {', '.join(TRAIN_SUBSETS)} or {SHARD_PATTERN} "
+                      "(k ≥ 2, 1 ≤ j ≤ k)")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise bad(f"prediction_type {self.prediction_type!r} is not epsilon or v_prediction")
         self._validate_fidelity(bad)

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 from privlora.train_probes import add_to_period, evaluate_epoch, period_summary
 from privlora.train_run import Progress, Run
 from privlora.train_setup import average_gradients, check_output_dir, setup
-from privlora.train_state import restore, save_lora, save_modules, save_state
+from privlora.train_state import check_resume, restore, save_lora, save_modules, save_state
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -64,6 +64,8 @@ def train(cfg: TrainConfig) -> Path:
                 if progress.step >= run.max_steps:
                     break
             end_epoch(run, progress, logs, bar)
+    if run.max_steps == 0 and not progress.history:  # a LoRA complete when built (built_not_trained): evaluated once
+        evaluate_and_log(run, progress, {}, bar)
     bar.close()
     run.metadata.update(ss_steps=str(progress.step), ss_epoch=str(progress.epoch),
                         privlora_train_seconds=f"{time.time() - started:.1f}")
@@ -192,7 +194,10 @@ def evaluate_and_log(run: Run, progress: Progress, logs: dict, bar) -> None:
 def run_prerequisites(cfg: TrainConfig) -> None:
     """The runs the method needs first, each trained unless finished (its LoRA file is there, trained with exactly
     the settings asked now; other settings are an error rather than a silently stale prerequisite)."""
-    for pre in METHODS[cfg.method].prerequisites(cfg):
+    prerequisites = METHODS[cfg.method].prerequisites(cfg)
+    if prerequisites and cfg.resume:  # a state saved with other settings is refused before they spend time
+        check_resume(cfg, checkpoint.resolve(cfg.resume, Path(cfg.output_dir)))
+    for pre in prerequisites:
         final = RunDir(Path(pre.output_dir), pre.output_name).lora()
         if not final.exists():
             print(f"{cfg.method}: training the prerequisite run {pre.output_dir}")

@@ -62,6 +62,9 @@ def setup(cfg: TrainConfig) -> Run:
     cache = Cache(base, cfg, device)
     augment = Augment.from_config(cfg, accelerator.process_index)
     train_examples = train_subset(splits.train, cfg.train_subset, cfg.split_seed) + canaries
+    if not train_examples:
+        raise PrivloraError(f"{out}: train_subset {cfg.train_subset} of the {len(splits.train)} training images is "
+                            "empty; use fewer shards or more images")
     train_data = cache.role(train_examples, expand_repeats=True, augment=augment)
     roles = {role: cache.role(splits.role(role)) for role in EVAL_ROLES}
     grad_sync = (lambda m: average_gradients(accelerator, m.parameters())) if accelerator.num_processes > 1 else None
@@ -79,6 +82,8 @@ def setup(cfg: TrainConfig) -> Run:
     unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)  # loader: this process's shard
     steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or steps_per_epoch * (cfg.max_train_epochs or 1)
+    if objective.built_not_trained:  # its LoRA is complete: the loop evaluates and saves it, training nothing
+        max_steps = 0
     objective.plan(max_steps)
     if accelerator.is_main_process:
         write_resolved_config(cfg, out, objective.metadata())

@@ -122,10 +122,7 @@ def save_state(run: Run, progress: Progress) -> Path:
 
 def restore(run: Run, path: Path) -> Progress:
     state, rank_state = checkpoint.load_state(path, run.accelerator.process_index)
-    now = resume_settings(run.cfg)
-    changed = [k for k, v in state["config"].items() if k in now and now[k] != v]
-    if changed:
-        raise PrivloraError(f"{path}: saved with different {', '.join(changed)}; resume with the same settings")
+    refuse_other_settings(run.cfg, state["config"], path)
     params = lora_parameters(run)
     saved = {state_name(n): v for n, v in state["lora"].items()}
     if set(params) != set(saved):
@@ -146,6 +143,20 @@ def restore(run: Run, path: Path) -> Progress:
     # Mid-epoch: replay this epoch's data order (the loop then skips the batches already seen).
     run.loader_order.set_state(rank_state["epoch_start_order"] if progress.batch_in_epoch else rank_state["order"])
     return progress
+
+
+def refuse_other_settings(cfg: TrainConfig, saved: dict, path: Path) -> None:
+    """One line naming the settings a state at ``path`` was saved with (``saved``) that differ now."""
+    now = resume_settings(cfg)
+    changed = [k for k, v in saved.items() if k in now and now[k] != v]
+    if changed:
+        raise PrivloraError(f"{path}: saved with different {', '.join(changed)}; resume with the same settings")
+
+
+def check_resume(cfg: TrainConfig, path: Path) -> None:
+    """``refuse_other_settings`` before the run is set up (a method's prerequisite runs are trained before)."""
+    state, _ = checkpoint.load_state(path, 0)
+    refuse_other_settings(cfg, state["config"], path)
 
 
 def objective_state(state: dict) -> dict:

@@ -253,7 +253,8 @@ def test_audit_loss_and_ref_loss_run_on_an_sdxl_lora(sdxl, trained, tmp_path):
 @pytest.mark.parametrize("method,extra", [("mp_lora", {"train_text_encoder": True}),
                                           ("smp_lora", {"train_text_encoder": True}),
                                           ("dp_lora", {"dp_noise_multiplier": 1.0}),
-                                          ("distill_lora", {})])
+                                          ("distill_lora", {}),
+                                          ("shard_merge", {})])
 def test_every_method_trains_two_steps_on_sdxl(sdxl, tmp_path, method, extra):
     from privlora.config import build_config
     from privlora.train import train

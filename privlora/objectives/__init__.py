@@ -20,6 +20,7 @@ from privlora.objectives.dp_lora import DPLoraObjective
 from privlora.objectives.lora import LoraObjective
 from privlora.objectives.loss_floor import LossFloorObjective
 from privlora.objectives.mp_lora import MPLoraObjective
+from privlora.objectives.shard_merge import ShardMergeObjective
 from privlora.objectives.smp_lora import SMPLoraObjective
 from privlora.settings import TrainConfig
 
@@ -45,7 +46,7 @@ def register_method(cls: type[Objective]) -> type[Objective]:
 
 
 for _cls in (LoraObjective, MPLoraObjective, SMPLoraObjective, DPLoraObjective, DistillObjective,
-             LossFloorObjective):
+             LossFloorObjective, ShardMergeObjective):
     register_method(_cls)
 
 

@@ -71,6 +71,10 @@ class Objective:
     summary: ClassVar[str] = ""  # one line for --help and the docs
     settings_cls: ClassVar[type[MethodSettings]] = MethodSettings  # the method's own keys (none for plain LoRA)
     log_keys: ClassVar[tuple[str, ...]] = ("L_ada",)  # per-step logs shown on the progress bar
+    # Non-empty for a method whose LoRA is complete once ``from_config`` has built it (shard_merge puts the merge of
+    # its prerequisite runs into the LoRA parameters): why the loop must take no optimizer step on it. The run then
+    # evaluates and saves that LoRA with no training step; "" (every other method): the loop trains the LoRA.
+    built_not_trained: ClassVar[str] = ""
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, ctx: BuildContext) -> Objective:
