@@ -116,6 +116,7 @@ def test_the_student_loss_is_the_distance_to_the_teachers_target_and_trains_only
     ({"distill_true_noise_weight": -0.1}, "distill_true_noise_weight -0.1 is not in [0, 1]"),
     ({"distill_teacher_epochs": 0}, "distill_teacher_epochs 0 must be ≥ 1"),
     ({"train_subset": "half_a"}, 'set train_subset = "all"'),
+    ({"canaries": 8}, "distill_lora does not support canaries"),
     ({"method": "lora", "train_subset": "third"}, "train_subset 'third' is not one of all, half_a, half_b"),
 ])
 def test_bad_settings_are_one_line_errors(override, message):

@@ -52,6 +52,10 @@ class DistillSettings(MethodSettings):
             return f"distill_teacher_epochs {self.distill_teacher_epochs} must be ≥ 1"
         if cfg.train_subset != "all":
             return "distill_lora's student trains on the whole train role; set train_subset = \"all\""
+        if cfg.canaries:  # the halves are drawn over the train role; canaries would shift them (and reach both
+            # teachers), so an image could be taught by the teacher that trained on it
+            return "distill_lora does not support canaries (both teachers would train on them, and they would " \
+                   "re-draw the student's halves); set canaries = 0"
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             return "distill_lora runs in one process (its teachers are trained first, one after the other); " \
                    "launch it without torchrun/accelerate multi-process"
