@@ -33,6 +33,9 @@ from privlora.rundir import RunDir
 
 POOL_ROLES = ("member_test", "nonmember_test", "member_aux", "nonmember_aux")
 SHADOW_NAME = "shadow"
+# a shadow is evaluated once, at its end: its per-epoch held-out probes (about a sixth of a quick demo run's compute)
+# are read by nobody, and evaluating draws nothing from a training's random streams (tests/test_contract.py)
+SKIP_EVALS = 10**6
 # settings of a run that do not shape what a shadow learns (where it writes, how often it saves or evaluates)
 UNSHAPING = ("output_dir", "output_name", "overwrite", "resume", "train_data_dir", "splits_dir", "splits",
              "synthetic_images", "save_every_n_epochs", "save_every_n_steps", "save_at_fractions", "save_state",
@@ -216,7 +219,7 @@ def _ensure_family(family: _Family, manifest: dict, splits_file: Path, pool: lis
              "sample_every_n_epochs", "resume", "max_train_epochs"))
         overrides.update(splits=str(splits), synthetic_images=0, output_dir=str(folder), output_name=SHADOW_NAME,
                          overwrite=True, save_state=False, canaries=0, max_train_steps=family.total,
-                         save_at_fractions=fractions or None, seed=seed + 1000 + i,
+                         save_at_fractions=fractions or None, seed=seed + 1000 + i, eval_every_n_epochs=SKIP_EVALS,
                          **({"method": method} if method else {}))
         configs.append((str(family.resolved), overrides))
     started = time.time()

@@ -96,3 +96,20 @@ def test_every_attack_audits_4_vs_4_or_says_why_not(model, tmp_path):
         assert 0.0 <= row["results"][attack]["auc"] <= 1.0, attack
         assert len(row["scores"][attack]["member_test"]) == len(row["scores"][attack]["nonmember_test"]) == 4
     assert not set(row["skipped"]) & {"loss", "ref_loss", "proxy", "lira", "lira_offline"}  # these all apply
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(METHODS))
+def test_evaluations_do_not_change_what_a_method_trains(method, model, tmp_path):
+    """Shadow LoRAs skip the per-epoch evaluations (privlora.shadows): that is only sound while evaluating draws
+    nothing from the training's random streams, so the LoRA comes out the same with or without them."""
+    common: dict = dict(max_train_steps=6, save_every_n_steps=None, save_state=False)
+    if method == "dp_lora":  # otherwise its sampling and noise are secret draws, different in every run
+        common["dp_reproducible_noise"] = True
+    often = train(config(method, model, tmp_path / "often", eval_every_n_epochs=1, **common))
+    rarely = train(config(method, model, tmp_path / "rarely", eval_every_n_epochs=1000, **common))
+    if not METHODS[method].built_not_trained:  # shard_merge's evaluations are its shard runs'
+        assert len(json.loads((tmp_path / "often" / "history.json").read_text())["epochs"]) > \
+            len(json.loads((tmp_path / "rarely" / "history.json").read_text())["epochs"])
+    a, b = load_file(often), load_file(rarely)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -170,8 +170,8 @@ def test_audit_with_lira_trains_shadows_once_and_a_second_audit_reuses_them(tmp_
 @pytest.mark.slow
 def test_checkpoints_of_one_run_share_one_family_and_resplits_of_the_same_images_share_it(tmp_path, capsys):
     """A run's intermediate checkpoint and its final LoRA get shadows from one family of K trainings as long as the
-    run, each file saved at the checkpoint's own step (the base model is scored against the first's); an audit on a re-drawn split of the same images with the
-    same shadow seed reuses them, another shadow seed does not."""
+    run, each file saved at the checkpoint's own step (the base model is scored against the first's); an audit on a
+    re-drawn split of the same images with the same shadow seed reuses them, another shadow seed does not."""
     from privlora.cli import main
     from privlora.config import build_config
     from privlora.shadows import lora_steps
@@ -205,6 +205,8 @@ def test_checkpoints_of_one_run_share_one_family_and_resplits_of_the_same_images
     for i in range(2):
         assert lora_steps(family / f"shadow_{i:02d}" / f"shadow-step{step:06d}.safetensors") == step
         assert lora_steps(family / f"shadow_{i:02d}" / "shadow.safetensors") == total
+        history = json.loads((family / f"shadow_{i:02d}" / "history.json").read_text())["epochs"]
+        assert [h["step"] for h in history] == [total]  # evaluated once, at its end (the run: every epoch)
 
     manifest = json.loads((run / "splits.json").read_text())  # the same images, member and non-member roles swapped
     roles = manifest["roles"]
