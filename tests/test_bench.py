@@ -31,7 +31,7 @@ LEGACY_RUNS: dict[str, dict[str, Any]] = {
     "dp_lora_eps1": {"method": "dp_lora", "dp_target_epsilon": 1.0, "train_batch_size": 64,
                      "dp_reproducible_noise": True},
 }
-LEGACY_VARIANTS = {  # label: (roles m_test, nm_test, m_aux, nm_aux), epochs, eval_every, save_every of lora
+LEGACY_VARIANTS = {  # label: (roles m_test, nm_test, m_aux, nm_aux), epochs, eval_every, save_every of every run
     "full": ((200, 200, 64, 64), 100, 5, 5),
     "quick": ((100, 100, 32, 32), 30, 3, 1),
 }
@@ -45,7 +45,8 @@ def legacy_config(name: str, out: Path, variant: str):
         "max_train_epochs": epochs, "seed": 1337, "n_member_aux": m_aux, "n_member_test": m_te,
         "n_nonmember_aux": nm_aux, "n_nonmember_test": nm_te, "split_seed": 1337,
         "pretrained_model_name_or_path": "tiny-sd", "eval_samples": 64, "eval_every_n_epochs": every,
-        "save_every_n_epochs": save if name == "lora" else None, "state_every_n_epochs": epochs // 10,
+        # the one change since: every run saves plain LoRA's checkpoints (select's candidates), not only lora
+        "save_every_n_epochs": save, "state_every_n_epochs": epochs // 10,
         "overwrite": True})
 
 
@@ -359,3 +360,33 @@ def test_default_budgets_run_on_a_one_epoch_run_with_step_checkpoints(toy, tmp_p
     assert budget_rows == [f"lora-step{max(1, round(f * steps)):06d}" for f in (0.1, 0.25, 0.5)]
     assert [table["rows"][n]["steps"] for n in budget_rows] == [max(1, round(f * steps)) for f in (0.1, 0.25, 0.5)]
     assert f"lora-step{round(0.5 * steps):06d} ({round(0.5 * steps)} steps)" in (out / "table.md").read_text()
+
+# --- every defence at the checkpoint select chose on its aux roles (issue 26) ------------------------------
+
+def test_every_run_saves_the_baselines_checkpoint_schedule(tmp_path):
+    runs = {"lora": {}, "smp_lora": {}, "x": {"method": "dp_lora", "dp_target_epsilon": 8.0}}
+    spec = BenchSpec(out=tmp_path, runs=check_runs(runs, "t"), budgets=[0.25, 0.5],
+                     train_overrides={"synthetic_images": 40, "max_train_epochs": 8})
+    schedules = {j.name: {k: j.overrides.get(k) for k in ("save_every_n_epochs", "save_at_fractions")}
+                 for j in jobs_for(spec)}
+    assert schedules == dict.fromkeys(["lora", "smp_lora", "x"], {"save_every_n_epochs": 2, "save_at_fractions": None})
+    spec.budgets = []  # --budgets none: no intermediate checkpoints for any run
+    assert all("save_every_n_epochs" not in j.overrides for j in jobs_for(spec))
+
+
+def test_a_run_finished_without_this_checkpoint_schedule_is_trained_again(tmp_path):
+    from privlora.benchjobs import is_finished
+    from privlora.config import resolved_toml
+
+    spec = BenchSpec(out=tmp_path, runs=check_runs({"lora": {}, "smp_lora": {}}, "t"), budgets=[0.5],
+                     train_overrides={"synthetic_images": 40, "max_train_epochs": 4})
+    job = jobs_for(spec)[1]
+    job.out.mkdir(parents=True)
+    job.dir.lora().write_bytes(b"")
+    job.dir.train_time.write_text('{"seconds": 1}')
+    before = {**job.overrides, "save_every_n_epochs": None}  # a defence trained before every run saved checkpoints
+    job.dir.resolved.write_text(resolved_toml(build_config(None, before)))
+    assert not is_finished(spec, job)
+    job.dir.resolved.write_text(resolved_toml(job_config(spec, job)))
+    assert is_finished(spec, job)
+
