@@ -1,15 +1,17 @@
 """``privlora bench``: the privacy–utility comparison of ``privlora demo`` on the user's own data and model.
 
-Every run (a registered method with its settings) trains with the same preset, data, split and seed; plain
-LoRA's intermediate checkpoints (and the base model) form the "train less" baseline; every model is audited
-with every attack on identical queries; utility is the held-out denoising loss on nonmember_test (and a proxy
-FID of generated samples); each defence gets a verdict against the baseline, and the most useful model under
-a leakage bound is recommended. Finished pieces (trainings, the audit, samples) are reused when the bench is
-run again, so an interrupted bench resumes.
+Every run (a registered method with its settings) trains with the same preset, data, split and seed, and saves
+intermediate checkpoints on the same schedule; plain LoRA's (and the base model) form the "train less" baseline;
+``privlora select`` chooses each defence's checkpoint on the aux roles only (``benchselect``); every model is
+audited with every attack on identical queries; utility is the held-out denoising loss on nonmember_test (and a
+proxy FID of generated samples); each defence, at its chosen checkpoint, gets a verdict against the baseline; the
+recommendation is plain LoRA's checkpoint chosen the same way under the leakage bound. Finished pieces
+(trainings, selections, the audit, samples) are reused when the bench is run again, so an interrupted bench
+resumes.
 
 Settings of one run, lowest to highest priority: the preset, the run's own settings, the train flags given to
 bench, and what the bench controls (data source, output folder and name, training seed with ``--seeds``, the
-baseline's checkpoint interval).
+checkpoint schedule).
 """
 from __future__ import annotations
 
@@ -18,10 +20,11 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 from collections.abc import Callable
 
+from privlora.benchcache import PhaseCache, file_stamp
 from privlora.benchjobs import check_same_split, train_all
+from privlora.benchselect import Pick, compare_selection, pick_for, select_runs
 from privlora.benchspec import (DATA_KEYS, BenchSpec, Job, baseline_name, budget_files, budget_steps, check_runs,
                                 job_config, job_seed, jobs_for, resplits, seed_groups)
 from privlora.benchtable import (add_verdicts, format_extras, format_table, model_row, recommend, recommendation,
@@ -57,35 +60,36 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict:
     main_jobs = groups[0]
     baseline = main_jobs[0]
     budgets = budget_files(spec, baseline) if spec.budgets else []
-    canonical = [j.dir.lora() for j in main_jobs]
     cfg = job_config(spec, baseline)
     board.enter("select")
-    chosen = aux_selection(spec, baseline, log)  # on the aux roles only, before any test role is audited
+    selections = select_runs(spec, jobs, base, log)  # on the aux roles only, before any test role is audited
     wall.done("selection")
+    chosen = selections[baseline.name]
+    picks = {j.name: pick_for(j, selections[j.name]) for j in jobs if j.run != base}
     pick = chosen["choice"].get("path")
-    extra_pick = [Path(pick)] if pick and Path(pick) not in canonical + budgets else []
-    loras = canonical + budgets + extra_pick
+    extra_pick = [Path(pick)] if pick and Path(pick) not in [baseline.dir.lora(), *budgets] else []
+    loras = audited_models(main_jobs, budgets + extra_pick, picks)
     board.enter("audit")
     log(f"auditing {len(loras)} LoRAs and the base model with {', '.join(spec.attacks)}")
     report = audit(spec, cfg, baseline.dir.splits, loras, shadow_seed=cfg.seed)
-    replicates = [replicate(spec, groups[0], report, budgets)]
+    replicates = [replicate(spec, groups[0], report, budgets, picks)]
     seed_reports = [report]
-    for group in groups[1:]:  # each further seed: its own split's audit of its own runs and budgets
+    for group in groups[1:]:  # each further seed: its own split's audit of its own runs, picks and budgets
         seed_budgets = budget_files(spec, group[0]) if spec.budgets else []
-        seed_loras = [j.dir.lora() for j in group] + seed_budgets
+        seed_loras = audited_models(group, seed_budgets, picks)
         log(f"auditing seed {job_seed(spec, group[0])}: {len(seed_loras)} LoRAs and the base model")
         seed_report = audit(spec, job_config(spec, group[0]), group[0].dir.splits, seed_loras,
                             name=f"audit-seed{job_seed(spec, group[0])}", shadow_seed=cfg.seed)
-        replicates.append(replicate(spec, group, seed_report, seed_budgets))
+        replicates.append(replicate(spec, group, seed_report, seed_budgets, picks))
         seed_reports.append(seed_report)
     wall.done("audit")
     board.enter("quality")
-    quality = utility_quality(spec, cfg, baseline.dir.splits, canonical + budgets + extra_pick)
+    quality = utility_quality(spec, cfg, baseline.dir.splits, loras)
     wall.done("quality")
     board.enter("table")
     selection = compare_selection(chosen, report)
     points = sorted(budgets + extra_pick, key=lambda p: budget_steps(p) or 0)  # the train-less points in order
-    table = build_table(spec, jobs, report, quality, points, selection, replicates, seed_reports)
+    table = build_table(spec, jobs, report, quality, points, selection, picks, replicates, seed_reports)
     table["wall_seconds"] = wall.seconds
     write_outputs(spec, table, {j.run: history(j) for j in sorted(main_jobs, key=lambda j: j.run != base)})
     return table
@@ -123,13 +127,27 @@ def prepare_dataset(spec: BenchSpec, log: Callable[[str], None]) -> Path:
     return folder
 
 
-def replicate(spec: BenchSpec, group: list[Job], report: dict, budgets: list[Path]):
-    """One seed's audit as a replicate of the powered comparison (privlora.benchpower)."""
+def audited_models(group: list[Job], points: list[Path], picks: dict[str, Pick]) -> list[Path]:
+    """One seed's LoRAs for its audit, each once: every run's final LoRA, the train-less points (the baseline's
+    budgets; on the first seed also its aux-chosen checkpoint) and every defence's aux-chosen checkpoint."""
+    chosen = [picks[j.name].path for j in group if j.name in picks]
+    return list(dict.fromkeys([*(j.dir.lora() for j in group), *points, *chosen]))
+
+
+def compared_model(job: Job, picks: dict[str, Pick]) -> str:
+    """The model a job is compared with: a defence's pick, the baseline's final LoRA."""
+    return picks[job.name].model if job.name in picks else job.name
+
+
+def replicate(spec: BenchSpec, group: list[Job], report: dict, budgets: list[Path], picks: dict[str, Pick]):
+    """One seed's audit as a replicate of the powered comparison (privlora.benchpower): each defence at its own
+    aux-chosen checkpoint of this seed, the frontier as always (base, budgets, full-length plain LoRA)."""
     from privlora.benchpower import replicate_from_report
 
     baseline = group[0]
     frontier = ["base", *(p.stem for p in sorted(budgets, key=lambda p: budget_steps(p) or 0)), baseline.name]
-    return replicate_from_report(job_seed(spec, baseline), report, frontier, {j.run: j.name for j in group})
+    return replicate_from_report(job_seed(spec, baseline), report, frontier,
+                                 {j.run: compared_model(j, picks) for j in group})
 
 
 def history(job: Job) -> dict:
@@ -144,7 +162,7 @@ def audit(spec: BenchSpec, cfg, splits: Path, loras: list[Path], name: str = "au
     from privlora.audit import AuditConfig, run_audit
 
     folder = spec.out / name
-    inputs = {"loras": [[str(p), _stamp(p)] for p in loras], "attacks": list(spec.attacks), "seed": cfg.seed,
+    inputs = {"loras": [[str(p), file_stamp(p)] for p in loras], "attacks": list(spec.attacks), "seed": cfg.seed,
               "n_bootstrap": spec.n_bootstrap, "model": cfg.pretrained_model_name_or_path,
               "splits": str(splits), "canaries": "auto" if cfg.canaries else None, "shadows": spec.shadows,
               **({"shadow_seed": shadow_seed} if spec.shadows else {})}
@@ -162,33 +180,6 @@ def audit(spec: BenchSpec, cfg, splits: Path, loras: list[Path], name: str = "au
     return report
 
 
-class PhaseCache:
-    """``<out>/phases.json``: for every finished piece of the bench (an audit, one model's samples, a selection),
-    the inputs it was computed from and its result. A piece is reused while its inputs are unchanged; LoRA files
-    enter the inputs by size and mtime (``_stamp``), so a re-trained run invalidates what was computed from it."""
-
-    def __init__(self, out: Path):
-        self.path = out / "phases.json"
-
-    def _read(self) -> dict:
-        return json.loads(self.path.read_text()) if self.path.is_file() else {}
-
-    def get(self, key: str, inputs: dict) -> Any:
-        entry = self._read().get(key)
-        return entry["result"] if entry and entry["inputs"] == json.loads(json.dumps(inputs)) else None
-
-    def put(self, key: str, inputs: dict, result: Any) -> None:
-        stored = self._read()
-        stored[key] = {"inputs": inputs, "result": result}
-        write_json(self.path, stored)
-
-
-def _stamp(path: Path) -> str:
-    """Identifies one version of a file: a re-trained run's new LoRA invalidates what was computed from the old."""
-    st = path.stat()
-    return f"{st.st_size}:{st.st_mtime_ns}"
-
-
 def utility_quality(spec: BenchSpec, cfg, splits_file: Path, loras: list[Path]) -> dict[str, dict]:
     """Proxy FID (tiny-sd VAE features) of samples from nonmember_test captions against those images; each
     model's result is cached (``PhaseCache``) and reused while the sampling settings and its LoRA file stay the
@@ -201,7 +192,7 @@ def utility_quality(spec: BenchSpec, cfg, splits_file: Path, loras: list[Path]) 
     cache = PhaseCache(spec.out)
     settings = {"quality_samples": spec.quality_samples, "quality_steps": spec.quality_steps,
                 "guidance": spec.guidance, "seed": cfg.seed, "model": cfg.pretrained_model_name_or_path}
-    inputs = {quality_name(p): {**settings, "lora": "" if p is None else _stamp(p)} for p in [None, *loras]}
+    inputs = {quality_name(p): {**settings, "lora": "" if p is None else file_stamp(p)} for p in [None, *loras]}
     results = {n: r for n, key in inputs.items() if (r := cache.get(f"quality/{n}", key)) is not None}
     todo = [lora for lora in [None, *loras] if quality_name(lora) not in results]
     if not todo:
@@ -230,74 +221,35 @@ def utility_quality(spec: BenchSpec, cfg, splits_file: Path, loras: list[Path]) 
     return results
 
 
-def aux_selection(spec: BenchSpec, baseline: Job, log) -> dict:
-    """``privlora select`` on the baseline's checkpoints (aux roles only); a bound the aux roles cannot support is
-    recorded as a refusal, not an error: the table then says why there is no recommendation."""
-    from privlora.select import SelectConfig, Unsupported, select
-
-    settings: dict[str, Any] = {"max_auc": spec.max_auc, "max_tpr_at_1fpr": spec.max_tpr_at_1fpr,
-                "attacks": ["loss", *[a for a in spec.select_attacks if a != "loss"]], "seed": job_seed(spec, baseline),
-                "n_bootstrap": spec.n_bootstrap, "include_base": True}
-    cache = PhaseCache(spec.out)
-    inputs = {**settings, "lora": _stamp(baseline.dir.lora())}
-    result = cache.get(f"select/{baseline.name}", inputs)
-    if result is not None:
-        return result
-    log(f"privacy-aware selection of {baseline.name}'s checkpoints on the aux roles")
-    try:
-        result = select(SelectConfig(str(baseline.out), spec.max_auc, spec.max_tpr_at_1fpr,
-                                     list(spec.select_attacks), settings["seed"], spec.n_bootstrap, True,
-                                     jobs=spec.jobs, threads_per_job=spec.threads_per_job), log=log)
-    except Unsupported as e:  # cached too: the same aux roles refuse the same bound again
-        log(f"selection refused: {e}")
-        result = {"settings": settings, "refused": str(e), "checkpoints": {},
-                  "choice": {"model": None, "path": None, "reason": f"select refused: {e}"}}
-    cache.put(f"select/{baseline.name}", inputs, result)
-    return result
-
-
-def compare_selection(result: dict, report: dict) -> dict:
-    """The aux-only estimates next to the test-role audit of the same checkpoints."""
-    test = {m["name"]: m for m in report["models"]}
-    rows = {}
-    for name, est in result["checkpoints"].items():
-        if name not in test:
-            continue
-        t = model_row(test[name], {})
-        same = [t["auc"][a] for a in result["settings"]["attacks"] if a in t["auc"]]
-        rows[name] = {"aux_best_auc": est["best_auc"], "aux_best_attack": est["best_attack"],
-                      "aux_auc_upper": est.get("auc_upper"), "aux_heldout_loss": est["heldout_loss"],
-                      "test_auc_same_attacks": max(same) if same else None,
-                      "test_best_auc": t["best_auc"], "test_heldout_loss": t["heldout_loss"]}
-    return {"attacks": result["settings"]["attacks"], "choice": result["choice"], "rows": rows,
-            "refused": result.get("refused")}
-
-
 def build_table(spec: BenchSpec, jobs: list[Job], report: dict, quality: dict, budgets: list[Path],
-                selection: dict | None, replicates: list | None = None,
+                selection: dict | None, picks: dict[str, Pick], replicates: list | None = None,
                 seed_reports: list[dict] | None = None) -> dict:
-    """The table from the first seed's audit (``report``); with several seeds, ``replicates`` give the powered
-    comparison and ``seed_reports`` (each seed's audit, the first one included) the per-seed rows."""
+    """The table from the first seed's audit (``report``): each defence at its aux-chosen checkpoint (``picks``),
+    its final LoRA beside it for reference; with several seeds, ``replicates`` give the powered comparison and
+    ``seed_reports`` (each seed's audit, the first one included) the per-seed rows."""
     from privlora.benchpower import power_table
 
     rows = {m["name"]: model_row(m, quality) for m in report["models"]}
     base = baseline_name(spec)
     main = [j for j in jobs if j.seed_index == 0]
     frontier_names = ["base", *(p.stem for p in budgets), base]
-    defences = [j.name for j in main if j.run != base]
-    add_verdicts(rows, frontier_names, defences)
+    mine = [picks[j.name] for j in main if j.run != base]
+    add_verdicts(rows, frontier_names, [p.model for p in mine])
     power = power_table(replicates, [j.run for j in main if j.run != base], spec.n_bootstrap,
                         job_seed(spec, main[0])) if replicates else {}
+    for run, row in power.items():  # which model each seed compared for the run
+        row["models"] = [rep.runs[run] for rep in replicates or []]
     for j in main:
+        model = compared_model(j, picks)
         if j.run in power and "verdict" in power[j.run]:  # the paired verdict replaces the one-seed margin rule
-            rows[j.name]["frontier_verdict"] = power[j.run]["verdict"]
-            rows[j.name]["frontier_distance"] = power[j.run]["frontier_distance"]
-            rows[j.name]["above_frontier"] = power[j.run]["verdict"] == "above"
-    for j in main:
-        rows[j.name]["train_seconds"] = json.loads(j.dir.train_time.read_text())["seconds"]
-    for path in [*budgets, next(j for j in main if j.run == base).dir.lora()]:
+            rows[model]["frontier_verdict"] = power[j.run]["verdict"]
+            rows[model]["frontier_distance"] = power[j.run]["frontier_distance"]
+            rows[model]["above_frontier"] = power[j.run]["verdict"] == "above"
+        rows[j.name]["train_seconds"] = train_seconds(j)
+    mark_picks(rows, mine)
+    for path in [*budgets, *(j.dir.lora() for j in main), *(p.path for p in mine)]:
         rows[path.stem]["steps"] = budget_steps(path)
-    shown = {n: rows[n] for n in ["base", *frontier_names[1:], *defences]}
+    shown = {n: rows[n] for n in ["base", *frontier_names[1:], *(n for p in mine for n in p.rows())]}
     table = {"settings": {**{k: v for k, v in asdict(spec).items() if k not in ("out", "runs")},
                           "out": str(spec.out), "runs": spec.runs,
                           "resolved": {j.name: _resolved(spec, j) for j in jobs}},
@@ -306,20 +258,39 @@ def build_table(spec: BenchSpec, jobs: list[Job], report: dict, quality: dict, b
              "recommendation": recommendation(shown, selection),
              "oracle": {**recommend(shown, spec.max_auc, spec.max_tpr_at_1fpr),
                         "note": "chosen on the test roles: for reference only, never a recommendation"},
-             "selection": selection, "power": power,
+             "selection": selection, "picks": {name: p.as_dict() for name, p in picks.items()}, "power": power,
              "resplit": resplits(spec) if spec.seeds and len(spec.seeds) > 1 else None}
     if replicates and len(replicates) > 1:
-        seed_rows = {}
-        for report_i, group in zip((seed_reports or [])[1:], seed_groups(jobs, base)[1:]):
-            by_name = {m["name"]: model_row(m, {}) for m in report_i["models"]}
-            for j in group:
-                seed_rows[j.name] = {**by_name[j.name], "train_seconds": json.loads(
-                    j.dir.train_time.read_text())["seconds"]}
+        seed_rows = further_seed_rows(jobs, base, seed_reports or [], picks)
         table["seed_rows"] = seed_rows
-        by_run = {run: [rows[j.name] if j.seed_index == 0 else seed_rows[j.name] for j in jobs if j.run == run]
-                  for run in spec.runs}
+        by_run = {run: [rows[compared_model(j, picks)] if j.seed_index == 0 else seed_rows[j.name]
+                        for j in jobs if j.run == run] for run in spec.runs}
         table["seed_spread"] = seed_spread(by_run)
     return table
+
+
+def mark_picks(rows: dict[str, dict], picks: list[Pick]) -> None:
+    """Each defence's compared row says how select decided; a final LoRA beside its chosen checkpoint says that it
+    is there for reference only."""
+    for p in picks:
+        rows[p.model]["pick"] = p.as_dict()
+        if p.is_checkpoint:
+            rows[p.job]["reference_for"] = p.model
+
+
+def further_seed_rows(jobs: list[Job], base: str, seed_reports: list[dict], picks: dict[str, Pick]) -> dict:
+    """Per job of every seed after the first: the row of the model compared for it, from its seed's audit."""
+    rows = {}
+    for report, group in zip(seed_reports[1:], seed_groups(jobs, base)[1:]):
+        by_name = {m["name"]: model_row(m, {}) for m in report["models"]}
+        for j in group:
+            pick = {"pick": picks[j.name].as_dict()} if j.name in picks else {}
+            rows[j.name] = {**by_name[compared_model(j, picks)], "train_seconds": train_seconds(j), **pick}
+    return rows
+
+
+def train_seconds(job: Job) -> float:
+    return json.loads(job.dir.train_time.read_text())["seconds"]
 
 
 def _resolved(spec: BenchSpec, job: Job) -> dict:

@@ -17,8 +17,26 @@ from privlora.io import write_json, write_text
 from privlora.progress import ENV as PROGRESS_ENV, Board
 
 
-def is_finished(job: Job) -> bool:
-    return job.dir.is_finished() and job.dir.train_time.is_file()
+CHECKPOINT_KEYS = ("save_every_n_epochs", "save_at_fractions")  # benchspec.checkpoint_schedule's settings
+
+
+def is_finished(spec: BenchSpec, job: Job) -> bool:
+    """Trained to the end, and with the intermediate checkpoints the bench asks for now: a run finished before every
+    run saved them (only the plain LoRA did) or with other budgets is trained once more, so that ``privlora select``
+    has its candidates."""
+    return job.dir.is_finished() and job.dir.train_time.is_file() and saved_as_scheduled(spec, job)
+
+
+def saved_as_scheduled(spec: BenchSpec, job: Job) -> bool:
+    """The run's resolved_config.toml records this job's checkpoint schedule (an unset key is a comment there)."""
+    import tomllib
+
+    try:
+        recorded = tomllib.loads(job.dir.resolved.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    cfg = job_config(spec, job)
+    return all(recorded.get(key) == getattr(cfg, key) for key in CHECKPOINT_KEYS)
 
 
 def resumable(spec: BenchSpec, job: Job) -> bool:
@@ -32,7 +50,7 @@ def train_all(spec: BenchSpec, jobs: list[Job], log: Callable[[str], None], boar
     """Every unfinished training: here one after another, or with ``jobs`` > 1 in child processes while ``board``
     shows each running one's progress."""
     board = board or Board(log)
-    todo = [j for j in jobs if not is_finished(j)]
+    todo = [j for j in jobs if not is_finished(spec, j)]
     board.expect(len(todo), "trainings")
     board.enter("train", f"{len(todo)} to train, {len(jobs) - len(todo)} reused"
                 + (f", {spec.jobs} at a time" if spec.jobs > 1 and len(todo) > 1 else ""))

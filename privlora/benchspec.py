@@ -158,7 +158,7 @@ def jobs_for(spec: BenchSpec) -> list[Job]:
     """Every training of the bench with its complete settings, validated before anything is trained."""
     from privlora.config import build_config
 
-    base = baseline_name(spec)
+    baseline_name(spec)  # without a plain LoRA run the bench stops here, before any training
     seeds: list[int | None] = list(spec.seeds) if spec.seeds else [None]
     redraw = len(seeds) > 1 and resplits(spec)
     jobs = []
@@ -180,12 +180,7 @@ def jobs_for(spec: BenchSpec) -> list[Job]:
                 raise PrivloraError(f"run {name}: {e}") from None
             if epochs:  # a crashed bench resumes each training from its last state, losing ≤ 10 % of it
                 overrides["state_every_n_epochs"] = max(1, epochs // 10)
-            if name == base and spec.budgets:  # every seed's frontier has its own budgets
-                interval = budget_interval(spec.budgets, epochs)
-                if interval:
-                    overrides["save_every_n_epochs"] = interval
-                else:  # too few epochs to resolve the budgets: checkpoints at those fractions of the steps
-                    overrides["save_at_fractions"] = list(spec.budgets)
+            overrides.update(checkpoint_schedule(spec.budgets, epochs))  # the same rule for every run
             jobs.append(Job(out_name, name, i, overrides))
     return jobs
 
@@ -203,6 +198,17 @@ def resplits(spec: BenchSpec) -> bool:
     if spec.resplit is not None:
         return spec.resplit
     return not fixed and (bool(spec.dataset) or (not spec.data and bool(cfg.synthetic_images)))
+
+
+def checkpoint_schedule(budgets: list[float], epochs: int | None) -> dict[str, Any]:
+    """The intermediate saves of every run, one rule for all: the plain LoRA's are the budgets of its frontier, and
+    every run's are the candidates ``privlora select`` chooses among on the aux roles. At every multiple of the
+    epoch interval that hits each budget, or, when the run has too few epochs for that, at the budgets' fractions
+    of its steps. No budgets: no intermediate saves."""
+    if not budgets:
+        return {}
+    interval = budget_interval(budgets, epochs)
+    return {"save_every_n_epochs": interval} if interval else {"save_at_fractions": list(budgets)}
 
 
 def budget_interval(budgets: list[float], epochs: int | None) -> int | None:

@@ -102,12 +102,13 @@ def seed_spread(rows_by_seed: dict[str, list[dict]]) -> dict[str, dict]:
 
 
 def format_table(table: dict) -> str:
+    """The rows in the table's order: the frontier, then each defence at its compared model, its final LoRA beside
+    it when that is another file; the last column says how select chose (aux roles only)."""
     rows = table["rows"]
-    order = ["base", *table["frontier"][1:], *(n for n, r in rows.items() if "frontier_verdict" in r)]
     head = ("| model | loss AUC | ref_loss AUC | best-attack AUC (attack) | best TPR@1%FPR | held-out loss "
-            "| proxy FID (tiny) | train s | vs. train-less frontier |")
-    lines = [head, "|" + "---|" * 9]
-    for name in order:
+            "| proxy FID (tiny) | train s | vs. train-less frontier | checkpoint choice (aux roles only) |")
+    lines = [head, "|" + "---|" * 10]
+    for name in rows:
         r = rows[name]
         auc = r["auc"]
         frontier = ""
@@ -125,8 +126,19 @@ def format_table(table: dict) -> str:
         lines.append(
             f"| {label} | {auc.get('loss', float('nan')):.3f} | {auc.get('ref_loss', float('nan')):.3f} "
             f"| {r['best_auc']:.3f} ({r['best_attack']}) | {r['best_tpr_at_1pct_fpr']:.3f} | {r['heldout_loss']:.4f} "
-            f"| {_num(r['proxy_fid'])} | {_num(r.get('train_seconds'), '.0f')} | {frontier} |")
+            f"| {_num(r['proxy_fid'])} | {_num(r.get('train_seconds'), '.0f')} | {frontier} | {choice_note(r)} |")
     return "\n".join(lines)
+
+
+def choice_note(row: dict) -> str:
+    """A defence's compared row: select's outcome and reason; its final LoRA's reference row: what it stands beside."""
+    pick = row.get("pick")
+    if pick:
+        how = "chosen by select" if pick["outcome"] == "chosen" else "final LoRA compared"
+        return f"{how}: {pick['reason']}"
+    if row.get("reference_for"):
+        return f"final LoRA, for reference only: compared at {row['reference_for']}"
+    return ""
 
 
 def format_extras(table: dict) -> str:
@@ -167,9 +179,10 @@ def format_extras(table: dict) -> str:
                          f"| {_num(r['test_heldout_loss'], '.4f')} |")
         choice = selection["choice"]["model"] or "none"
         if selection.get("refused"):
-            parts.append(f"Privacy-aware checkpoint selection on the aux roles refused: {selection['refused']}")
+            parts.append(f"Privacy-aware selection of plain LoRA's checkpoints on the aux roles refused: "
+                         f"{selection['refused']}")
         else:
-            parts.append(f"Privacy-aware checkpoint selection on the aux roles only "
+            parts.append(f"Privacy-aware selection of plain LoRA's checkpoints on the aux roles only "
                          f"({', '.join(selection['attacks'])}; `privlora select`, deciding on 95 % upper bounds), "
                          f"against the test-role audit of the same checkpoints; choice under the bound: "
                          f"**{choice}**:\n\n" + "\n".join(lines))
@@ -193,9 +206,11 @@ def power_markdown(power: dict, resplit: bool | None) -> str:
             else "the test images (resampled, the same images for every model)")
     return (f"Paired comparison over {how}: mean [95 % interval] over {over}; leakage is two-sided (an inverted "
             "attack counts); each seed's frontier runs through its base model, budgets and full-length plain LoRA "
-            "(not the aux-selected checkpoint, which only the first seed has); a negative distance is more private "
-            "than training less at the same held-out loss, and the verdict is above/below only when the interval "
-            "excludes zero:\n\n"
+            "(not plain LoRA's aux-selected checkpoint, which only the first seed has); each defence is measured at "
+            "the checkpoint select chose on that seed's own aux roles (its final LoRA where select refused, found "
+            "none under the bound or chose the base model; table.json → power → models); a negative distance is "
+            "more private than training less at the same held-out loss, and the verdict is above/below only when "
+            "the interval excludes zero:\n\n"
             + "\n".join(lines))
 
 

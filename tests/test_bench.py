@@ -31,7 +31,7 @@ LEGACY_RUNS: dict[str, dict[str, Any]] = {
     "dp_lora_eps1": {"method": "dp_lora", "dp_target_epsilon": 1.0, "train_batch_size": 64,
                      "dp_reproducible_noise": True},
 }
-LEGACY_VARIANTS = {  # label: (roles m_test, nm_test, m_aux, nm_aux), epochs, eval_every, save_every of lora
+LEGACY_VARIANTS = {  # label: (roles m_test, nm_test, m_aux, nm_aux), epochs, eval_every, save_every of every run
     "full": ((200, 200, 64, 64), 100, 5, 5),
     "quick": ((100, 100, 32, 32), 30, 3, 1),
 }
@@ -45,7 +45,8 @@ def legacy_config(name: str, out: Path, variant: str):
         "max_train_epochs": epochs, "seed": 1337, "n_member_aux": m_aux, "n_member_test": m_te,
         "n_nonmember_aux": nm_aux, "n_nonmember_test": nm_te, "split_seed": 1337,
         "pretrained_model_name_or_path": "tiny-sd", "eval_samples": 64, "eval_every_n_epochs": every,
-        "save_every_n_epochs": save if name == "lora" else None, "state_every_n_epochs": epochs // 10,
+        # the one change since: every run saves plain LoRA's checkpoints (select's candidates), not only lora
+        "save_every_n_epochs": save, "state_every_n_epochs": epochs // 10,
         "overwrite": True})
 
 
@@ -221,6 +222,13 @@ def five_folders(root: Path, images: Path) -> Path:
     return root
 
 
+def defence_rows(table: dict, job: str) -> list[str]:
+    """A defence's rows: the model compared (its aux-chosen checkpoint, or its final LoRA), then the final LoRA for
+    reference when that is another file."""
+    model = table["picks"][job]["model"]
+    return [model, job] if model != job else [job]
+
+
 @pytest.mark.slow
 def test_bench_on_five_folders_end_to_end(toy, tmp_path, capsys):
     tree = five_folders(tmp_path / "tree", toy["kohya"])
@@ -229,7 +237,7 @@ def test_bench_on_five_folders_end_to_end(toy, tmp_path, capsys):
                  "--methods", "lora,smp_lora", *TOY, "--seeds", "3,4"])
     assert code == 0, capsys.readouterr().err
     table = json.loads((out / "table.json").read_text())
-    assert list(table["rows"]) == ["base", "lora-e0002", "lora", "smp_lora"]
+    assert list(table["rows"]) == ["base", "lora-e0002", "lora", *defence_rows(table, "smp_lora")]
     assert table["rows"]["smp_lora"]["frontier_verdict"] in ("above", "below", "indistinguishable")
     power = table["power"]["smp_lora"]
     assert power["n_seeds"] == 2 and power["verdict"] == table["rows"]["smp_lora"]["frontier_verdict"]
@@ -334,7 +342,8 @@ def test_parallel_trainings_give_the_serial_table(toy, tmp_path, capsys):
     numbers = ("auc", "best_auc", "best_tpr_at_1pct_fpr", "heldout_loss", "proxy_fid")
     for name in serial["rows"]:
         assert {k: serial["rows"][name][k] for k in numbers} == {k: parallel["rows"][name][k] for k in numbers}, name
-    assert list(serial["rows"]) == ["base", "lora-e0001", "lora", "smp_lora"]
+    assert list(serial["rows"]) == ["base", "lora-e0001", "lora", *defence_rows(serial, "smp_lora")]
+    assert serial["picks"] == parallel["picks"]
     assert all(r["proxy_fid"] is not None for r in serial["rows"].values())
     def without_paths(selection):  # the chosen file's path names each bench's own folder
         return {**selection, "choice": {k: v for k, v in selection["choice"].items() if k != "path"}}
@@ -359,3 +368,144 @@ def test_default_budgets_run_on_a_one_epoch_run_with_step_checkpoints(toy, tmp_p
     assert budget_rows == [f"lora-step{max(1, round(f * steps)):06d}" for f in (0.1, 0.25, 0.5)]
     assert [table["rows"][n]["steps"] for n in budget_rows] == [max(1, round(f * steps)) for f in (0.1, 0.25, 0.5)]
     assert f"lora-step{round(0.5 * steps):06d} ({round(0.5 * steps)} steps)" in (out / "table.md").read_text()
+
+
+# --- every defence at the checkpoint select chose on its aux roles (issue 26) ------------------------------
+
+def test_every_run_saves_the_baselines_checkpoint_schedule(tmp_path):
+    runs = {"lora": {}, "smp_lora": {}, "x": {"method": "dp_lora", "dp_target_epsilon": 8.0}}
+    spec = BenchSpec(out=tmp_path, runs=check_runs(runs, "t"), budgets=[0.25, 0.5],
+                     train_overrides={"synthetic_images": 40, "max_train_epochs": 8})
+    schedules = {j.name: {k: j.overrides.get(k) for k in ("save_every_n_epochs", "save_at_fractions")}
+                 for j in jobs_for(spec)}
+    assert schedules == dict.fromkeys(["lora", "smp_lora", "x"], {"save_every_n_epochs": 2, "save_at_fractions": None})
+    spec.budgets = []  # --budgets none: no intermediate checkpoints for any run
+    assert all("save_every_n_epochs" not in j.overrides for j in jobs_for(spec))
+
+
+def test_a_run_finished_without_this_checkpoint_schedule_is_trained_again(tmp_path):
+    from privlora.benchjobs import is_finished
+    from privlora.config import resolved_toml
+
+    spec = BenchSpec(out=tmp_path, runs=check_runs({"lora": {}, "smp_lora": {}}, "t"), budgets=[0.5],
+                     train_overrides={"synthetic_images": 40, "max_train_epochs": 4})
+    job = jobs_for(spec)[1]
+    job.out.mkdir(parents=True)
+    job.dir.lora().write_bytes(b"")
+    job.dir.train_time.write_text('{"seconds": 1}')
+    before = {**job.overrides, "save_every_n_epochs": None}  # a defence trained before every run saved checkpoints
+    job.dir.resolved.write_text(resolved_toml(build_config(None, before)))
+    assert not is_finished(spec, job)
+    job.dir.resolved.write_text(resolved_toml(job_config(spec, job)))
+    assert is_finished(spec, job)
+
+
+def test_a_pick_is_the_chosen_checkpoint_or_the_final_lora_with_the_reason(tmp_path):
+    from privlora.benchselect import pick_for
+    from privlora.benchspec import Job
+
+    job = Job("smp_lora-seed4", "smp_lora", 1, {"output_dir": str(tmp_path)})
+    final = tmp_path / "smp_lora-seed4.safetensors"
+
+    def pick(model, refused=None):
+        choice = {"model": model, "reason": "select refused: too few" if refused else "the lowest held-out loss"}
+        return pick_for(job, {"choice": choice, **({"refused": refused} if refused else {})})
+
+    chosen = pick("smp_lora-seed4-e0002")
+    assert (chosen.model, chosen.path, chosen.outcome) == ("smp_lora-seed4-e0002",
+                                                           tmp_path / "smp_lora-seed4-e0002.safetensors", "chosen")
+    assert chosen.rows() == ["smp_lora-seed4-e0002", "smp_lora-seed4"]  # the final LoRA beside it, for reference
+    for fallback, outcome, says in [(pick(None, refused="too few"), "refused", "select refused: too few"),
+                                    (pick(None), "none", "select: the lowest"),
+                                    (pick("base"), "base", "select chose the base model")]:
+        assert (fallback.model, fallback.path, fallback.outcome) == ("smp_lora-seed4", final, outcome)
+        assert fallback.reason.startswith(says) and fallback.rows() == ["smp_lora-seed4"]
+
+
+def intermediates_only(monkeypatch):
+    """select's own rule (the bound, then the lowest held-out loss), among the intermediate checkpoints only: at toy
+    size the final LoRA is usually the most useful, and the bench's use of an earlier choice would go untested."""
+    import re
+
+    from privlora import select as select_module
+
+    real = select_module.choose
+    monkeypatch.setattr(select_module, "choose", lambda rows, *bound: real(
+        {n: r for n, r in rows.items() if re.search(r"-e\d{4}$|-step\d{6}$", n)}, *bound))
+
+
+@pytest.fixture(scope="module")
+def picked(toy, tmp_path_factory):
+    """A two-seed bench (re-drawn splits) whose selections choose intermediate checkpoints, then the same bench
+    again under a bound its 3-vs-3 scored aux images cannot support, so every selection is refused. Each table, and
+    what the first left on disk, before the second overwrote it."""
+    out = tmp_path_factory.mktemp("picked") / "bench"
+    args = ["bench", "--out", str(out), "--train_data_dir", str(toy["kohya"]), "--preset", toy["preset"],
+            "--methods", "lora,smp_lora", *TOY, "--budgets", "0.25,0.5", "--seeds", "3,4", "--resplit",
+            "--quality_samples", "0"]
+    with pytest.MonkeyPatch.context() as mp:
+        intermediates_only(mp)
+        assert main(args) == 0
+    first = {"table": json.loads((out / "table.json").read_text()), "md": (out / "table.md").read_text(),
+             "phases": json.loads((out / "phases.json").read_text()),
+             "select": {j: json.loads((out / j / "select.json").read_text()) for j in ("smp_lora", "smp_lora-seed4")},
+             "seed4_audit": json.loads((out / "audit-seed4" / "report.json").read_text())}
+    assert main([*args, "--max_auc", "0.6"]) == 0  # flags: the last one wins
+    refused = {"table": json.loads((out / "table.json").read_text()), "md": (out / "table.md").read_text()}
+    return {"out": out, "first": first, "refused": refused}
+
+
+def md_line(md: str, model: str) -> str:
+    return next(line for line in md.splitlines() if line.startswith(f"| {model} "))
+
+
+@pytest.mark.slow
+def test_every_defence_run_saves_intermediate_checkpoints(picked):
+    out = picked["out"]
+    for job in ("smp_lora", "smp_lora-seed4"):
+        assert [p.name for p in sorted((out / job).glob(f"{job}-e????.safetensors"))] == [
+            f"{job}-e000{e}.safetensors" for e in (1, 2, 3)]
+    resolved = picked["first"]["table"]["settings"]["resolved"]
+    assert resolved["smp_lora"]["save_every_n_epochs"] == resolved["lora"]["save_every_n_epochs"] == 1
+
+
+@pytest.mark.slow
+def test_a_defence_row_is_the_checkpoint_select_chose_with_its_final_lora_for_reference(picked):
+    table, md = picked["first"]["table"], picked["first"]["md"]
+    choice = picked["first"]["select"]["smp_lora"]["choice"]
+    chosen = choice["model"]
+    assert chosen.startswith("smp_lora-e000")  # an intermediate checkpoint (intermediates_only)
+    assert picked["first"]["phases"]["select/smp_lora"]["result"]["choice"]["model"] == chosen  # the cached one
+    assert list(table["rows"])[-2:] == [chosen, "smp_lora"]
+    row = table["rows"][chosen]
+    assert row["pick"]["outcome"] == "chosen" and row["pick"]["reason"] == choice["reason"]
+    assert row["frontier_verdict"] == table["power"]["smp_lora"]["verdict"]
+    assert "frontier_verdict" not in table["rows"]["smp_lora"] and table["rows"]["smp_lora"]["reference_for"] == chosen
+    assert f"| {chosen} ({row['steps']} steps) |" in md and "chosen by select" in md_line(md, chosen)
+    assert f"for reference only: compared at {chosen}" in md_line(md, "smp_lora")
+    assert table["picks"]["smp_lora"]["model"] == chosen
+
+
+@pytest.mark.slow
+def test_each_seeds_replicate_uses_that_seeds_own_chosen_checkpoint(picked):
+    first = picked["first"]
+    chosen = [first["select"][j]["choice"]["model"] for j in ("smp_lora", "smp_lora-seed4")]
+    assert chosen[1].startswith("smp_lora-seed4-e000")
+    power = first["table"]["power"]["smp_lora"]
+    assert power["models"] == chosen
+    seed4 = next(m for m in first["seed4_audit"]["models"] if m["name"] == chosen[1])  # in seed 4's own audit
+    heldout = -sum(seed4["scores"]["loss"]["nonmember_test"]) / len(seed4["scores"]["loss"]["nonmember_test"])
+    assert power["heldout_loss"]["per_seed"][1] == pytest.approx(heldout)
+    assert first["table"]["seed_rows"]["smp_lora-seed4"]["model"] == chosen[1]
+
+
+@pytest.mark.slow
+def test_a_refused_selection_compares_the_final_lora_and_says_why(picked):
+    table, md = picked["refused"]["table"], picked["refused"]["md"]
+    assert list(table["rows"])[-1] == "smp_lora" and not any(n.startswith("smp_lora-e") for n in table["rows"])
+    pick = table["rows"]["smp_lora"]["pick"]
+    assert pick["outcome"] == "refused" and pick["reason"].startswith("select refused:") and "--max_auc 0.6" in pick[
+        "reason"]
+    assert f"final LoRA compared: {pick['reason']}" in md_line(md, "smp_lora")
+    assert table["power"]["smp_lora"]["models"] == ["smp_lora", "smp_lora-seed4"]
+    assert table["picks"]["smp_lora-seed4"]["outcome"] == "refused"
