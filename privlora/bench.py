@@ -239,6 +239,7 @@ def build_table(spec: BenchSpec, jobs: list[Job], report: dict, quality: dict, b
                         job_seed(spec, main[0])) if replicates else {}
     for run, row in power.items():  # which model each seed compared for the run
         row["models"] = [rep.runs[run] for rep in replicates or []]
+    single = single_model_power(spec, replicates, [j.run for j in main if j.run != base], job_seed(spec, main[0]))
     for j in main:
         model = compared_model(j, picks)
         if j.run in power and "verdict" in power[j.run]:  # the paired verdict replaces the one-seed margin rule
@@ -259,6 +260,7 @@ def build_table(spec: BenchSpec, jobs: list[Job], report: dict, quality: dict, b
              "oracle": {**recommend(shown, spec.max_auc, spec.max_tpr_at_1fpr),
                         "note": "chosen on the test roles: for reference only, never a recommendation"},
              "selection": selection, "picks": {name: p.as_dict() for name, p in picks.items()}, "power": power,
+             **({"power_single_model": single} if single else {}),
              "resplit": resplits(spec) if spec.seeds and len(spec.seeds) > 1 else None}
     if replicates and len(replicates) > 1:
         seed_rows = further_seed_rows(jobs, base, seed_reports or [], picks)
@@ -291,6 +293,18 @@ def further_seed_rows(jobs: list[Job], base: str, seed_reports: list[dict], pick
 
 def train_seconds(job: Job) -> float:
     return json.loads(job.dir.train_time.read_text())["seconds"]
+
+
+def single_model_power(spec: BenchSpec, replicates: list | None, defences: list[str], seed: int) -> dict:
+    """With shadow attacks in the bench: the powered comparison once more with the single-model attacks alone, so
+    the table shows which verdicts hold only against attacks without shadows."""
+    from privlora.attacks import SHADOW_ATTACKS
+    from privlora.benchpower import power_table, restrict
+
+    single = [a for a in spec.attacks if a not in SHADOW_ATTACKS]
+    if not replicates or len(single) == len(spec.attacks):
+        return {}
+    return power_table([restrict(r, single) for r in replicates], defences, spec.n_bootstrap, seed)
 
 
 def _resolved(spec: BenchSpec, job: Job) -> dict:

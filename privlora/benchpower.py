@@ -52,6 +52,13 @@ def replicate_from_report(seed: int, report: dict, frontier: list[str], runs: di
     return Replicate(seed, scores, frontier, runs)
 
 
+def restrict(rep: Replicate, attacks: list[str]) -> Replicate:
+    """The replicate as seen by these attacks only (e.g. the single-model ones, to set their verdict beside the
+    shadow attacks')."""
+    scores = {m: {a: s for a, s in by_attack.items() if a in attacks} for m, by_attack in rep.scores.items()}
+    return Replicate(rep.seed, scores, rep.frontier, rep.runs)
+
+
 def _clean(scores: dict) -> dict[str, np.ndarray]:
     """Non-finite scores become the least member-like value, over both roles together, as the audit's metrics do."""
     member, nonmember = (np.asarray(scores[r], dtype=np.float64) for r in ROLES)

@@ -160,6 +160,10 @@ def format_extras(table: dict) -> str:
     power = table.get("power")
     if power:
         parts.append(power_markdown(power, table.get("resplit")))
+    single = table.get("power_single_model")
+    if single:
+        parts.append("The same comparison with the single-model attacks alone (no shadow attack): the verdicts "
+                     "a weaker auditor would reach.\n\n" + power_rows(single))
     spread = table.get("seed_spread")
     if spread:
         lines = ["| run | seeds | best-attack AUC mean ± sd | loss AUC mean ± sd | held-out loss mean ± sd |",
@@ -195,13 +199,6 @@ def power_markdown(power: dict, resplit: bool | None) -> str:
     seeds = any_row["n_seeds"]
     how = (f"{seeds} seeds" + (", each with its own re-drawn split" if resplit else ", one split") if seeds > 1
            else "one seed (intervals over images only)")
-    lines = ["| run | best-attack AUC, two-sided | |AUC − 0.5| | TPR@1%FPR, two-sided | held-out loss "
-             "| distance from the train-less frontier | verdict |", "|---|---|---|---|---|---|---|"]
-    for run, r in power.items():
-        tpr = _interval(r["best_tpr_at_1pct_fpr_two_sided"]) if r["tpr_estimable"] else "n/e (< 100 non-members)"
-        distance = _interval(r["frontier_distance"], "+.3f") if "frontier_distance" in r else "(the baseline)"
-        lines.append(f"| {run} | {_interval(r['best_auc_two_sided'])} | {_interval(r['auc_gap'])} | {tpr} "
-                     f"| {_interval(r['heldout_loss'], '.4f')} | {distance} | {r.get('verdict', '')} |")
     over = ("seeds × images (seeds and images resampled, the same images for every model of a seed)" if seeds > 1
             else "the test images (resampled, the same images for every model)")
     return (f"Paired comparison over {how}: mean [95 % interval] over {over}; leakage is two-sided (an inverted "
@@ -211,7 +208,18 @@ def power_markdown(power: dict, resplit: bool | None) -> str:
             "none under the bound or chose the base model; table.json → power → models); a negative distance is "
             "more private than training less at the same held-out loss, and the verdict is above/below only when "
             "the interval excludes zero:\n\n"
-            + "\n".join(lines))
+            + power_rows(power))
+
+
+def power_rows(power: dict) -> str:
+    lines = ["| run | best-attack AUC, two-sided | |AUC − 0.5| | TPR@1%FPR, two-sided | held-out loss "
+             "| distance from the train-less frontier | verdict |", "|---|---|---|---|---|---|---|"]
+    for run, r in power.items():
+        tpr = _interval(r["best_tpr_at_1pct_fpr_two_sided"]) if r["tpr_estimable"] else "n/e (< 100 non-members)"
+        distance = _interval(r["frontier_distance"], "+.3f") if "frontier_distance" in r else "(the baseline)"
+        lines.append(f"| {run} | {_interval(r['best_auc_two_sided'])} | {_interval(r['auc_gap'])} | {tpr} "
+                     f"| {_interval(r['heldout_loss'], '.4f')} | {distance} | {r.get('verdict', '')} |")
+    return "\n".join(lines)
 
 
 def _interval(stat: dict, fmt: str = ".3f") -> str:

@@ -88,3 +88,41 @@ def test_verdict_rule():
     assert paired_verdict([-0.1, -0.01]) == "above"
     assert paired_verdict([0.01, 0.2]) == "below"
     assert paired_verdict([-0.05, 0.05]) == "indistinguishable"
+
+
+def test_a_defence_private_to_single_model_attacks_only_is_called_so_by_each_strength():
+    """A 'defence' whose loss scores look like chance but which a shadow attack separates: restricted to the loss
+    attack it is above the frontier, with the shadow attack it is below (the bench prints both tables)."""
+    from privlora.benchpower import restrict
+
+    reps = replicates(3)
+    for rep in reps:
+        rng = np.random.default_rng(rep.seed + 100)
+        for name, model in rep.scores.items():
+            exposed = name in ("lora", "hidden")  # the shadow attack separates the full-length LoRA as well
+            model["lira"] = {"member_test": rng.normal(1.0 if exposed else 0.0, 0.3, 200),
+                             "nonmember_test": rng.normal(0.0, 0.3, 200)}
+        rep.scores["hidden"] = {**scores(rng, 0.95, 0.95), "lira": {"member_test": rng.normal(1.0, 0.3, 200),
+                                                                      "nonmember_test": rng.normal(0.0, 0.3, 200)}}
+        rep.runs["hidden"] = "hidden"
+    both = power_table(reps, ["hidden"], n_boot=300, seed=1)["hidden"]
+    single = power_table([restrict(r, ["loss"]) for r in reps], ["hidden"], n_boot=300, seed=1)["hidden"]
+    assert single["verdict"] == "above" and both["verdict"] == "below"
+    assert both["best_auc_two_sided"]["mean"] > 0.95 > 0.6 > single["best_auc_two_sided"]["mean"]
+
+
+def test_the_bench_adds_the_single_model_table_only_with_shadow_attacks(tmp_path):
+    from privlora.bench import single_model_power
+    from privlora.benchspec import BenchSpec
+    from privlora.benchtable import format_extras
+
+    reps = replicates(2)
+    for rep in reps:
+        for model in rep.scores.values():
+            model["lira"] = model["loss"]
+    with_shadows = BenchSpec(tmp_path, {}, attacks=["loss", "lira"], n_bootstrap=50)
+    single = single_model_power(with_shadows, reps, ["private"], 0)
+    assert single["private"]["verdict"] and "lira" not in str(single)
+    assert single_model_power(BenchSpec(tmp_path, {}, attacks=["loss", "ref_loss"]), reps, ["private"], 0) == {}
+    text = format_extras({"power_single_model": single})
+    assert "single-model attacks alone" in text and "| private |" in text
