@@ -41,6 +41,7 @@ class Replicate:
     scores: dict[str, dict[str, dict[str, np.ndarray]]]  # model -> attack -> role -> scores
     frontier: list[str]  # base, then the budgets and the full-length plain LoRA
     runs: dict[str, str]  # run name -> this seed's model name
+    leakage_attacks: list[str] | None = None  # the attacks that count as leakage (None: all); ``restrict``
 
 
 def replicate_from_report(seed: int, report: dict, frontier: list[str], runs: dict[str, str]) -> Replicate:
@@ -54,9 +55,11 @@ def replicate_from_report(seed: int, report: dict, frontier: list[str], runs: di
 
 def restrict(rep: Replicate, attacks: list[str]) -> Replicate:
     """The replicate as seen by these attacks only (e.g. the single-model ones, to set their verdict beside the
-    shadow attacks')."""
-    scores = {m: {a: s for a, s in by_attack.items() if a in attacks} for m, by_attack in rep.scores.items()}
-    return Replicate(rep.seed, scores, rep.frontier, rep.runs)
+    shadow attacks'). The loss attack's scores stay, as the utility; a model none of these attacks scored (the base
+    model under shadow attacks that had no shadows for it) drops out of the comparison."""
+    scores = {m: {a: s for a, s in by_attack.items() if a in attacks or a == "loss"}
+              for m, by_attack in rep.scores.items() if any(a in attacks for a in by_attack)}
+    return Replicate(rep.seed, scores, rep.frontier, rep.runs, list(attacks))
 
 
 def _clean(scores: dict) -> dict[str, np.ndarray]:
@@ -85,23 +88,32 @@ def two_sided_tpr(member: np.ndarray, nonmember: np.ndarray, fpr: float = LOW_FP
     return np.maximum(up, down)
 
 
+def _any_scores(rep: Replicate) -> dict[str, np.ndarray]:
+    """One attack's scores of one model (every model of a seed is scored on the same images); a model without
+    any of the kept attacks (the base model under shadow attacks it was not scored by) is passed over."""
+    return next(next(iter(by_attack.values())) for by_attack in rep.scores.values() if by_attack)
+
+
 def nonmembers(rep: Replicate) -> int:
-    return len(next(iter(next(iter(rep.scores.values())).values()))["nonmember_test"])
+    return len(_any_scores(rep)["nonmember_test"])
 
 
 def _draws(rep: Replicate, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Resampled image indices, (n, members) and (n, non-members); row 0 is the data as measured."""
-    first = next(iter(next(iter(rep.scores.values())).values()))
+    first = _any_scores(rep)
     n_m, n_n = len(first["member_test"]), len(first["nonmember_test"])
     im, inm = rng.integers(0, n_m, (n, n_m)), rng.integers(0, n_n, (n, n_n))
     im[0], inm[0] = np.arange(n_m), np.arange(n_n)
     return im, inm
 
 
-def _model_stats(attacks: dict[str, dict[str, np.ndarray]], im: np.ndarray, inm: np.ndarray) -> dict[str, np.ndarray]:
-    """Per resample: best folded AUC, best two-sided TPR@1%FPR, held-out loss (one value per row of im/inm)."""
-    aucs = [folded_auc(s["member_test"][im], s["nonmember_test"][inm]) for s in attacks.values()]
-    tprs = [two_sided_tpr(s["member_test"][im], s["nonmember_test"][inm]) for s in attacks.values()]
+def _model_stats(attacks: dict[str, dict[str, np.ndarray]], im: np.ndarray, inm: np.ndarray,
+                 leakage_attacks: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Per resample: best folded AUC, best two-sided TPR@1%FPR (over ``leakage_attacks``, default all), held-out
+    loss (one value per row of im/inm)."""
+    counted = [s for a, s in attacks.items() if leakage_attacks is None or a in leakage_attacks]
+    aucs = [folded_auc(s["member_test"][im], s["nonmember_test"][inm]) for s in counted]
+    tprs = [two_sided_tpr(s["member_test"][im], s["nonmember_test"][inm]) for s in counted]
     loss = attacks.get("loss")
     heldout = -loss["nonmember_test"][inm].mean(-1) if loss is not None else np.full(len(im), np.nan)
     return {"leakage": np.max(aucs, axis=0), "tpr": np.max(tprs, axis=0), "heldout": heldout}
@@ -130,7 +142,7 @@ def power_table(replicates: list[Replicate], defences: list[str], n_boot: int = 
     per_seed = []
     for rep in replicates:
         im, inm = _draws(rep, n, rng)
-        stats = {m: _model_stats(a, im, inm) for m, a in rep.scores.items() if a}
+        stats = {m: _model_stats(a, im, inm, rep.leakage_attacks) for m, a in rep.scores.items() if a}
         for run, model in rep.runs.items():
             if run in defences and model in stats:
                 stats[model]["distance"] = _frontier_distance(stats, rep.frontier, model)

@@ -108,6 +108,11 @@ def test_a_defence_private_to_single_model_attacks_only_is_called_so_by_each_str
     both = power_table(reps, ["hidden"], n_boot=300, seed=1)["hidden"]
     single = power_table([restrict(r, ["loss"]) for r in reps], ["hidden"], n_boot=300, seed=1)["hidden"]
     assert single["verdict"] == "above" and both["verdict"] == "below"
+    for rep in reps:  # a model no kept attack scored drops out; the loss scores stay as the utility
+        del rep.scores["base"]["lira"]
+    shadow = power_table([restrict(r, ["lira"]) for r in reps], ["hidden"], n_boot=300, seed=1)["hidden"]
+    assert shadow["verdict"] == "below" and shadow["heldout_loss"]["mean"] == pytest.approx(0.95, abs=0.01)
+    assert shadow["best_auc_two_sided"]["mean"] > 0.95
     assert both["best_auc_two_sided"]["mean"] > 0.95 > 0.6 > single["best_auc_two_sided"]["mean"]
 
 
