@@ -1,9 +1,13 @@
-"""Every test runs offline, seeded, on at most two threads (the CI box has two shared cores)."""
+"""Every test runs offline, seeded, on at most two threads (the CI box has two shared cores); under pytest-xdist
+(pyproject's addopts: one worker per core, at most four) each worker runs one torch thread, and so do the processes
+its tests start, since several multi-threaded torch processes on a small box thrash."""
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -44,13 +48,11 @@ SLOW_FACTOR = 3.0
 _unmarked_slow: list[tuple[str, float]] = []
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    if (report.when == "call" and report.passed and item.get_closest_marker("slow") is None
+def pytest_runtest_logreport(report):
+    """Called where the session is reported (the controller, under xdist), with the markers in the keywords."""
+    if (report.when == "call" and report.passed and "slow" not in report.keywords
             and report.duration > SLOW_SECONDS * SLOW_FACTOR):
-        _unmarked_slow.append((item.nodeid, report.duration))
+        _unmarked_slow.append((report.nodeid, report.duration))
 
 
 def pytest_terminal_summary(terminalreporter):
