@@ -103,7 +103,7 @@ def test_every_attack_audits_4_vs_4_or_says_why_not(model, tmp_path):
 def test_evaluations_do_not_change_what_a_method_trains(method, model, tmp_path):
     """Shadow LoRAs skip the per-epoch evaluations (privlora.shadows): that is only sound while evaluating draws
     nothing from the training's random streams, so the LoRA comes out the same with or without them."""
-    common: dict = dict(max_train_steps=4, save_every_n_steps=None, save_state=False)
+    common: dict = dict(max_train_steps=6, save_every_n_steps=None, save_state=False)
     if method == "dp_lora":  # otherwise its sampling and noise are secret draws, different in every run
         common["dp_reproducible_noise"] = True
     often = train(config(method, model, tmp_path / "often", eval_every_n_epochs=1, **common))
