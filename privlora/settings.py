@@ -6,12 +6,22 @@ settings; ``privlora.config`` reads presets and flags into these classes. Kohya'
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from privlora.data.halves import SHARD_PATTERN, TRAIN_SUBSETS, valid_subset
 from privlora.errors import PrivloraError
+
+
+def one_process_refusal(method: str, prerequisites: str) -> str | None:
+    """The refusal of a method whose prerequisite runs train one after the other in its process, when launched
+    multi-process (torchrun/accelerate set WORLD_SIZE)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return (f"{method} runs in one process (its {prerequisites} are trained first, one after the other); "
+                "launch it without torchrun/accelerate multi-process")
+    return None
 
 
 @dataclass

@@ -132,9 +132,8 @@ def test_lira_does_not_apply_without_shadows_and_says_why():
     assert reason is not None and "--shadows K" in reason
 
 
-@pytest.mark.slow
-def test_audit_with_lira_trains_shadows_once_and_a_second_audit_reuses_them(tmp_path, capsys):
-    from privlora.cli import main
+def tiny_run(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(model folder, run folder, final LoRA) of a two-epoch plain-LoRA run with a checkpoint after epoch 1."""
     from privlora.config import build_config
     from privlora.train import train
     from tests.fixtures import make_tiny_folder
@@ -145,6 +144,14 @@ def test_audit_with_lira_trains_shadows_once_and_a_second_audit_reuses_them(tmp_
         synthetic_images=40, n_member_aux=6, n_member_test=8, n_nonmember_aux=6, n_nonmember_test=8, resolution=32,
         train_batch_size=8, eval_samples=4, network_dim=4, network_alpha=4, unet_lr=3e-3, max_train_epochs=2,
         seed=5, pretrained_model_name_or_path=str(model), output_dir=str(run), save_every_n_epochs=1)))
+    return model, run, lora
+
+
+@pytest.mark.slow
+def test_audit_with_lira_trains_shadows_once_and_a_second_audit_reuses_them(tmp_path, capsys):
+    from privlora.cli import main
+
+    model, run, lora = tiny_run(tmp_path)
     shadow_dir = tmp_path / "shadows"
     common = ["--splits", str(run / "splits.json"), "--pretrained_model_name_or_path", str(model), "--attacks",
               "loss,lira,lira_offline", "--shadows", "2", "--shadow_dir", str(shadow_dir), "--n_bootstrap", "0"]
@@ -173,17 +180,9 @@ def test_checkpoints_of_one_run_share_one_family_and_resplits_of_the_same_images
     run, each file saved at the checkpoint's own step (the base model is scored against the first's); an audit on a
     re-drawn split of the same images with the same shadow seed reuses them, another shadow seed does not."""
     from privlora.cli import main
-    from privlora.config import build_config
     from privlora.shadows import lora_steps
-    from privlora.train import train
-    from tests.fixtures import make_tiny_folder
 
-    model = make_tiny_folder(tmp_path / "model")
-    run = tmp_path / "run"
-    lora = train(build_config(None, dict(
-        synthetic_images=40, n_member_aux=6, n_member_test=8, n_nonmember_aux=6, n_nonmember_test=8, resolution=32,
-        train_batch_size=8, eval_samples=4, network_dim=4, network_alpha=4, unet_lr=3e-3, max_train_epochs=2,
-        seed=5, pretrained_model_name_or_path=str(model), output_dir=str(run), save_every_n_epochs=1)))
+    model, run, lora = tiny_run(tmp_path)
     early = run / "lora-e0001.safetensors"
     total, step = lora_steps(lora), lora_steps(early)
     assert total is not None and step is not None and step < total

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 from collections.abc import Callable, Iterator
@@ -28,7 +27,7 @@ from privlora.diffusion import predict, training_target
 from privlora.errors import PrivloraError
 from privlora.models.lora import read_kohya_weights
 from privlora.objectives.base import BuildContext, DenoiserLike, Objective, StepOutput
-from privlora.settings import MethodSettings
+from privlora.settings import MethodSettings, one_process_refusal
 
 if TYPE_CHECKING:
     from privlora.settings import TrainConfig
@@ -56,10 +55,7 @@ class DistillSettings(MethodSettings):
             # teachers), so an image could be taught by the teacher that trained on it
             return "distill_lora does not support canaries (both teachers would train on them, and they would " \
                    "re-draw the student's halves); set canaries = 0"
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            return "distill_lora runs in one process (its teachers are trained first, one after the other); " \
-                   "launch it without torchrun/accelerate multi-process"
-        return None
+        return one_process_refusal("distill_lora", "teachers")
 
 
 def teacher_config(cfg: TrainConfig, half: str) -> TrainConfig:

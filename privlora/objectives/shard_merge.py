@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -38,7 +37,7 @@ from privlora.data.halves import shard_subset
 from privlora.errors import PrivloraError
 from privlora.models.lora import ADAPTER, lora_layers, read_kohya_weights
 from privlora.objectives.base import BuildContext, Objective
-from privlora.settings import MethodSettings
+from privlora.settings import MethodSettings, one_process_refusal
 
 if TYPE_CHECKING:
     from privlora.settings import TrainConfig
@@ -75,10 +74,7 @@ class ShardMergeSettings(MethodSettings):
         if cfg.canaries:
             return "shard_merge does not support canaries (each shard run would flip its own canary coins, which " \
                    "the run's canaries.json would not record); set canaries = 0"
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            return "shard_merge runs in one process (its shard runs are trained first, one after the other); " \
-                   "launch it without torchrun/accelerate multi-process"
-        return None
+        return one_process_refusal("shard_merge", "shard runs")
 
     def seed_of(self, cfg: TrainConfig) -> int:
         return cfg.seed if self.shard_seed is None else self.shard_seed
