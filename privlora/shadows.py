@@ -8,7 +8,9 @@ training set and nothing else is trained on: an example marked OUT for a shadow 
 
 Shadows run as long as the audited LoRA's whole run (its final LoRA's ``ss_steps``) and save the audited checkpoint's
 step (its own ``ss_steps``), so a checkpoint stopped early is compared with shadows at the same point of the same
-learning-rate schedule, and all checkpoints of one run share one family of K trainings. A family is cached under
+learning-rate schedule, and all checkpoints of one run share one family of K trainings. A family saves every
+checkpoint step of the run, not only the audited ones: a later audit of another checkpoint (the bench's seeds choose
+their own) then reuses it instead of training it again. A family is cached under
 ``shadow_dir`` by a key of everything that shapes it (the run's settings, the run's length, the pool, K, the mask
 seed, the method) — not the run's own seed or split seed, which a shadow replaces by its own — trained in worker
 processes on a CPU (one torch thread each), and reused by any later audit with the same key ("reusing K shadows"
@@ -132,6 +134,13 @@ def run_length(lora: Path, settings: dict, steps: int) -> int:
     return total if total is not None and total >= steps else steps
 
 
+def run_checkpoint_steps(lora: Path, settings: dict, total: int) -> set[int]:
+    """The steps of every checkpoint beside ``lora`` of its run (same output name), up to the run's length."""
+    run = RunDir(lora.parent, str(settings.get("output_name") or "lora"))
+    steps = (lora_steps(path) for path in run.checkpoints())
+    return {s for s in steps if s is not None and s <= total}
+
+
 def shadow_key(settings: dict, steps: int, pool: list[dict], k: int, seed: int, method: str | None) -> str:
     shaping = {key: value for key, value in sorted(settings.items()) if key not in UNSHAPING}
     text = json.dumps({"settings": shaping, "steps": steps, "pool": [e["sha256"] for e in pool], "k": k,
@@ -146,7 +155,8 @@ class _Family:
     folder: Path
     resolved: Path
     total: int
-    steps: set[int] = field(default_factory=set)
+    steps: set[int] = field(default_factory=set)  # wanted by this audit: a shadow lacking one is trained again
+    saved: set[int] = field(default_factory=set)  # saved when trained: the wanted steps and the run's checkpoints'
 
     def file(self, shadow: int, step: int) -> Path:
         return RunDir(self.folder / f"{SHADOW_NAME}_{shadow:02d}", SHADOW_NAME).lora(
@@ -178,6 +188,7 @@ def ensure_shadows(loras: list[Path], splits_file: Path, k: int, seed: int, shad
         key = shadow_key(settings, total, pool, k, seed, method)
         family = families.setdefault(key, _Family(shadow_dir / key, resolved, total))
         family.steps.add(steps)
+        family.saved |= {steps, *run_checkpoint_steps(lora, settings, total)}
         wanted[lora] = (family, steps)
     trained: dict[Path, tuple[int, float]] = {}
     for family in families.values():
@@ -198,16 +209,16 @@ def _ensure_family(family: _Family, manifest: dict, splits_file: Path, pool: lis
     from privlora.data.splits import _manifest_root
 
     todo = [i for i in range(k) if not all(family.file(i, s).is_file() for s in family.steps)]
-    steps_text = ", ".join(str(s) for s in sorted(family.steps))
     if not todo:
-        log(f"reusing {k} shadows from {family.folder} (steps {steps_text})")
+        log(f"reusing {k} shadows from {family.folder} (steps {', '.join(str(s) for s in sorted(family.steps))})")
         return 0, 0.0
+    steps_text = ", ".join(str(s) for s in sorted(family.saved))
     root = _manifest_root(splits_file, manifest).resolve()
     family.folder.mkdir(parents=True, exist_ok=True)
     write_json(family.folder / "masks.json", {"pool": [e["sha256"] for e in pool], "masks": masks.astype(int).tolist(),
                                               "seed": seed, "settings": str(family.resolved),
                                               "total_steps": family.total, "method": method})
-    fractions = sorted(s / family.total for s in family.steps if s < family.total)
+    fractions = sorted(s / family.total for s in family.saved if s < family.total)
     configs = []
     for i in todo:
         inside = [e for e, m in zip(pool, masks[i]) if m]

@@ -220,3 +220,7 @@ def test_checkpoints_of_one_run_share_one_family_and_resplits_of_the_same_images
     assert main(["audit", "--lora", str(lora), "--splits", str(resplit), "--out", str(tmp_path / "a3"),
                  *other_seed]) == 0
     assert "training 2 of 2 shadow LoRAs" in capsys.readouterr().out
+    # the family saved the run's other checkpoint too, though only the final LoRA was audited: auditing it reuses
+    assert main(["audit", "--lora", str(early), "--splits", str(resplit), "--out", str(tmp_path / "a4"),
+                 *other_seed]) == 0
+    assert "reusing 2 shadows from" in capsys.readouterr().out
