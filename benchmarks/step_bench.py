@@ -87,6 +87,8 @@ def run_one(args) -> dict:
         params += add_lora(base.text_encoder, text_encoder_lora_config(spec))
     for p in params:
         p.data = p.data.float()
+    if args.channels_last:  # what --channels_last does in training: the UNet's weights in NHWC
+        base.unet.to(memory_format=torch.channels_last)
     if args.compile:
         base.unet = torch.compile(base.unet)
 
@@ -164,6 +166,7 @@ def main() -> None:
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--train_text_encoder", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--channels_last", action="store_true")
     p.add_argument("--model", default="tiny-sd", help="with --arch tiny: a diffusers folder of the same shape")
     p.add_argument("--peak_tflops", type=float, default=790.0, help="for MFU (default: measured H200 bf16 matmul)")
     p.add_argument("--threads", type=int, default=2)
@@ -197,7 +200,8 @@ def main() -> None:
             print(format_row(rows[-1], rows, args.peak_tflops if sd15 else None), flush=True)
     result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "torch": torch.__version__,
               "arch": args.arch, "rank": args.rank, "mixed_precision": args.mixed_precision,
-              "train_text_encoder": args.train_text_encoder, "compile": args.compile, "rows": rows}
+              "train_text_encoder": args.train_text_encoder, "compile": args.compile,
+              "channels_last": args.channels_last, "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
 
