@@ -85,11 +85,13 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict:
     wall.done("audit")
     board.enter("quality")
     quality = utility_quality(spec, cfg, baseline.dir.splits, loras)
+    seed_quality = [quality, *(further_seed_quality(spec, group, picks) for group in groups[1:])]
     wall.done("quality")
     board.enter("table")
     selection = compare_selection(chosen, report)
     points = sorted(budgets + extra_pick, key=lambda p: budget_steps(p) or 0)  # the train-less points in order
-    table = build_table(spec, jobs, report, quality, points, selection, picks, replicates, seed_reports)
+    table = build_table(spec, jobs, report, quality, points, selection, picks, replicates, seed_reports,
+                        seed_quality)
     table["wall_seconds"] = wall.seconds
     write_outputs(spec, table, {j.run: history(j) for j in sorted(main_jobs, key=lambda j: j.run != base)})
     return table
@@ -180,20 +182,31 @@ def audit(spec: BenchSpec, cfg, splits: Path, loras: list[Path], name: str = "au
     return report
 
 
-def utility_quality(spec: BenchSpec, cfg, splits_file: Path, loras: list[Path]) -> dict[str, dict]:
+def further_seed_quality(spec: BenchSpec, group: list[Job], picks: dict[str, Pick]) -> dict[str, dict]:
+    """A further seed's proxy FID of the model compared for each of its runs (and of the base model), against its
+    own split's nonmember_test images: the spread over seeds then covers utility too."""
+    compared = [picks[j.name].path if j.name in picks else j.dir.lora() for j in group]
+    seed = job_seed(spec, group[0])
+    return utility_quality(spec, job_config(spec, group[0]), group[0].dir.splits, compared, tag=f"seed{seed}")
+
+
+def utility_quality(spec: BenchSpec, cfg, splits_file: Path, loras: list[Path], tag: str = "") -> dict[str, dict]:
     """Proxy FID (tiny-sd VAE features) of samples from nonmember_test captions against those images; each
     model's result is cached (``PhaseCache``) and reused while the sampling settings and its LoRA file stay the
     same. With ``jobs`` > 1 on a CPU, models are sampled in worker processes (each model's generator is seeded
-    alone, so the numbers do not change)."""
+    alone, so the numbers do not change). ``tag`` names a further seed's split: its base model and sample sheets
+    are kept apart from the first seed's."""
     if spec.quality_samples <= 0:
         return {}
     from privlora.data.splits import read_manifest
 
     cache = PhaseCache(spec.out)
+    prefix = f"{tag}/" if tag else ""
     settings = {"quality_samples": spec.quality_samples, "quality_steps": spec.quality_steps,
-                "guidance": spec.guidance, "seed": cfg.seed, "model": cfg.pretrained_model_name_or_path}
+                "guidance": spec.guidance, "seed": cfg.seed, "model": cfg.pretrained_model_name_or_path,
+                **({"splits": file_stamp(splits_file)} if tag else {})}
     inputs = {quality_name(p): {**settings, "lora": "" if p is None else file_stamp(p)} for p in [None, *loras]}
-    results = {n: r for n, key in inputs.items() if (r := cache.get(f"quality/{n}", key)) is not None}
+    results = {n: r for n, key in inputs.items() if (r := cache.get(f"quality/{prefix}{n}", key)) is not None}
     todo = [lora for lora in [None, *loras] if quality_name(lora) not in results]
     if not todo:
         return results
@@ -205,8 +218,8 @@ def utility_quality(spec: BenchSpec, cfg, splits_file: Path, loras: list[Path]) 
 
     def keep(name: str, result: dict, sheet: bytes) -> None:
         results[name] = result
-        write_bytes(spec.out / f"samples_{name}.png", sheet)
-        cache.put(f"quality/{name}", inputs[name], result)  # each model's result survives an interrupt
+        write_bytes(spec.out / f"samples_{tag + '_' if tag and name == 'base' else ''}{name}.png", sheet)
+        cache.put(f"quality/{prefix}{name}", inputs[name], result)  # each model's result survives an interrupt
 
     from privlora.processes import on_cpu, threads_for, worker_pool
 
@@ -217,16 +230,18 @@ def utility_quality(spec: BenchSpec, cfg, splits_file: Path, loras: list[Path]) 
     else:
         for lora in todo:
             keep(quality_name(lora), *job.run(lora))
-    write_bytes(spec.out / "samples_real_nonmembers.png", sheet_png(job.real[:16]))
+    if not tag:
+        write_bytes(spec.out / "samples_real_nonmembers.png", sheet_png(job.real[:16]))
     return results
 
 
 def build_table(spec: BenchSpec, jobs: list[Job], report: dict, quality: dict, budgets: list[Path],
                 selection: dict | None, picks: dict[str, Pick], replicates: list | None = None,
-                seed_reports: list[dict] | None = None) -> dict:
+                seed_reports: list[dict] | None = None, seed_quality: list[dict] | None = None) -> dict:
     """The table from the first seed's audit (``report``): each defence at its aux-chosen checkpoint (``picks``),
     its final LoRA beside it for reference; with several seeds, ``replicates`` give the powered comparison and
-    ``seed_reports`` (each seed's audit, the first one included) the per-seed rows."""
+    ``seed_reports`` (each seed's audit, the first one included) the per-seed rows, with ``seed_quality``'s proxy
+    FID (each seed's, in the same order)."""
     from privlora.benchpower import power_table
 
     rows = {m["name"]: model_row(m, quality) for m in report["models"]}
@@ -263,7 +278,7 @@ def build_table(spec: BenchSpec, jobs: list[Job], report: dict, quality: dict, b
              **({"power_single_model": single} if single else {}),
              "resplit": resplits(spec) if spec.seeds and len(spec.seeds) > 1 else None}
     if replicates and len(replicates) > 1:
-        seed_rows = further_seed_rows(jobs, base, seed_reports or [], picks)
+        seed_rows = further_seed_rows(jobs, base, seed_reports or [], picks, seed_quality)
         table["seed_rows"] = seed_rows
         by_run = {run: [rows[compared_model(j, picks)] if j.seed_index == 0 else seed_rows[j.name]
                         for j in jobs if j.run == run] for run in spec.runs}
@@ -280,11 +295,14 @@ def mark_picks(rows: dict[str, dict], picks: list[Pick]) -> None:
             rows[p.job]["reference_for"] = p.model
 
 
-def further_seed_rows(jobs: list[Job], base: str, seed_reports: list[dict], picks: dict[str, Pick]) -> dict:
-    """Per job of every seed after the first: the row of the model compared for it, from its seed's audit."""
+def further_seed_rows(jobs: list[Job], base: str, seed_reports: list[dict], picks: dict[str, Pick],
+                      seed_quality: list[dict] | None = None) -> dict:
+    """Per job of every seed after the first: the row of the model compared for it, from its seed's audit (and
+    its seed's proxy FID where the bench sampled)."""
     rows = {}
-    for report, group in zip(seed_reports[1:], seed_groups(jobs, base)[1:]):
-        by_name = {m["name"]: model_row(m, {}) for m in report["models"]}
+    qualities = (seed_quality or [])[1:] or [{}] * len(seed_reports[1:])
+    for report, group, quality in zip(seed_reports[1:], seed_groups(jobs, base)[1:], qualities):
+        by_name = {m["name"]: model_row(m, quality) for m in report["models"]}
         for j in group:
             pick = {"pick": picks[j.name].as_dict()} if j.name in picks else {}
             rows[j.name] = {**by_name[compared_model(j, picks)], "train_seconds": train_seconds(j), **pick}

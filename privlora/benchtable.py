@@ -87,12 +87,13 @@ def recommendation(rows: dict[str, dict], selection: dict | None) -> dict:
 
 
 def seed_spread(rows_by_seed: dict[str, list[dict]]) -> dict[str, dict]:
-    """Per run: mean and sample standard deviation of best AUC, loss AUC and held-out loss over its seeds."""
+    """Per run: mean and sample standard deviation of best AUC, loss AUC, held-out loss and proxy FID (where
+    sampled) over its seeds."""
     out = {}
     for name, rows in rows_by_seed.items():
         stats: dict[str, Any] = {"n_seeds": len(rows)}
         for key, get in (("best_auc", lambda r: r["best_auc"]), ("loss_auc", lambda r: r["auc"].get("loss")),
-                         ("heldout_loss", lambda r: r["heldout_loss"])):
+                         ("heldout_loss", lambda r: r["heldout_loss"]), ("proxy_fid", lambda r: r.get("proxy_fid"))):
             xs = [get(r) for r in rows if get(r) is not None]
             if xs:
                 stats[key] = {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0,
@@ -166,11 +167,14 @@ def format_extras(table: dict) -> str:
                      "a weaker auditor would reach.\n\n" + power_rows(single))
     spread = table.get("seed_spread")
     if spread:
-        lines = ["| run | seeds | best-attack AUC mean ± sd | loss AUC mean ± sd | held-out loss mean ± sd |",
-                 "|---|---|---|---|---|"]
+        columns = [("best_auc", ".3f", "best-attack AUC"), ("loss_auc", ".3f", "loss AUC"),
+                   ("heldout_loss", ".4f", "held-out loss")]
+        if any("proxy_fid" in s for s in spread.values()):
+            columns.append(("proxy_fid", ".2f", "proxy FID"))
+        lines = ["| run | seeds | " + " | ".join(f"{title} mean ± sd" for _, _, title in columns) + " |",
+                 "|---|---|" + "---|" * len(columns)]
         for name, s in spread.items():
-            cells = [_mean_sd(s.get(k), f) for k, f in (("best_auc", ".3f"), ("loss_auc", ".3f"),
-                                                        ("heldout_loss", ".4f"))]
+            cells = [_mean_sd(s.get(k), f) for k, f, _ in columns]
             lines.append(f"| {name} | {s['n_seeds']} | " + " | ".join(cells) + " |")
         parts.append("Spread over training seeds:\n\n" + "\n".join(lines))
     selection = table.get("selection")

@@ -164,6 +164,11 @@ def test_seed_spread_is_mean_and_sample_sd():
     spread = seed_spread({"lora": [row("lora", 0.8, 0.1, 0.07), row("lora-seed2", 0.7, 0.1, 0.08)]})["lora"]
     assert spread["n_seeds"] == 2 and spread["best_auc"]["mean"] == pytest.approx(0.75)
     assert spread["best_auc"]["sd"] == pytest.approx(0.0707107, rel=1e-5)
+    assert "proxy_fid" not in spread  # no seed sampled
+    sampled = [{**row("lora", 0.8, 0.1, 0.07), "proxy_fid": 10.0}, {**row("lora-seed2", 0.7, 0.1, 0.08),
+                                                                     "proxy_fid": 14.0}]
+    assert seed_spread({"lora": sampled})["lora"]["proxy_fid"] == {"mean": 12.0, "sd": pytest.approx(2.8284271),
+                                                                    "values": [10.0, 14.0]}
 
 
 def test_curves_use_epoch_means_where_logged_and_one_colour_per_run():
@@ -264,6 +269,11 @@ def test_bench_on_five_folders_end_to_end(toy, tmp_path, capsys):
     assert set(table["seed_rows"]) == {"lora-seed4", "smp_lora-seed4"}
     assert table["seed_spread"]["smp_lora"]["n_seeds"] == 2
     assert "Spread over training seeds" in (out / "table.md").read_text()
+    # each seed's compared models are sampled against that seed's own nonmember_test images
+    assert table["seed_rows"]["smp_lora-seed4"]["proxy_fid"] is not None
+    assert len(table["seed_spread"]["smp_lora"]["proxy_fid"]["values"]) == 2
+    assert "proxy FID mean ± sd" in (out / "table.md").read_text()
+    assert (out / "samples_seed4_base.png").stat().st_size > 0
     assert "Paired comparison over 2 seeds, one split" in (out / "table.md").read_text()
     assert (out / "audit-seed4" / "report.json").is_file()  # seed 4's own audit, with its own budgets
     assert (out / "lora-seed4" / "lora-seed4-e0002.safetensors").is_file()
