@@ -73,7 +73,9 @@ def make_config(values: dict[str, Any] | None = None, *, source: str = "config",
     return TrainConfig(**shared, method_settings=kind(**mine))
 
 
-def _coerce(key: str, value: Any, source: str) -> Any:
+def coerce_setting(key: str, value: Any, source: str) -> Any:
+    """``value`` as ``key``'s type (a TOML string or number read as the setting's), or a one-line error naming
+    ``source``."""
     hint = _hint(key)
     if value is None:
         return None
@@ -140,7 +142,7 @@ def build_config(config_file: str | None, overrides: dict[str, Any], *, foreign_
     if config_file:
         base = Path(config_file).parent
         for key, value in read_toml(config_file).items():
-            values[key] = _coerce(key, value, str(config_file))
+            values[key] = coerce_setting(key, value, str(config_file))
         # relative paths in a preset are relative to it
         for key in ("train_data_dir", "splits_dir", "splits", "sample_prompts"):
             value = values.get(key)
@@ -150,7 +152,7 @@ def build_config(config_file: str | None, overrides: dict[str, Any], *, foreign_
     for key, value in overrides.items():
         if key not in known:
             raise PrivloraError(f"command line: unknown option --{key}")
-        values[key] = _coerce(key, value, f"--{key}")
+        values[key] = coerce_setting(key, value, f"--{key}")
     source = str(config_file or "command line")
     if foreign_flags == "error" and values.get("method", "lora") in METHODS:
         flags = {k: v for k, v in values.items() if k in overrides or k == "method"}

@@ -257,25 +257,35 @@ def nonmember_manifest(splits_file: Path, out_file: Path, seed: int) -> Path:
     return write_role_entries(out_file, root, roles, seed)
 
 
+def nonmember_losses(splits_file: Path, work: Path, loras: list[Path], settings: dict, seed: int, *,
+                     include_base: bool = False, jobs: int = 1, threads_per_job: int | None = None,
+                     log=print) -> dict[str, float]:
+    """Each model's held-out denoising loss on nonmember_aux alone (``nonmember_manifest``; its scored quarters),
+    by model name. The audit's queries are seeded per image, so every model is asked at the same timesteps and
+    noise. ``settings``: the resolved training settings of the runs (model, resolution, clip skip)."""
+    from privlora.audit import AuditConfig, run_audit
+
+    manifest = nonmember_manifest(splits_file, work / "nonmember_splits.json", seed)
+    report = run_audit(AuditConfig(
+        splits=str(manifest), out=str(work),
+        pretrained_model_name_or_path=settings.get("pretrained_model_name_or_path", "tiny-sd"),
+        loras=[str(p) for p in loras], attacks=["loss"], include_base=include_base, seed=seed,
+        n_bootstrap=0, resolution=settings.get("resolution"), config_dir=settings.get("config_dir"),
+        clip_skip=settings.get("clip_skip"), jobs=jobs, threads_per_job=threads_per_job), log=log)
+    return {m["name"]: -float(np.mean(m["scores"]["loss"]["member_test"] + m["scores"]["loss"]["nonmember_test"]))
+            for m in report["models"]}
+
+
 def select_on_nonmembers(cfg: SelectConfig, run_dir: Path, settings: dict, guarantee: str, log=print) -> dict:
     """A DP run: its checkpoint is chosen on utility alone, measured on non-member data (nonmember_aux), which is
     post-processing of the DP outputs and costs no privacy. Leakage is not estimated — that would query
     member_aux, training data the accountant does not count — the DP guarantee bounds it instead."""
-    from privlora.audit import AuditConfig, run_audit
-
     checkpoints = list_checkpoints(run_dir, settings.get("output_name", "lora"))
     log(f"{run_dir}: a DP-LoRA run {guarantee}: choosing the most useful checkpoint on nonmember_aux only "
         "(post-processing; member_aux is training data and is not used); the leakage bounds are not applied")
-    work = run_dir / "select"
-    manifest = nonmember_manifest(RunDir(run_dir).splits, work / "nonmember_splits.json", cfg.seed)
-    report = run_audit(AuditConfig(
-        splits=str(manifest), out=str(work),
-        pretrained_model_name_or_path=settings.get("pretrained_model_name_or_path", "tiny-sd"),
-        loras=[str(p) for p in checkpoints], attacks=["loss"], include_base=cfg.include_base, seed=cfg.seed,
-        n_bootstrap=0, resolution=settings.get("resolution"), config_dir=settings.get("config_dir"),
-        clip_skip=settings.get("clip_skip"), jobs=cfg.jobs, threads_per_job=cfg.threads_per_job), log=log)
-    losses = {m["name"]: -float(np.mean(m["scores"]["loss"]["member_test"] + m["scores"]["loss"]["nonmember_test"]))
-              for m in report["models"]}
+    losses = nonmember_losses(RunDir(run_dir).splits, run_dir / "select", checkpoints, settings, cfg.seed,
+                              include_base=cfg.include_base, jobs=cfg.jobs, threads_per_job=cfg.threads_per_job,
+                              log=log)
     best = min(losses, key=lambda n: (losses[n], n))
     paths = {p.stem: str(p) for p in checkpoints}
     rule = ("DP run: the lowest held-out loss on nonmember_aux, a choice that uses no training data "
