@@ -23,20 +23,31 @@ CHECKPOINT_KEYS = ("save_every_n_epochs", "save_at_fractions")  # benchspec.chec
 def is_finished(spec: BenchSpec, job: Job) -> bool:
     """Trained to the end, and with the intermediate checkpoints the bench asks for now: a run finished before every
     run saved them (only the plain LoRA did) or with other budgets is trained once more, so that ``privlora select``
-    has its candidates."""
-    return job.dir.is_finished() and job.dir.train_time.is_file() and saved_as_scheduled(spec, job)
+    has its candidates. A tuned run's training is also trained again when its tuned keys differ from what it trains
+    with now (another choice of its tune table)."""
+    return job.dir.is_finished() and job.dir.train_time.is_file() and records_this_job(spec, job)
 
 
-def saved_as_scheduled(spec: BenchSpec, job: Job) -> bool:
-    """The run's resolved_config.toml records this job's checkpoint schedule (an unset key is a comment there)."""
+def records_this_job(spec: BenchSpec, job: Job) -> bool:
+    """The run's resolved_config.toml records this job's checkpoint schedule (an unset key is a comment there) and
+    the values of its run's tune keys; other settings are not compared (a finished training is reused)."""
     import tomllib
 
     try:
-        recorded = tomllib.loads(job.dir.resolved.read_text(encoding="utf-8"))
+        recorded = _flat(tomllib.loads(job.dir.resolved.read_text(encoding="utf-8")))
     except (OSError, tomllib.TOMLDecodeError):
         return False
-    cfg = job_config(spec, job)
-    return all(recorded.get(key) == getattr(cfg, key) for key in CHECKPOINT_KEYS)
+    now = job_config(spec, job).flat()
+    keys = [*CHECKPOINT_KEYS, *spec.runs.get(job.run, {}).get("tune", {})]
+    return all(recorded.get(key) == now.get(key) for key in keys)
+
+
+def _flat(table: dict) -> dict:
+    """A resolved config's keys, the method's own (in a table named after the method) among the shared ones."""
+    flat = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    for section in (v for v in table.values() if isinstance(v, dict)):
+        flat.update(section)
+    return flat
 
 
 def resumable(spec: BenchSpec, job: Job) -> bool:
@@ -46,13 +57,14 @@ def resumable(spec: BenchSpec, job: Job) -> bool:
     return job.dir.latest.is_file() and ran_with(job_config(spec, job), job.out)
 
 
-def train_all(spec: BenchSpec, jobs: list[Job], log: Callable[[str], None], board: Board | None = None) -> None:
+def train_all(spec: BenchSpec, jobs: list[Job], log: Callable[[str], None], board: Board | None = None,
+              phase: str = "train") -> None:
     """Every unfinished training: here one after another, or with ``jobs`` > 1 in child processes while ``board``
-    shows each running one's progress."""
+    shows each running one's progress under ``phase``."""
     board = board or Board(log)
     todo = [j for j in jobs if not is_finished(spec, j)]
     board.expect(len(todo), "trainings")
-    board.enter("train", f"{len(todo)} to train, {len(jobs) - len(todo)} reused"
+    board.enter(phase, f"{len(todo)} to train, {len(jobs) - len(todo)} reused"
                 + (f", {spec.jobs} at a time" if spec.jobs > 1 and len(todo) > 1 else ""))
     for j in jobs:
         if j not in todo:

@@ -16,6 +16,8 @@ BENCH_KEYS = ("budgets", "attacks", "n_bootstrap", "quality_samples", "quality_s
               "max_auc", "max_tpr_at_1fpr", "select_attacks", "shadows", "resplit")
 RUN_CONTROLLED = ("train_data_dir", "splits_dir", "splits", "synthetic_images", "output_dir", "output_name",
                   "overwrite", "resume", "state_every_n_epochs")
+# a tune table's points keep these: scored on one nonmember_aux, they must share the run's method, seed and split
+TUNE_FIXED = ("method", "seed", "split_seed", "n_member_aux", "n_member_test", "n_nonmember_aux", "n_nonmember_test")
 
 
 @dataclass
@@ -116,7 +118,40 @@ def _checked_bench_file(path: Path, data: dict) -> tuple[Path, dict]:
     bad = set(data.get("bench", {})) - set(BENCH_KEYS)
     if bad:
         raise PrivloraError(f"{path}: unknown [bench] key {sorted(bad)[0]!r} (choose from {', '.join(BENCH_KEYS)})")
+    for name, settings in data.get("runs", {}).items():
+        check_tune(str(path), name, settings)
     return path, data
+
+
+def check_tune(source: str, name: str, settings: dict) -> None:
+    """A run's ``[runs.NAME.tune]`` table: training keys the run does not set itself, each mapped to a non-empty
+    list of distinct values; each value is read as its setting's type."""
+    from privlora.config import all_keys, coerce_setting, owners
+    from privlora.objectives import METHODS
+
+    if "tune" not in settings:
+        return
+    tune, method = settings["tune"], settings.get("method", name)
+    where = f"{source}: run {name!r}: tune"
+    if not isinstance(tune, dict) or not tune:
+        raise PrivloraError(f"{where} must be a table of key = [values, ...] with at least one key")
+    for key, values in tune.items():
+        if key not in all_keys() or key in RUN_CONTROLLED:
+            raise PrivloraError(f"{where}: {key!r} is not a training setting a run may set")
+        if key in TUNE_FIXED:
+            raise PrivloraError(f"{where}: {key} cannot be tuned (every point keeps the run's method, seed and split)")
+        methods = owners(key)
+        if method in METHODS and methods and method not in methods:
+            raise PrivloraError(f"{where}: {key} is a setting of {', '.join(methods)}, not of {method}")
+        if key in settings:
+            raise PrivloraError(f"{where}: {key} is set both in the run and in its tune table")
+        if not isinstance(values, list):
+            raise PrivloraError(f"{where}: {key} = {values!r} is not a list of values")
+        if not values:
+            raise PrivloraError(f"{where}: {key} = [] is empty (give at least one value)")
+        read = [repr(coerce_setting(key, v, where)) for v in values]
+        if len(set(read)) < len(read):
+            raise PrivloraError(f"{where}: {key} = {values!r} lists a value twice")
 
 
 def check_runs(runs: dict[str, dict], source: str) -> dict[str, dict]:
@@ -134,7 +169,8 @@ def check_runs(runs: dict[str, dict], source: str) -> dict[str, dict]:
             raise PrivloraError(f"{source}: run {name!r}: method {settings['method']!r} is not one of "
                                 f"{', '.join(METHODS)}"
                                 + ("" if "method" in runs[name] else " (set method = ... for this run)"))
-        for key in settings:
+        check_tune(source, name, settings)
+        for key in (k for k in settings if k != "tune"):
             if key not in known or key in RUN_CONTROLLED:
                 raise PrivloraError(f"{source}: run {name!r}: {key!r} is not a training setting a run may set")
             methods = owners(key)
@@ -154,35 +190,55 @@ def baseline_name(spec: BenchSpec) -> str:
     return "lora" if "lora" in plain else plain[0]
 
 
-def jobs_for(spec: BenchSpec) -> list[Job]:
-    """Every training of the bench with its complete settings, validated before anything is trained."""
-    from privlora.config import build_config
-
+def jobs_for(spec: BenchSpec, tuned: dict[str, dict] | None = None) -> list[Job]:
+    """Every training of the bench with its complete settings, validated before anything is trained. ``tuned``:
+    run name → the values its tune table's search chose (``benchtune``); a tuned run not in it trains at the
+    preset's values."""
     baseline_name(spec)  # without a plain LoRA run the bench stops here, before any training
-    seeds: list[int | None] = list(spec.seeds) if spec.seeds else [None]
+    seeds = bench_seeds(spec)
     redraw = len(seeds) > 1 and resplits(spec)
     jobs = []
     for name, settings in spec.runs.items():
+        trained = {**training_settings(settings), **(tuned or {}).get(name, {})}
         for i, seed in enumerate(seeds):
             out_name = name if i == 0 else f"{name}-seed{seed}"
-            controlled: dict[str, Any] = {"output_dir": str(spec.out / out_name), "output_name": out_name,
-                                          "overwrite": True}
-            if spec.data:
-                controlled.update(dict.fromkeys(DATA_KEYS), synthetic_images=0, **spec.data)
-            if seed is not None:
-                controlled["seed"] = seed
-                if i > 0 and redraw:
-                    controlled["split_seed"] = seed
-            overrides = {**settings, **spec.train_overrides, **controlled}
-            try:  # a bad setting stops the bench here, before any training
-                epochs = build_config(spec.preset, overrides).max_train_epochs
-            except PrivloraError as e:
-                raise PrivloraError(f"run {name}: {e}") from None
-            if epochs:  # a crashed bench resumes each training from its last state, losing ≤ 10 % of it
-                overrides["state_every_n_epochs"] = max(1, epochs // 10)
-            overrides.update(checkpoint_schedule(spec.budgets, epochs))  # the same rule for every run
-            jobs.append(Job(out_name, name, i, overrides))
+            jobs.append(make_job(spec, name, trained, spec.out / out_name, out_name, i, seed, redraw=redraw))
     return jobs
+
+
+def bench_seeds(spec: BenchSpec) -> list[int | None]:
+    """The training seeds, one replicate each; [None]: the preset's seed."""
+    return list(spec.seeds) if spec.seeds else [None]
+
+
+def training_settings(settings: dict) -> dict:
+    """A run's settings without its tune table (which is not a training key)."""
+    return {k: v for k, v in settings.items() if k != "tune"}
+
+
+def make_job(spec: BenchSpec, run: str, settings: dict, out: Path, out_name: str, seed_index: int,
+             seed: int | None, *, redraw: bool = False, checkpoints: bool = True) -> Job:
+    """One training of ``run`` with ``settings`` into ``out``, its settings checked; ``checkpoints``: with the
+    bench's checkpoint schedule (select's candidates), else the final LoRA alone."""
+    from privlora.config import build_config
+
+    controlled: dict[str, Any] = {"output_dir": str(out), "output_name": out_name, "overwrite": True}
+    if spec.data:
+        controlled.update(dict.fromkeys(DATA_KEYS), synthetic_images=0, **spec.data)
+    if seed is not None:
+        controlled["seed"] = seed
+        if seed_index > 0 and redraw:
+            controlled["split_seed"] = seed
+    overrides = {**settings, **spec.train_overrides, **controlled}
+    try:  # a bad setting stops the bench here, before any training
+        epochs = build_config(spec.preset, overrides).max_train_epochs
+    except PrivloraError as e:
+        raise PrivloraError(f"run {run}: {e}") from None
+    if epochs:  # a crashed bench resumes each training from its last state, losing ≤ 10 % of it
+        overrides["state_every_n_epochs"] = max(1, epochs // 10)
+    if checkpoints:
+        overrides.update(checkpoint_schedule(spec.budgets, epochs))  # the same rule for every run
+    return Job(out_name, run, seed_index, overrides)
 
 
 def resplits(spec: BenchSpec) -> bool:

@@ -165,6 +165,7 @@ class Board:
         self.log, self.stream, self.clock, self.every = log, stream or sys.stderr, clock, every
         self.live = (_is_terminal(self.stream) and not os.environ.get("TQDM_DISABLE")) if live is None else live
         self.phase: str | None = None
+        self.phases: tuple[str, ...] = PHASES  # the bench's phases in order (with "tune" first when a run is tuned)
         self.running: dict[str, Watch] = {}
         self.done = 0
         self.total = 0
@@ -177,7 +178,7 @@ class Board:
     def enter(self, phase: str, detail: str = "") -> None:
         """A new phase starts: one plain line, on a terminal too."""
         self.phase = phase
-        self.say(phase_line(phase, detail))
+        self.say(phase_line(phase, detail, self.phases))
 
     def counts(self) -> str:
         return f"{self.done}/{self.total} {self.noun} done"
@@ -226,7 +227,7 @@ class Board:
         from tqdm import tqdm
 
         width = shutil.get_terminal_size((80, 20)).columns - 1
-        lines = [phase_line(self.phase, self.counts()), *(job_meter(w, now, width) for w in watches)]
+        lines = [phase_line(self.phase, self.counts(), self.phases), *(job_meter(w, now, width) for w in watches)]
         while len(self._bars) < len(lines):
             self._bars.append(tqdm(total=0, bar_format="{desc}", position=len(self._bars), leave=False,
                                    file=self.stream, dynamic_ncols=False, disable=False))
