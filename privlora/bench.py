@@ -1,13 +1,14 @@
 """``privlora bench``: the privacy–utility comparison of ``privlora demo`` on the user's own data and model.
 
-Every run (a registered method with its settings) trains with the same preset, data, split and seed, and saves
-intermediate checkpoints on the same schedule; plain LoRA's (and the base model) form the "train less" baseline;
-``privlora select`` chooses each defence's checkpoint on the aux roles only (``benchselect``); every model is
-audited with every attack on identical queries; utility is the held-out denoising loss on nonmember_test (and a
-proxy FID of generated samples); each defence, at its chosen checkpoint, gets a verdict against the baseline; the
-recommendation is plain LoRA's checkpoint chosen the same way under the leakage bound. Finished pieces
-(trainings, selections, the audit, samples) are reused when the bench is run again, so an interrupted bench
-resumes.
+A run with a ``[runs.NAME.tune]`` table first has its hyperparameters chosen on nonmember_aux alone
+(``benchtune``). Every run (a registered method with its settings) trains with the same preset, data, split and
+seed, and saves intermediate checkpoints on the same schedule; plain LoRA's (and the base model) form the "train
+less" baseline; ``privlora select`` chooses each defence's checkpoint on the aux roles only (``benchselect``); every
+model is audited with every attack on identical queries; utility is the held-out denoising loss on nonmember_test
+(and a proxy FID of generated samples); each defence, at its chosen checkpoint, gets a verdict against the
+baseline; the recommendation is plain LoRA's checkpoint chosen the same way under the leakage bound. Finished
+pieces (trainings, tunings, selections, the audit, samples) are reused when the bench is run again, so an
+interrupted bench resumes.
 
 Settings of one run, lowest to highest priority: the preset, the run's own settings, the train flags given to
 bench, and what the bench controls (data source, output folder and name, training seed with ``--seeds``, the
@@ -29,6 +30,7 @@ from privlora.benchspec import (DATA_KEYS, BenchSpec, Job, baseline_name, budget
                                 job_config, job_seed, jobs_for, resplits, seed_groups)
 from privlora.benchtable import (add_verdicts, format_extras, format_table, model_row, recommend, recommendation,
                                  seed_spread)
+from privlora.benchtune import chosen_values, tune_runs
 from privlora.errors import PrivloraError
 from privlora.io import write_bytes, write_json, write_text
 from privlora.progress import Board
@@ -46,10 +48,14 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict:
     base = baseline_name(spec)
     if spec.dataset:
         spec.data = {"train_data_dir": str(prepare_dataset(spec, log))}
-    jobs = jobs_for(spec)
+    jobs_for(spec)  # every run's settings checked before anything is trained
     spec.out.mkdir(parents=True, exist_ok=True)
     wall = PhaseClock()
     board = Board(log)
+    tuning = tune_runs(spec, log, board)  # on nonmember_aux only, before any run trains at its seeds
+    if tuning:
+        wall.done("tune")
+    jobs = jobs_for(spec, chosen_values(tuning))
     train_all(spec, jobs, log, board)
     wall.done("train")
     groups = seed_groups(jobs, base)
@@ -92,6 +98,8 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict:
     points = sorted(budgets + extra_pick, key=lambda p: budget_steps(p) or 0)  # the train-less points in order
     table = build_table(spec, jobs, report, quality, points, selection, picks, replicates, seed_reports,
                         seed_quality)
+    if tuning:
+        table["tuning"] = tuning
     table["wall_seconds"] = wall.seconds
     write_outputs(spec, table, {j.run: history(j) for j in sorted(main_jobs, key=lambda j: j.run != base)})
     return table

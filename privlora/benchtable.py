@@ -158,6 +158,8 @@ def format_extras(table: dict) -> str:
         jobs = (table.get("settings") or {}).get("jobs", 1)
         phases = ", ".join(f"{k} {v:.0f} s" for k, v in wall.items() if k != "total")
         parts.append(f"Wall time of this invocation: {wall['total']:.0f} s ({phases}; {jobs} job(s)).")
+    if table.get("tuning"):
+        parts.append(tuning_markdown(table["tuning"]))
     power = table.get("power")
     if power:
         parts.append(power_markdown(power, table.get("resplit")))
@@ -194,6 +196,27 @@ def format_extras(table: dict) -> str:
                          f"({', '.join(selection['attacks'])}; `privlora select`, deciding on 95 % upper bounds), "
                          f"against the test-role audit of the same checkpoints; choice under the bound: "
                          f"**{choice}**:\n\n" + "\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def tuning_markdown(tuning: dict[str, dict]) -> str:
+    """Each tuned run's grid: every point's held-out loss on nonmember_aux, the chosen values, and for DP-LoRA what
+    its (ε, δ) does not cover."""
+    parts = ["Hyperparameters tuned on nonmember_aux only (`[runs.NAME.tune]`): every grid point trained at the "
+             "first seed; its final LoRA's held-out denoising loss on nonmember_aux (seeded timesteps and noise, the "
+             "same for every point); the lowest chosen (ties: the first in grid order), and the run then trained at "
+             "every seed with it."]
+    for run, record in tuning.items():
+        keys = list(record["grid"])
+        chosen = ", ".join(f"{k} = {v}" for k, v in record["chosen"].items())
+        lines = ["| point | " + " | ".join(keys) + " | held-out loss on nonmember_aux |",
+                 "|---|" + "---|" * (len(keys) + 1)]
+        for point in record["points"]:
+            mark = " (chosen)" if point["model"] == record["chosen_model"] else ""
+            lines.append(f"| {point['model']}{mark} | " + " | ".join(str(point["values"][k]) for k in keys)
+                         + f" | {point['heldout_loss']:.4f} |")
+        caveat = f"\n\nDP caveat: {record['dp_caveat']}." if record.get("dp_caveat") else ""
+        parts.append(f"**{run}** (seed {record['seed']}): chosen {chosen}.\n\n" + "\n".join(lines) + caveat)
     return "\n\n".join(parts)
 
 
