@@ -14,7 +14,7 @@ from typing import Any
 
 from privlora.benchcache import PhaseCache, file_stamp
 from privlora.benchjobs import check_same_split, train_all
-from privlora.benchspec import BenchSpec, Job, bench_seeds, job_seed, make_job, training_settings
+from privlora.benchspec import BenchSpec, Job, bench_seeds, job_config, job_seed, make_job, training_settings
 from privlora.errors import PrivloraError
 from privlora.progress import Board
 
@@ -72,7 +72,17 @@ def tune_grid(spec: BenchSpec, run: str) -> list[GridPoint]:
         job = make_job(spec, run, {**settings, **values}, spec.out / "tune" / run / slug, f"{run}-{slug}", 0, seed,
                        checkpoints=False)
         points.append(GridPoint(values, job))
+    check_scorable(spec, run, points[0].job)
     return points
+
+
+def check_scorable(spec: BenchSpec, run: str, job: Job) -> None:
+    """Refuse, before any training, a split whose nonmember_aux is too small to score the points on (its scored
+    quarters: ``select.nonmember_manifest``); with fixed roles the count is only known from the split itself."""
+    cfg = job_config(spec, job)
+    if not (cfg.splits_dir or cfg.splits) and cfg.n_nonmember_aux is not None and cfg.n_nonmember_aux < 4:
+        raise PrivloraError(f"run {run}: its tune table is scored on nonmember_aux alone, which needs at least 4 "
+                            f"images (n_nonmember_aux = {cfg.n_nonmember_aux})")
 
 
 def tuning_record(spec: BenchSpec, run: str, points: list[GridPoint], log: Callable[[str], None]) -> dict:

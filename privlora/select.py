@@ -248,8 +248,8 @@ def nonmember_manifest(splits_file: Path, out_file: Path, seed: int) -> Path:
     root = _manifest_root(splits_file, manifest).resolve()
     entries = manifest["roles"].get("nonmember_aux") or []
     if len(entries) < 4:
-        raise PrivloraError(f"{splits_file}: nonmember_aux has {len(entries)} images; selecting a DP run's "
-                            "checkpoint on non-members needs at least 4")
+        raise PrivloraError(f"{splits_file}: nonmember_aux has {len(entries)} images; choosing on non-members "
+                            "alone (a DP run's checkpoint, a bench's tuned values) needs at least 4")
     order = np.random.default_rng(seed).permutation(len(entries))
     q = [[entries[i] for i in part] for part in np.array_split(order, 4)]
     roles = {"train": q[0] + q[1], "member_aux": q[0], "member_test": q[1], "nonmember_aux": q[2],
