@@ -16,8 +16,10 @@ BENCH_KEYS = ("budgets", "attacks", "n_bootstrap", "quality_samples", "quality_s
               "max_auc", "max_tpr_at_1fpr", "select_attacks", "shadows", "resplit")
 RUN_CONTROLLED = ("train_data_dir", "splits_dir", "splits", "synthetic_images", "output_dir", "output_name",
                   "overwrite", "resume", "state_every_n_epochs")
-# a tune table's points keep these: scored on one nonmember_aux, they must share the run's method, seed and split
-TUNE_FIXED = ("method", "seed", "split_seed", "n_member_aux", "n_member_test", "n_nonmember_aux", "n_nonmember_test")
+# a tune table's points keep these: scored by one audit of one nonmember_aux, they share the run's method, seed and
+# split, and the base model, resolution and clip skip their loss is measured with
+TUNE_FIXED = ("method", "seed", "split_seed", "n_member_aux", "n_member_test", "n_nonmember_aux", "n_nonmember_test",
+              "pretrained_model_name_or_path", "config_dir", "resolution", "clip_skip")
 
 
 @dataclass
@@ -139,7 +141,8 @@ def check_tune(source: str, name: str, settings: dict) -> None:
         if key not in all_keys() or key in RUN_CONTROLLED:
             raise PrivloraError(f"{where}: {key!r} is not a training setting a run may set")
         if key in TUNE_FIXED:
-            raise PrivloraError(f"{where}: {key} cannot be tuned (every point keeps the run's method, seed and split)")
+            raise PrivloraError(f"{where}: {key} cannot be tuned (every point keeps the run's method, seed and split, "
+                                "and is measured with its base model, resolution and clip skip)")
         methods = owners(key)
         if method in METHODS and methods and method not in methods:
             raise PrivloraError(f"{where}: {key} is a setting of {', '.join(methods)}, not of {method}")

@@ -18,7 +18,7 @@ from privlora.benchspec import BenchSpec, Job, bench_seeds, job_config, job_seed
 from privlora.errors import PrivloraError
 from privlora.progress import Board
 
-PAPERNOT_STEINKE = ("Papernot & Steinke, \"Hyperparameter Tuning with Renyi Differential Privacy\", ICLR 2022")
+PAPERNOT_STEINKE = "Papernot & Steinke, \"Hyperparameter Tuning with Renyi Differential Privacy\", ICLR 2022"
 
 
 @dataclass(frozen=True)
