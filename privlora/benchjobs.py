@@ -18,28 +18,52 @@ from privlora.progress import ENV as PROGRESS_ENV, Board
 
 
 CHECKPOINT_KEYS = ("save_every_n_epochs", "save_at_fractions")  # benchspec.checkpoint_schedule's settings
+# settings that do not shape what a finished training learned: where it wrote, how often it logged or probed (the
+# contract test shows probing changes no LoRA), and how it was started
+NOT_COMPARED = ("output_dir", "output_name", "overwrite", "resume", "logging_dir", "eval_every_n_epochs",
+                "sample_every_n_epochs", "sample_prompts", "save_state", "state_every_n_epochs")
 
 
-def is_finished(spec: BenchSpec, job: Job) -> bool:
-    """Trained to the end, and with the intermediate checkpoints the bench asks for now: a run finished before every
-    run saved them (only the plain LoRA did) or with other budgets is trained once more, so that ``privlora select``
-    has its candidates. A tuned run's training is also trained again when its tuned keys differ from what it trains
-    with now (another choice of its tune table)."""
-    return job.dir.is_finished() and job.dir.train_time.is_file() and records_this_job(spec, job)
+def is_finished(spec: BenchSpec, job: Job, log: Callable[[str], None] | None = None) -> bool:
+    """Trained to the end with every setting the bench asks for now: the intermediate checkpoints (a run finished
+    before every run saved them, or with other budgets, is trained once more so that ``privlora select`` has its
+    candidates), a tuned run's chosen values, and any setting changed in the bench file or on the command line."""
+    if not (job.dir.is_finished() and job.dir.train_time.is_file()):
+        return False
+    changed = changed_settings(spec, job)
+    if changed and log:
+        log(f"{job.name}: trained earlier with other settings ({changed}): trained again")
+    return not changed
 
 
-def records_this_job(spec: BenchSpec, job: Job) -> bool:
-    """The run's resolved_config.toml records this job's checkpoint schedule (an unset key is a comment there) and
-    the values of its run's tune keys; other settings are not compared (a finished training is reused)."""
+def changed_settings(spec: BenchSpec, job: Job) -> str:
+    """The settings the run's resolved_config.toml records differently from this job's, as "key: then → now"
+    (empty: none). A key the record lacks (a run trained before the key existed, or an unset key, which is a
+    comment there) counts as its default."""
     import tomllib
+
+    from privlora.config import make_config
 
     try:
         recorded = _flat(tomllib.loads(job.dir.resolved.read_text(encoding="utf-8")))
     except (OSError, tomllib.TOMLDecodeError):
-        return False
+        return "no readable resolved_config.toml"
     now = job_config(spec, job).flat()
-    keys = [*CHECKPOINT_KEYS, *spec.runs.get(job.run, {}).get("tune", {})]
-    return all(recorded.get(key) == now.get(key) for key in keys)
+    defaults = make_config({"method": now.get("method", "lora")}).flat()
+    diffs = []
+    for key in sorted(now):
+        then = recorded.get(key, defaults.get(key))
+        if key not in NOT_COMPARED and not _same(then, now[key]):
+            diffs.append(f"{key}: {then!r} → {now[key]!r}")
+    return ", ".join(diffs)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return a == b
 
 
 def _flat(table: dict) -> dict:
@@ -62,7 +86,7 @@ def train_all(spec: BenchSpec, jobs: list[Job], log: Callable[[str], None], boar
     """Every unfinished training: here one after another, or with ``jobs`` > 1 in child processes while ``board``
     shows each running one's progress under ``phase``."""
     board = board or Board(log)
-    todo = [j for j in jobs if not is_finished(spec, j)]
+    todo = [j for j in jobs if not is_finished(spec, j, log)]
     board.expect(len(todo), "trainings")
     board.enter(phase, f"{len(todo)} to train, {len(jobs) - len(todo)} reused"
                 + (f", {spec.jobs} at a time" if spec.jobs > 1 and len(todo) > 1 else ""))

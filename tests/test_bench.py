@@ -410,6 +410,31 @@ def test_a_run_finished_without_this_checkpoint_schedule_is_trained_again(tmp_pa
     assert is_finished(spec, job)
 
 
+def test_a_run_finished_with_other_settings_is_trained_again_and_the_log_says_which(tmp_path):
+    from privlora.benchjobs import changed_settings, is_finished
+    from privlora.config import resolved_toml
+
+    spec = BenchSpec(out=tmp_path, runs=check_runs({"lora": {}, "smp_lora": {"privacy_alpha": 2.0}}, "t"),
+                     budgets=[], train_overrides={"synthetic_images": 40, "max_train_epochs": 4})
+    job = jobs_for(spec)[1]
+    job.out.mkdir(parents=True)
+    job.dir.lora().write_bytes(b"")
+    job.dir.train_time.write_text('{"seconds": 1}')
+    then = {**job.overrides, "privacy_alpha": 1.0, "unet_lr": 3e-4, "output_dir": "/elsewhere"}
+    job.dir.resolved.write_text(resolved_toml(build_config(None, then)))
+    logged: list[str] = []
+    assert not is_finished(spec, job, logged.append)
+    assert logged == ["smp_lora: trained earlier with other settings (privacy_alpha: 1.0 → 2.0, unet_lr: 0.0003 → "
+                      f"{job_config(spec, job).unet_lr!r}): trained again"]  # where it wrote is not compared
+    # a key the record lacks (trained before the key existed) counts as its default; a changed default does not
+    record = resolved_toml(job_config(spec, job))
+    job.dir.resolved.write_text("\n".join(line for line in record.splitlines()
+                                          if not line.startswith("caption_swap_rate")))
+    assert changed_settings(spec, job) == "" and is_finished(spec, job)
+    job.dir.resolved.write_text(record.replace("caption_swap_rate = 0.0", "caption_swap_rate = 0.5"))
+    assert changed_settings(spec, job) == "caption_swap_rate: 0.5 → 0.0"
+
+
 def test_a_pick_is_the_chosen_checkpoint_or_the_final_lora_with_the_reason(tmp_path):
     from privlora.benchselect import pick_for
     from privlora.benchspec import Job
