@@ -27,6 +27,7 @@ from privlora.rundir import RunDir
 
 DEFAULT_SELECT_ATTACKS = ("loss", "ref_loss")
 Z95 = 1.959964  # the two-sided 95 % normal quantile
+Z75 = 0.674490  # the median of |N(0, 1)|: how far a chance model's AUC estimate typically lies from 0.5
 MIN_BOOTSTRAP = 50  # the AUC's upper bound is a bootstrap percentile: too few resamples make it noise
 
 
@@ -138,8 +139,13 @@ def scored_sizes(splits_file: Path) -> tuple[int, int]:
 
 
 def null_auc_upper(n_member: int, n_nonmember: int) -> float:
-    """The 95 % upper bound a model at chance (AUC 0.5) would show: 0.5 + z·SE₀, Hanley & McNeil's null SE."""
-    return 0.5 + Z95 * math.sqrt((n_member + n_nonmember + 1) / (12 * n_member * n_nonmember))
+    """The two-sided 95 % upper bound a model at chance shows in the median: 0.5 + (z₀.₇₅ + z)·SE₀ with Hanley &
+    McNeil's null SE. Its AUC estimate lies at least z₀.₇₅·SE₀ = 0.674·SE₀ from 0.5 half of the time, on either side,
+    and select bounds max(upper, 1 − lower), so a chance model's bound sits above 0.5 + z·SE₀ (the bound of an
+    estimate of exactly 0.5) most of the time: with 16 vs 16 scored images 0.773, not 0.703 (measured: the demo's
+    base model showed 0.78–0.79 with loss and ref_loss)."""
+    se0 = math.sqrt((n_member + n_nonmember + 1) / (12 * n_member * n_nonmember))
+    return min(1.0, 0.5 + (Z75 + Z95) * se0)  # an AUC bound above 1 is 1
 
 
 def aux_needed_for_auc(max_auc: float) -> int | None:
@@ -173,7 +179,8 @@ def check_support(cfg: SelectConfig, n_member: int, n_nonmember: int, splits_fil
     chance = null_auc_upper(n_member, n_nonmember)
     if chance > cfg.max_auc:
         need = aux_needed_for_auc(cfg.max_auc)
-        raise Unsupported(f"{where}; even a model at chance has a 95 % AUC upper bound of {chance:.3f} > --max_auc "
+        raise Unsupported(f"{where}; even a model at chance shows, in the median, a two-sided 95 % AUC upper bound "
+                            f"of {chance:.3f} > --max_auc "
                             f"{cfg.max_auc:g} there: " + (f"needs ≥ {need} images in each aux role (member_aux, "
                                                           f"nonmember_aux), or --max_auc ≥ {chance:.3f}"
                                                           if need else "no aux size supports a bound ≤ 0.5"))

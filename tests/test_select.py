@@ -138,8 +138,31 @@ def test_64_plus_64_aux_images_refuse_a_3_percent_tpr_bound_and_name_what_would_
     assert "≥ 244 images in each aux role" in str(e.value) and "resolve is 5 % (1/32 ≈ 3.1 %" in str(e.value)
     check_support(SelectConfig("run", max_auc=0.75), 32, 32, Path("splits.json"))  # AUC alone: supported
     check_support(SelectConfig("run", max_auc=0.6, max_tpr_at_1fpr=0.03), 122, 122, Path("splits.json"))
-    with pytest.raises(PrivloraError, match="needs ≥ 130 images in each aux role"):  # 0.6 needs 65 vs 65 scored
+    with pytest.raises(PrivloraError, match="needs ≥ 234 images in each aux role"):  # 0.6 needs 117 vs 117 scored
         check_support(SelectConfig("run", max_auc=0.6), 32, 32, Path("splits.json"))
+
+
+def test_the_support_check_uses_what_a_chance_model_shows_two_sided_not_an_estimate_of_exactly_one_half():
+    """16 vs 16 scored aux images (the quick demo's 32 + 32): a chance model's estimate strays ≥ 0.674·SE₀ from 0.5
+    half of the time, and the bound is two-sided, so its median bound is 0.773 (the demo's base model measured
+    0.78-0.79), not the 0.703 of an estimate at exactly 0.5; a bound of 0.71 is refused before any audit."""
+    import numpy as np
+
+    from privlora.select import SelectConfig, check_support, null_auc_upper
+
+    assert null_auc_upper(16, 16) == pytest.approx(0.7730, abs=1e-4)
+    assert null_auc_upper(3, 3) == 1.0  # capped: --max_auc 1 stays supported at any size
+    with pytest.raises(PrivloraError, match="in the median, a two-sided 95 % AUC upper bound of 0.773 > --max_auc 0.71"):
+        check_support(SelectConfig("run", max_auc=0.71), 16, 16, Path("splits.json"))
+    # the median claim itself: scores with no signal, the two-sided normal-approximation bound max(upper, 1 − lower)
+    rng = np.random.default_rng(0)
+    bounds = []
+    for _ in range(2000):
+        m, nm = rng.normal(size=16), rng.normal(size=16)
+        auc = float((m[:, None] > nm[None, :]).mean())
+        se0 = np.sqrt(33 / (12 * 256))
+        bounds.append(max(auc, 1 - auc) + 1.959964 * se0)
+    assert np.median(bounds) == pytest.approx(null_auc_upper(16, 16), abs=0.02)
 
 
 def test_select_decides_on_upper_bounds_not_point_estimates():
