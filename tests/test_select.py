@@ -152,7 +152,8 @@ def test_the_support_check_uses_what_a_chance_model_shows_two_sided_not_an_estim
 
     assert null_auc_upper(16, 16) == pytest.approx(0.7730, abs=1e-4)
     assert null_auc_upper(3, 3) == 1.0  # capped: --max_auc 1 stays supported at any size
-    with pytest.raises(PrivloraError, match="in the median, a two-sided 95 % AUC upper bound of 0.773 > --max_auc 0.71"):
+    with pytest.raises(PrivloraError, match="in the median, a two-sided 95 % AUC upper bound of 0.773 > "
+                                            "--max_auc 0.71"):
         check_support(SelectConfig("run", max_auc=0.71), 16, 16, Path("splits.json"))
     # the median claim itself: scores with no signal, the two-sided normal-approximation bound max(upper, 1 − lower)
     rng = np.random.default_rng(0)
