@@ -164,11 +164,16 @@ def history(job: Job) -> dict:
     return json.loads(job.dir.history.read_text())
 
 
+MODEL_CACHE = "audit-cache"  # every seed's audit keeps each model's results here (keys tell seeds apart)
+
+
 def audit(spec: BenchSpec, cfg, splits: Path, loras: list[Path], name: str = "audit",
           shadow_seed: int | None = None) -> dict:
     """The audit of every model (and the base model), in ``<out>/<folder>``, reused when it was run with exactly
-    these inputs. ``shadow_seed``: one for every seed's audit, so the seeds' re-drawn splits of the same images
-    share one set of shadows (``privlora.shadows``)."""
+    these inputs; otherwise each model's entry is still reused from ``<out>/audit-cache`` when its own inputs are
+    unchanged (``privlora.audit_cache``), so a run added to the bench audits only its models. ``shadow_seed``: one
+    for every seed's audit, so the seeds' re-drawn splits of the same images share one set of shadows
+    (``privlora.shadows``)."""
     from privlora.audit import AuditConfig, run_audit
 
     folder = spec.out / name
@@ -185,7 +190,8 @@ def audit(spec: BenchSpec, cfg, splits: Path, loras: list[Path], name: str = "au
                                    seed=cfg.seed, n_bootstrap=spec.n_bootstrap, config_dir=cfg.config_dir,
                                    clip_skip=cfg.clip_skip, jobs=spec.jobs, threads_per_job=spec.threads_per_job,
                                    canaries="auto" if cfg.canaries else None, shadows=spec.shadows,
-                                   shadow_dir=str(spec.out / "shadows"), shadow_seed=shadow_seed))
+                                   shadow_dir=str(spec.out / "shadows"), shadow_seed=shadow_seed,
+                                   model_cache=str(spec.out / MODEL_CACHE)))
     cache.put(name, inputs, {"report": str(Path(name) / "report.json")})
     return report
 
