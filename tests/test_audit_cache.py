@@ -133,3 +133,26 @@ def test_parts_of_a_split_audit_share_the_cache(env, two_loras, tmp_path):
     fresh = run_audit(config(env, tmp_path / "fresh", loras=[first, second, third], include_base=True,
                              attacks=["loss"]), log=quiet)
     assert comparable(split["models"]) == comparable(fresh["models"])
+
+
+@pytest.mark.slow
+def test_with_shadow_attacks_an_added_checkpoint_is_scored_alone_and_the_base_keeps_its_control(tmp_path):
+    """The base row's shadow-attack control is the first LoRA's shadows: a checkpoint added after it leaves the base
+    row's inputs as they were, so only the checkpoint is scored (against its own shadows)."""
+    from privlora.audit import AuditConfig
+    from tests.test_lira import tiny_run
+
+    model, run, lora = tiny_run(tmp_path)
+    early = run / "lora-e0001.safetensors"
+    settings = dict(splits=str(run / "splits.json"), pretrained_model_name_or_path=str(model), include_base=True,
+                    attacks=["loss", "lira", "rmia"], shadows=2, shadow_dir=str(tmp_path / "shadows"),
+                    n_bootstrap=20)
+    cache = str(tmp_path / "cache")
+    run_audit(AuditConfig(out=str(tmp_path / "a1"), loras=[str(lora)], model_cache=cache, **settings), log=quiet)
+    now = run_audit(AuditConfig(out=str(tmp_path / "a2"), loras=[str(lora), str(early)], model_cache=cache,
+                                **settings), log=quiet)
+    assert now["model_cache"]["reused"] == ["base", "lora"] and now["model_cache"]["audited"] == ["lora-e0001"]
+    fresh = run_audit(AuditConfig(out=str(tmp_path / "fresh"), loras=[str(lora), str(early)], **settings),
+                      log=quiet)
+    assert comparable(now["models"]) == comparable(fresh["models"])  # most_exposed included
+    assert now["models"][0]["results"]["lira"]["fit"]["shadows"] == 2 and "lira" in now["models"][0]["most_exposed"]
