@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from collections.abc import Callable
 
-from privlora.benchcache import PhaseCache, file_stamp
+from privlora.benchcache import AUDIT_CACHE, PhaseCache, file_stamp
 from privlora.benchjobs import check_same_split, train_all
 from privlora.benchselect import Pick, compare_selection, pick_for, select_runs
 from privlora.benchspec import (DATA_KEYS, BenchSpec, Job, baseline_name, budget_files, budget_steps, check_runs,
@@ -164,9 +164,6 @@ def history(job: Job) -> dict:
     return json.loads(job.dir.history.read_text())
 
 
-MODEL_CACHE = "audit-cache"  # every seed's audit keeps each model's results here (keys tell seeds apart)
-
-
 def audit(spec: BenchSpec, cfg, splits: Path, loras: list[Path], name: str = "audit",
           shadow_seed: int | None = None) -> dict:
     """The audit of every model (and the base model), in ``<out>/<folder>``, reused when it was run with exactly
@@ -191,7 +188,7 @@ def audit(spec: BenchSpec, cfg, splits: Path, loras: list[Path], name: str = "au
                                    clip_skip=cfg.clip_skip, jobs=spec.jobs, threads_per_job=spec.threads_per_job,
                                    canaries="auto" if cfg.canaries else None, shadows=spec.shadows,
                                    shadow_dir=str(spec.out / "shadows"), shadow_seed=shadow_seed,
-                                   model_cache=str(spec.out / MODEL_CACHE)))
+                                   model_cache=str(spec.out / AUDIT_CACHE)))
     cache.put(name, inputs, {"report": str(Path(name) / "report.json")})
     return report
 

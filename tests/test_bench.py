@@ -355,6 +355,9 @@ def test_a_run_added_to_the_bench_audits_only_its_own_models(toy, tmp_path, caps
     again = json.loads((out / "table.json").read_text())
     for name in baseline:
         assert again["rows"][name]["auc"] == first["rows"][name]["auc"], name
+    # the new run's aux-only selection (same split, seed and text encoding) takes the base row from lora's
+    selection = json.loads((out / "smp_lora" / "select" / "report.json").read_text())
+    assert selection["model_cache"]["reused"] == ["base"]
 
 
 @pytest.mark.slow
