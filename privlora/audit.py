@@ -117,6 +117,7 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
     resolution = cfg.resolution or native_side(base)
     roles = TEST_ROLES + (AUX_ROLES if any(a.fits for a in attacks) else ())
     chosen = select_samples(splits, roles, cfg.max_samples, cfg.seed)
+    cache = ModelCache(cfg.model_cache) if cfg.model_cache else None
 
     shadow_files = list(dict.fromkeys(f for s in shadow_sets.values() for f in s.files))
     with loaded_loras(base, lora_files + shadow_files) as (switch, adapters):
@@ -126,9 +127,10 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
                        switch, cfg, device)
         canaries = canary_files(models, cfg) if cfg.canaries else {}
         keys = cache_keys(cfg, base, splits, chosen, attacks, resolution, device, models, shadow_sets,
-                          canaries) if cfg.model_cache else {}
-        reused = ModelCache(cfg.model_cache).entries(keys) if cfg.model_cache else {}
-        todo = [m for m in models if m.name not in reused]  # every model's text encoding and shadows stay set
+                          canaries) if cache else {}
+        reused = cache.entries(keys) if cache else {}
+        # only these are scored; names, the base row's encoding and its controls came from every model, as afresh
+        todo = [m for m in models if m.name not in reused]
         batches = encode_batches(base, splits, chosen, resolution, cfg.center_crop, device,
                                  cfg.batch_size) if todo else {}
         log("UNet queries per sample: " + ", ".join(f"{a.name} {a.queries_per_sample()}" for a in attacks)
@@ -144,8 +146,8 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
     for model in report["models"]:
         if model["name"] in canary:
             model["canary_audit"] = canary[model["name"]]
-    if cfg.model_cache:
-        merge_cached(report, [m.name for m in models], reused, keys, ModelCache(cfg.model_cache))
+    if cache:
+        merge_cached(report, [m.name for m in models], reused, keys, cache)
         _log_reuse(report, log)
     _log_decisions({m["name"]: m["results"] for m in report["models"]}, log)
     _add_shadow_report(report, shadow_sets)

@@ -8,7 +8,7 @@ import pytest
 
 from privlora.audit import run_audit
 from privlora.cli import main
-from tests.test_audit import config, env, make_lora, quiet, save_attacker_beside  # noqa: F401 (env: a fixture)
+from tests.test_audit import config, make_env, make_lora, quiet, save_attacker_beside
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,6 +24,11 @@ def comparable(models: list[dict]) -> list[dict]:
             for key in WORK_DONE:
                 del result[key]
     return models
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return make_env(tmp_path_factory.mktemp("audit"))
 
 
 @pytest.fixture(scope="module")
