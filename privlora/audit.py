@@ -26,6 +26,7 @@ from privlora.attacks import (ATTACKS, AUX_ROLES, DEFAULT_ATTACKS, TEST_ROLES, A
 from privlora.attacks import canary, metrics, report as render
 from privlora.attacks.dp_audit import claimed_dp, dp_check
 from privlora.attacks.target import stable_seed
+from privlora.audit_cache import ModelCache, merge_cached
 from privlora.captions import (TextEncoding, check_encoding_flags, lora_hyperparameters, read_lora_metadata,
                                text_encoding)
 from privlora.data.readers import Example
@@ -68,6 +69,9 @@ class AuditConfig:
     shadow_seed: int | None = None  # draws the shadows' IN/OUT masks and seeds; default: seed (the bench: its first)
     jobs: int = 1  # on a CPU: the models split between this many worker processes (same numbers, less wall time)
     threads_per_job: int | None = None  # torch threads of each worker; default: cores // jobs
+    # a folder of each model's report entry keyed by everything it depends on (privlora.audit_cache): a model whose
+    # key is found there is not audited again
+    model_cache: str | None = None
 
 
 @dataclass
@@ -99,9 +103,10 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
 
         report, plot = run_in_parts(cfg, lora_files, parts, threads_for(cfg.jobs, cfg.threads_per_job), log,
                                     _audit_part)
+        _log_reuse(report, log)
         _log_decisions(plot["results"], log)
         _add_shadow_report(report, shadow_sets)
-        return _write_report(out, report, plot["scores"], plot["results"], plot["skipped"], log)
+        return _write_report(out, report, log)
     base = load_base(cfg.pretrained_model_name_or_path, config_dir=cfg.config_dir)
     attacks = build_attacks(names, cfg.attack_params)  # prototypes: parameters, checks and query counts
     for attack in attacks:
@@ -112,30 +117,41 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
     resolution = cfg.resolution or native_side(base)
     roles = TEST_ROLES + (AUX_ROLES if any(a.fits for a in attacks) else ())
     chosen = select_samples(splits, roles, cfg.max_samples, cfg.seed)
+    cache = ModelCache(cfg.model_cache) if cfg.model_cache else None
 
     shadow_files = list(dict.fromkeys(f for s in shadow_sets.values() for f in s.files))
     with loaded_loras(base, lora_files + shadow_files) as (switch, adapters):
         models = _models(base, lora_files, adapters[:len(lora_files)], cfg, resolution)
-        batches = encode_batches(base, splits, chosen, resolution, cfg.center_crop, device, cfg.batch_size)
         targets = _targets(base, models, switch, cfg, device)
         attach_shadows(base, models, targets, shadow_sets, dict(zip(shadow_files, adapters[len(lora_files):])),
                        switch, cfg, device)
+        canaries = canary_files(models, cfg) if cfg.canaries else {}
+        keys = cache_keys(cfg, base, splits, chosen, attacks, resolution, device, models, shadow_sets,
+                          canaries) if cache else {}
+        reused = cache.entries(keys) if cache else {}
+        # only these are scored; names, the base row's encoding and its controls came from every model, as afresh
+        todo = [m for m in models if m.name not in reused]
+        batches = encode_batches(base, splits, chosen, resolution, cfg.center_crop, device,
+                                 cfg.batch_size) if todo else {}
         log("UNet queries per sample: " + ", ".join(f"{a.name} {a.queries_per_sample()}" for a in attacks)
             + " (loss, ref_loss and mlp share theirs; ref_loss's base half is run once per audit)")
-        runs = run_attacks(models, targets, names, cfg, batches)
-        canary = canary_audits(base, models, targets, cfg, resolution, device, log) if cfg.canaries else {}
+        runs = run_attacks(todo, targets, names, cfg, batches) if todo else AttackRuns()
+        canary = canary_audits(base, todo, canaries, targets, cfg, resolution, device, log) if cfg.canaries else {}
         distinct = {id(t): t for x in targets.values() for t in (x, x.reference)}
         queries_run = sum(t.unet_queries for t in distinct.values())
 
-    results = {m.name: {a: _metrics(runs, cfg, m.name, a) for a in runs.scores[m.name]} for m in models}
-    _log_decisions(results, log)
-    report = build_report(cfg, base, splits, chosen, models, attacks, results, runs, queries_run,
+    results = {m.name: {a: _metrics(runs, cfg, m.name, a) for a in runs.scores[m.name]} for m in todo}
+    report = build_report(cfg, base, splits, chosen, todo, attacks, results, runs, queries_run,
                           resolution, device, time.time() - started)
     for model in report["models"]:
         if model["name"] in canary:
             model["canary_audit"] = canary[model["name"]]
+    if cache:
+        merge_cached(report, [m.name for m in models], reused, keys, cache)
+        _log_reuse(report, log)
+    _log_decisions({m["name"]: m["results"] for m in report["models"]}, log)
     _add_shadow_report(report, shadow_sets)
-    return _write_report(out, report, runs.scores, results, runs.skipped, log)
+    return _write_report(out, report, log)
 
 
 def _parts(cfg: AuditConfig, lora_files: list[Path]) -> list[list[Path]] | None:
@@ -171,13 +187,15 @@ def _audit_part(cfg: AuditConfig) -> dict:
     return run_audit(cfg, log=lambda line: None)
 
 
-def _write_report(out: Path, report: dict, scores: dict, results: dict, skipped: dict,
-                  log: Callable[[str], None]) -> dict[str, Any]:
+def _write_report(out: Path, report: dict, log: Callable[[str], None]) -> dict[str, Any]:
+    from privlora.audit_parts import plot_inputs
+
+    plot = plot_inputs(report)
     files = {
         "report.json": (json.dumps(report, indent=2) + "\n").encode("utf-8"),
         "report.md": render.markdown(report).encode("utf-8"),
-        "roc.png": render.roc_png(scores, results),
-        "scores.png": render.scores_png(scores, skipped),
+        "roc.png": render.roc_png(plot["scores"], plot["results"]),
+        "scores.png": render.scores_png(plot["scores"], plot["skipped"]),
     }
     for name, data in files.items():  # only now, with every input checked and every number computed
         write_bytes(out / name, data)
@@ -503,6 +521,76 @@ def build_report(cfg: AuditConfig, base, splits: Splits, chosen: dict, models: l
     }
 
 
+# ------------------------------------------------------------------------------------------------ model cache
+
+
+def cache_keys(cfg: AuditConfig, base, splits: Splits, chosen: dict[str, list[Example]], attacks: list[Attack],
+               resolution: int, device, models: list[_Model], shadow_sets: dict[Path, Any],
+               canaries: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """Per model, everything its report entry depends on (``privlora.audit_cache``): what every model of this audit
+    shares, then the model's own inputs. Neither the other LoRAs nor the output folder nor ``jobs`` (a part gives
+    the serial numbers) is in it; the torch thread count is, since on a CPU it may change the last bits.
+
+    The base row borrows from the LoRAs beside it: its text encoding (``base_encoding``), with shadow attacks the
+    first LoRA's shadows as its control, with canaries the first canary file found. Its key holds each of them, so
+    it is reused exactly when the LoRAs give it the same inputs again (a LoRA added after the first, trained with
+    the same text encoding, keeps it)."""
+    from privlora.audit_cache import FileHashes
+
+    shared = _shared_key(cfg, base, splits, chosen, attacks, resolution, device)
+    hashes = FileHashes()
+    return {m.name: {**shared, "model": _model_key(m, shadow_set_of(m, shadow_sets), canaries.get(m.name), attacks,
+                                                   hashes)} for m in models}
+
+
+def _shared_key(cfg: AuditConfig, base, splits: Splits, chosen: dict[str, list[Example]], attacks: list[Attack],
+                resolution: int, device) -> dict[str, Any]:
+    from privlora.audit_cache import FORMAT, code_fingerprint, content_digest, folder_stamps
+
+    base_folder = Path(base.name)
+    samples = {role: [[splits.hash_of(e), e.caption] for e in examples] for role, examples in chosen.items()}
+    canary_attack = build_attacks([cfg.canary_attack], cfg.attack_params)[0] if cfg.canaries else None
+    return {
+        "format": FORMAT, "code": code_fingerprint(),
+        "compute": {"device": str(device), "torch": torch.__version__,
+                    "threads": torch.get_num_threads() if device.type == "cpu" else None},
+        "base_model": {"path": cfg.pretrained_model_name_or_path, "config_dir": cfg.config_dir, "name": base.name,
+                       "unet_sha256": base.sha256,
+                       "files": folder_stamps(base_folder) if base_folder.is_dir() else None},
+        "samples": content_digest(samples),  # the manifest's images (by content) and captions this audit scores
+        "attacks": [[a.name, _jsonable(a.params())] for a in attacks],  # in order: the report's order
+        "canary_attack": [canary_attack.name, _jsonable(canary_attack.params())] if canary_attack else None,
+        "seed": cfg.seed, "resolution": resolution, "center_crop": cfg.center_crop, "batch_size": cfg.batch_size,
+        "max_samples": cfg.max_samples, "n_bootstrap": cfg.n_bootstrap, "clip_skip": cfg.clip_skip,
+        "max_token_length": cfg.max_token_length,
+    }
+
+
+def _model_key(m: _Model, shadow_set, canary_file: Path | None, attacks: list[Attack],
+               hashes: Callable[[Path], str]) -> dict[str, Any]:
+    from privlora.audit_cache import content_digest
+
+    beside = [f for a in attacks for f in (a.side_files(m.path) if m.path else [])]
+    return {
+        "name": m.name,  # seeds the bootstrap
+        "kind": m.kind, "path": str(m.path) if m.path else None, "sha256": m.sha256,
+        "text_encoding": m.encoding.as_dict(),
+        "shadows": None if shadow_set is None else {
+            "files": [hashes(f) for f in shadow_set.files], "steps": shadow_set.steps,
+            "pool": content_digest(shadow_set.keys), "masks": content_digest(shadow_set.masks.tolist())},
+        "canaries": [str(canary_file), hashes(canary_file)] if canary_file else None,
+        "files_beside": {f.name: hashes(f) if f.is_file() else None for f in beside},
+    }
+
+
+def _log_reuse(report: dict, log: Callable[[str], None]) -> None:
+    summary = report.get("model_cache")
+    if summary:
+        reused = summary["reused"]
+        log(f"model cache {summary['folder']}: {len(reused)} of {len(report['models'])} models reused"
+            + (f" ({', '.join(reused)})" if reused else "") + f", {len(summary['audited'])} audited now")
+
+
 def shadows_for(cfg: AuditConfig, names: list[str], lora_files: list[Path], out: Path,
                 log: Callable[[str], None]) -> dict[Path, Any]:
     """Each LoRA's shadow set (privlora.shadows) when a shadow attack is asked for; {} otherwise."""
@@ -529,9 +617,8 @@ def attach_shadows(base, models: list[_Model], targets: dict[str, Target], shado
     import dataclasses
 
     made: dict[tuple[Path, TextEncoding], Target] = {}
-    control = next(iter(shadow_sets.values()), None)
     for m in models:
-        shadow_set = shadow_sets.get(m.path) if m.path else control
+        shadow_set = shadow_set_of(m, shadow_sets)
         if shadow_set is None:
             continue
         own = targets[m.name]
@@ -545,6 +632,11 @@ def attach_shadows(base, models: list[_Model], targets: dict[str, Target], shado
                                    reference=own.reference)
             shadow_targets.append(made[key])
         own.shadows = dataclasses.replace(shadow_set, targets=shadow_targets)  # type: ignore[attr-defined]
+
+
+def shadow_set_of(model: _Model, shadow_sets: dict[Path, Any]):
+    """A LoRA's own shadow set; the base model's is the first LoRA's (a control); None without shadow attacks."""
+    return shadow_sets.get(model.path) if model.path else next(iter(shadow_sets.values()), None)
 
 
 def _encoder(base, encoding: TextEncoding) -> Callable[[list[str]], torch.Tensor]:
@@ -583,18 +675,25 @@ def _add_shadow_report(report: dict, shadow_sets: dict[Path, Any]) -> None:
 AUTO = "auto"
 
 
-def canary_audits(base, models: list[_Model], targets: dict[str, Target], cfg: AuditConfig, resolution: int, device,
-                  log: Callable[[str], None]) -> dict[str, dict]:
-    """The one-run ε lower bound of every LoRA from its run's canaries: each canary scored by ``canary_attack``,
-    guesses on the extremes, Steinke et al.'s bound at the LoRA's claimed δ (0 without a DP claim). With
-    ``canaries = "auto"`` each LoRA uses the canaries.json beside it; the base model (and a LoRA without one) is
-    audited against the first file found. The base model, trained on no canary, is a control."""
+def canary_files(models: list[_Model], cfg: AuditConfig) -> dict[str, Path]:
+    """Each model's canaries.json: ``cfg.canaries``, or with "auto" the one beside the LoRA; the base model (and a
+    LoRA without one) gets the first file found among all the audited models; {} when none is found."""
     from privlora.data.canaries import CANARY_NAME
 
-    files = {m.name: (Path(cfg.canaries) if cfg.canaries != AUTO else  # type: ignore[arg-type]
-                      (m.path.parent / CANARY_NAME if m.path else None)) for m in models}
-    found = [f for f in files.values() if f is not None and f.is_file()]
+    own = {m.name: (Path(cfg.canaries) if cfg.canaries != AUTO else  # type: ignore[arg-type]
+                    (m.path.parent / CANARY_NAME if m.path else None)) for m in models}
+    found = [f for f in own.values() if f is not None and f.is_file()]
     if not found:
+        return {}
+    return {name: f if f is not None and f.is_file() else found[0] for name, f in own.items()}
+
+
+def canary_audits(base, models: list[_Model], files: dict[str, Path], targets: dict[str, Target],
+                  cfg: AuditConfig, resolution: int, device, log: Callable[[str], None]) -> dict[str, dict]:
+    """The one-run ε lower bound of each of ``models`` from its canaries (``files``: ``canary_files`` of every
+    audited model): each canary scored by ``canary_attack``, guesses on the extremes, Steinke et al.'s bound at the
+    LoRA's claimed δ (0 without a DP claim). The base model, trained on no canary, is a control."""
+    if not files:
         log("canary audit: no canaries.json beside any audited LoRA; skipped")
         return {}
     if ATTACKS[cfg.canary_attack].fits:
@@ -604,7 +703,6 @@ def canary_audits(base, models: list[_Model], targets: dict[str, Target], cfg: A
     out = {}
     for model in models:
         file = files[model.name]
-        file = file if file is not None and file.is_file() else found[0]
         if file not in prepared:
             prepared[file] = _canary_batches(base, file, cfg, resolution, device)
         included, batches = prepared[file]

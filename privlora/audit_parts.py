@@ -21,6 +21,7 @@ from collections.abc import Callable
 import numpy as np
 
 from privlora.attacks import TEST_ROLES
+from privlora.audit_cache import merge_summaries
 
 
 def run_in_parts(cfg, files: list[Path], parts: list[list[Path]], threads: int, log: Callable[[str], None],
@@ -51,6 +52,8 @@ def merge_reports(reports: list[dict], order: list[str], wall: float, processes:
     merged["unet_queries"] = {**reports[0]["unet_queries"],
                               "total_run": sum(r["unet_queries"]["total_run"] for r in reports)}
     merged["settings"] = {**reports[0]["settings"], "processes": processes}
+    if "model_cache" in reports[0]:
+        merged["model_cache"] = merge_summaries([r["model_cache"] for r in reports], order)
     merged["wall_seconds"] = round(wall, 2)
     return merged
 

@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from collections.abc import Callable
 
-from privlora.benchcache import PhaseCache, file_stamp
+from privlora.benchcache import AUDIT_CACHE, PhaseCache, file_stamp
 from privlora.benchjobs import check_same_split, train_all
 from privlora.benchselect import Pick, compare_selection, pick_for, select_runs
 from privlora.benchspec import (DATA_KEYS, BenchSpec, Job, baseline_name, budget_files, budget_steps, check_runs,
@@ -167,8 +167,10 @@ def history(job: Job) -> dict:
 def audit(spec: BenchSpec, cfg, splits: Path, loras: list[Path], name: str = "audit",
           shadow_seed: int | None = None) -> dict:
     """The audit of every model (and the base model), in ``<out>/<folder>``, reused when it was run with exactly
-    these inputs. ``shadow_seed``: one for every seed's audit, so the seeds' re-drawn splits of the same images
-    share one set of shadows (``privlora.shadows``)."""
+    these inputs; otherwise each model's entry is still reused from ``<out>/audit-cache`` when its own inputs are
+    unchanged (``privlora.audit_cache``), so a run added to the bench audits only its models. ``shadow_seed``: one
+    for every seed's audit, so the seeds' re-drawn splits of the same images share one set of shadows
+    (``privlora.shadows``)."""
     from privlora.audit import AuditConfig, run_audit
 
     folder = spec.out / name
@@ -185,7 +187,8 @@ def audit(spec: BenchSpec, cfg, splits: Path, loras: list[Path], name: str = "au
                                    seed=cfg.seed, n_bootstrap=spec.n_bootstrap, config_dir=cfg.config_dir,
                                    clip_skip=cfg.clip_skip, jobs=spec.jobs, threads_per_job=spec.threads_per_job,
                                    canaries="auto" if cfg.canaries else None, shadows=spec.shadows,
-                                   shadow_dir=str(spec.out / "shadows"), shadow_seed=shadow_seed))
+                                   shadow_dir=str(spec.out / "shadows"), shadow_seed=shadow_seed,
+                                   model_cache=str(spec.out / AUDIT_CACHE)))
     cache.put(name, inputs, {"report": str(Path(name) / "report.json")})
     return report
 

@@ -8,6 +8,8 @@ from typing import Any
 
 from privlora.io import write_json
 
+AUDIT_CACHE = "audit-cache"  # <out>/audit-cache: every audit of the bench keeps each model's results there
+
 
 class PhaseCache:
     """For every finished piece of the bench, the inputs it was computed from and its result. A piece is reused

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from privlora.benchcache import PhaseCache, file_stamp
+from privlora.benchcache import AUDIT_CACHE, PhaseCache, file_stamp
 from privlora.benchspec import BenchSpec, Job, job_seed
 from privlora.benchtable import model_row
 
@@ -81,7 +81,8 @@ def aux_selection(spec: BenchSpec, job: Job, log) -> dict:
     try:
         result = select(SelectConfig(str(job.out), spec.max_auc, spec.max_tpr_at_1fpr, list(spec.select_attacks),
                                      settings["seed"], spec.n_bootstrap, True, jobs=spec.jobs,
-                                     threads_per_job=spec.threads_per_job), log=log)
+                                     threads_per_job=spec.threads_per_job,
+                                     model_cache=str(spec.out / AUDIT_CACHE)), log=log)
     except Unsupported as e:  # cached too: the same aux roles refuse the same bound again
         log(f"selection refused: {e}")
         result = {"settings": settings, "refused": str(e), "checkpoints": {},

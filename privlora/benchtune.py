@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from privlora.benchcache import PhaseCache, file_stamp
+from privlora.benchcache import AUDIT_CACHE, PhaseCache, file_stamp
 from privlora.benchjobs import check_same_split, train_all
 from privlora.benchspec import BenchSpec, Job, bench_seeds, job_config, job_seed, make_job, training_settings
 from privlora.errors import PrivloraError
@@ -108,7 +108,7 @@ def measure_points(spec: BenchSpec, run: str, points: list[GridPoint], seed: int
     log(f"tuning {run}: the held-out loss of its {len(points)} grid points on nonmember_aux only")
     losses = nonmember_losses(first.dir.splits, spec.out / "tune" / run / "heldout", [p.job.dir.lora() for p in points],
                               run_settings(first.out), seed, jobs=spec.jobs, threads_per_job=spec.threads_per_job,
-                              log=log)
+                              model_cache=str(spec.out / AUDIT_CACHE), log=log)
     scored = [{"model": p.job.name, "values": p.values, "heldout_loss": losses[p.job.name]} for p in points]
     best = min(range(len(scored)), key=lambda i: (scored[i]["heldout_loss"], i))
     method = spec.runs[run].get("method", run)

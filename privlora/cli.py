@@ -121,7 +121,7 @@ def _audit(args: argparse.Namespace, overrides: dict) -> int:
                       attack_params={"proxy": {"attacker": args.proxy_attacker}}, jobs=args.jobs,
                       threads_per_job=args.threads_per_job, canaries=args.canaries,
                       canary_attack=args.canary_attack, shadows=args.shadows, shadow_dir=args.shadow_dir,
-                      shadow_method=args.shadow_method, shadow_seed=args.shadow_seed)
+                      shadow_method=args.shadow_method, shadow_seed=args.shadow_seed, model_cache=args.model_cache)
     run_audit(cfg)
     return 0
 
@@ -168,6 +168,10 @@ def _add_audit_parser(sub) -> None:
                             "per LoRA (Steinke, Nasr & Jagielski 2023); 'auto': each LoRA's own run folder's file")
     audit.add_argument("--canary_attack", default="ref_loss",
                        help="the single-model attack that scores the canaries (loss, ref_loss, secmi, pia)")
+    audit.add_argument("--model_cache", default=None, metavar="DIR",
+                       help="keep each model's results in DIR and reuse them in a later audit while everything they "
+                            "depend on is unchanged (the model file, base model, samples, settings); give the same "
+                            "DIR to audit only the models added since")
     _add_jobs_flags(audit, "on a CPU, the models split between this many worker processes (same numbers)")
     audit.set_defaults(handler=_audit)
 

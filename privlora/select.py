@@ -43,6 +43,7 @@ class SelectConfig:
     out: str | None = None  # default: <run_dir>/select.json
     jobs: int = 1  # on a CPU: worker processes of the audit (same numbers)
     threads_per_job: int | None = None
+    model_cache: str | None = None  # the audit's --model_cache: checkpoints scored before are not scored again
 
 
 def list_checkpoints(run_dir: Path, output_name: str) -> list[Path]:
@@ -111,7 +112,8 @@ def select(cfg: SelectConfig, log=print) -> dict:
         pretrained_model_name_or_path=settings.get("pretrained_model_name_or_path", "tiny-sd"),
         loras=[str(p) for p in checkpoints], attacks=attacks, include_base=cfg.include_base, seed=cfg.seed,
         n_bootstrap=cfg.n_bootstrap, resolution=settings.get("resolution"), config_dir=settings.get("config_dir"),
-        clip_skip=settings.get("clip_skip"), jobs=cfg.jobs, threads_per_job=cfg.threads_per_job), log=log)
+        clip_skip=settings.get("clip_skip"), jobs=cfg.jobs, threads_per_job=cfg.threads_per_job,
+        model_cache=cfg.model_cache), log=log)
     rows = {m["name"]: estimate(m) for m in report["models"]}
     choice = choose(rows, cfg.max_auc, cfg.max_tpr_at_1fpr)
     paths = {p.stem: str(p) for p in checkpoints}
@@ -266,7 +268,7 @@ def nonmember_manifest(splits_file: Path, out_file: Path, seed: int) -> Path:
 
 def nonmember_losses(splits_file: Path, work: Path, loras: list[Path], settings: dict, seed: int, *,
                      include_base: bool = False, jobs: int = 1, threads_per_job: int | None = None,
-                     log=print) -> dict[str, float]:
+                     model_cache: str | None = None, log=print) -> dict[str, float]:
     """Each model's held-out denoising loss on nonmember_aux alone (``nonmember_manifest``; its scored quarters),
     by model name. The audit's queries are seeded per image, so every model is asked at the same timesteps and
     noise. ``settings``: the resolved training settings of the runs (model, resolution, clip skip)."""
@@ -278,7 +280,8 @@ def nonmember_losses(splits_file: Path, work: Path, loras: list[Path], settings:
         pretrained_model_name_or_path=settings.get("pretrained_model_name_or_path", "tiny-sd"),
         loras=[str(p) for p in loras], attacks=["loss"], include_base=include_base, seed=seed,
         n_bootstrap=0, resolution=settings.get("resolution"), config_dir=settings.get("config_dir"),
-        clip_skip=settings.get("clip_skip"), jobs=jobs, threads_per_job=threads_per_job), log=log)
+        clip_skip=settings.get("clip_skip"), jobs=jobs, threads_per_job=threads_per_job,
+        model_cache=model_cache), log=log)
     return {m["name"]: -float(np.mean(m["scores"]["loss"]["member_test"] + m["scores"]["loss"]["nonmember_test"]))
             for m in report["models"]}
 
@@ -292,7 +295,7 @@ def select_on_nonmembers(cfg: SelectConfig, run_dir: Path, settings: dict, guara
         "(post-processing; member_aux is training data and is not used); the leakage bounds are not applied")
     losses = nonmember_losses(RunDir(run_dir).splits, run_dir / "select", checkpoints, settings, cfg.seed,
                               include_base=cfg.include_base, jobs=cfg.jobs, threads_per_job=cfg.threads_per_job,
-                              log=log)
+                              model_cache=cfg.model_cache, log=log)
     best = min(losses, key=lambda n: (losses[n], n))
     paths = {p.stem: str(p) for p in checkpoints}
     rule = ("DP run: the lowest held-out loss on nonmember_aux, a choice that uses no training data "

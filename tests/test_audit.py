@@ -51,7 +51,11 @@ def make_lora(folder: Path, out: Path, *, text_encoder: bool = False, zero: bool
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("audit")
+    return make_env(tmp_path_factory.mktemp("audit"))
+
+
+def make_env(root: Path) -> dict:
+    """A tiny model, a 24-image split (6 + 6 test, 4 + 4 aux) and LoRAs for it (te, zero, wide, extra)."""
     model = make_tiny_folder(root / "model")
     data = root / "data"
     synthetic.write_folder(data / "images", 24, seed=5, resolution=32)

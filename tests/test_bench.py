@@ -338,6 +338,29 @@ def test_bench_on_a_kohya_folder_reuses_finished_pieces(toy, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_a_run_added_to_the_bench_audits_only_its_own_models(toy, tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["bench", "--out", str(out), "--train_data_dir", str(toy["kohya"]), "--preset", toy["preset"], *TOY,
+            "--quality_samples", "0"]
+    assert main([*args, "--methods", "lora"]) == 0, capsys.readouterr().err
+    first = json.loads((out / "table.json").read_text())
+    capsys.readouterr()
+    assert main([*args, "--methods", "lora,smp_lora"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "audit" / "report.json").read_text())
+    baseline = [m["name"] for m in report["models"] if not m["name"].startswith("smp_lora")]
+    assert report["model_cache"]["reused"] == baseline == ["base", "lora", "lora-e0002"]
+    assert report["model_cache"]["audited"] and all(n.startswith("smp_lora") for n in report["model_cache"]["audited"])
+    assert "model cache" in printed and "3 of " in printed
+    again = json.loads((out / "table.json").read_text())
+    for name in baseline:
+        assert again["rows"][name]["auc"] == first["rows"][name]["auc"], name
+    # the new run's aux-only selection (same split, seed and text encoding) takes the base row from lora's
+    selection = json.loads((out / "smp_lora" / "select" / "report.json").read_text())
+    assert selection["model_cache"]["reused"] == ["base"]
+
+
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")  # the claim is "equals a serial one-thread run": thread count changes sums
 def test_parallel_trainings_give_the_serial_table(toy, tmp_path, capsys):
     tables = {}

@@ -74,6 +74,10 @@ class Attack(ABC):
         this model (it is then skipped for it, and the report says why). Raise PrivloraError for bad input."""
         return None
 
+    def side_files(self, lora: Path) -> list[Path]:
+        """Files beside an audited LoRA that ``prepare`` reads; the audit's model cache keys a model on them."""
+        return []
+
     def details(self) -> dict[str, Any]:
         """What the report should know about this attack on this model (after prepare). ``held_out: False``: the
         attack was trained on the test samples with their labels, so its test scores are not a held-out measurement."""

@@ -117,6 +117,9 @@ class ProxyAttack(Attack):
         self._details = self._describe(path, meta, lora_hyperparameters(read_lora_metadata(model.source)))
         return None
 
+    def side_files(self, lora: Path) -> list[Path]:
+        return [attacker_file(lora, self.attacker)]
+
     def _describe(self, path: Path, meta: dict[str, str], trained: dict) -> dict[str, Any]:
         adv_step = trained.get("adv_step")
         # Only the reference step trains the attacker on the aux roles alone (fused: every training image,

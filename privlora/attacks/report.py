@@ -136,8 +136,19 @@ def _header(report: dict[str, Any]) -> list[str]:
         "Clopper–Pearson interval on the members caught there; n/e: too few non-members to resolve that FPR)",
         f"- wall time {report['wall_seconds']:.1f} s, "
         f"{report['unet_queries']['total_run']} UNet sample-evaluations run",
+        *_cache_line(report),
         "",
     ]
+
+
+def _cache_line(report: dict[str, Any]) -> list[str]:
+    cache = report.get("model_cache")
+    if not cache:
+        return []
+    reused = cache["reused"]
+    return [f"- model cache `{cache['folder']}`: {len(reused)} of {len(report['models'])} models reused from earlier "
+            "audits" + (f" ({', '.join(f'`{n}`' for n in reused)}; their seconds and UNet evaluations are those "
+                        "audits', not counted above)" if reused else "")]
 
 
 def _comparison(report: dict[str, Any]) -> list[str]:
