@@ -141,11 +141,33 @@ def run_checkpoint_steps(lora: Path, settings: dict, total: int) -> set[int]:
     return {s for s in steps if s is not None and s <= total}
 
 
-def shadow_key(settings: dict, steps: int, pool: list[dict], k: int, seed: int, method: str | None) -> str:
+def shadow_key(settings: dict, steps: int, pool: list[dict], k: int, seed: int, method: str | None,
+               *, legacy: bool = False) -> str:
+    """The family's cache key. Settings at their default are left out, so a key privlora adds later (absent from
+    older runs' resolved configs, present at its default in newer ones) does not give the same run two families;
+    ``legacy`` is the key of families cached before that rule (every setting in), still looked up."""
     shaping = {key: value for key, value in sorted(settings.items()) if key not in UNSHAPING}
+    if not legacy:
+        defaults = _defaults(str(method or settings.get("method") or "lora"))
+        shaping = {key: value for key, value in shaping.items()
+                   if key == "method" or key not in defaults or value != defaults[key]}
     text = json.dumps({"settings": shaping, "steps": steps, "pool": [e["sha256"] for e in pool], "k": k,
                        "seed": seed, "method": method}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def family_folder(shadow_dir: Path, settings: dict, steps: int, pool: list[dict], k: int, seed: int,
+                  method: str | None) -> Path:
+    """The family's folder under ``shadow_dir``: its key's, or a folder cached under its legacy key."""
+    folder = shadow_dir / shadow_key(settings, steps, pool, k, seed, method)
+    legacy = shadow_dir / shadow_key(settings, steps, pool, k, seed, method, legacy=True)
+    return legacy if legacy.is_dir() and not folder.is_dir() else folder
+
+
+def _defaults(method: str) -> dict:
+    from privlora.config import make_config
+
+    return {key: value for key, value in make_config({"method": method}).flat().items() if value is not None}
 
 
 @dataclass
@@ -185,8 +207,8 @@ def ensure_shadows(loras: list[Path], splits_file: Path, k: int, seed: int, shad
         if steps is None:
             raise file_error(lora, "has no ss_steps in its metadata: the shadows cannot match its training length")
         total = run_length(lora, settings, steps)
-        key = shadow_key(settings, total, pool, k, seed, method)
-        family = families.setdefault(key, _Family(shadow_dir / key, resolved, total))
+        folder = family_folder(shadow_dir, settings, total, pool, k, seed, method)
+        family = families.setdefault(folder.name, _Family(folder, resolved, total))
         family.steps.add(steps)
         family.saved |= {steps, *run_checkpoint_steps(lora, settings, total)}
         wanted[lora] = (family, steps)

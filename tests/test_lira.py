@@ -224,3 +224,25 @@ def test_checkpoints_of_one_run_share_one_family_and_resplits_of_the_same_images
     assert main(["audit", "--lora", str(early), "--splits", str(resplit), "--out", str(tmp_path / "a4"),
                  *other_seed]) == 0
     assert "reusing 2 shadows from" in capsys.readouterr().out
+
+
+def test_a_setting_at_its_default_does_not_change_the_family_and_legacy_folders_are_still_found(tmp_path):
+    """A key privlora adds later is absent from older runs' resolved configs and at its default in newer ones: both
+    give one family. A non-default value or another method gives another; a family cached under the former key
+    (every setting in) is still found."""
+    from privlora.shadows import family_folder, shadow_key
+
+    pool = [{"sha256": "a"}, {"sha256": "b"}]
+    old = {"method": "lora", "unet_lr": 1e-3, "network_dim": 16}
+    new = {**old, "caption_swap_rate": 0.0, "text_noise_scale": 0.0}
+    key = shadow_key(old, 270, pool, 8, 1, None)
+    assert shadow_key(new, 270, pool, 8, 1, None) == key
+    assert shadow_key({**new, "caption_swap_rate": 0.25}, 270, pool, 8, 1, None) != key
+    assert shadow_key({**old, "method": "loss_floor"}, 270, pool, 8, 1, None) != key  # the method always counts
+    assert shadow_key(new, 270, pool, 8, 1, None, legacy=True) != shadow_key(old, 270, pool, 8, 1, None, legacy=True)
+    assert family_folder(tmp_path, new, 270, pool, 8, 1, None) == tmp_path / key  # nothing cached: the new key
+    legacy = tmp_path / shadow_key(new, 270, pool, 8, 1, None, legacy=True)
+    legacy.mkdir()
+    assert family_folder(tmp_path, new, 270, pool, 8, 1, None) == legacy
+    (tmp_path / key).mkdir()  # once a family exists under the new key, it wins
+    assert family_folder(tmp_path, new, 270, pool, 8, 1, None) == tmp_path / key
