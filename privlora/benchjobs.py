@@ -42,14 +42,14 @@ def changed_settings(spec: BenchSpec, job: Job) -> str:
     comment there) counts as its default."""
     import tomllib
 
-    from privlora.config import make_config
+    from privlora.config import method_defaults
 
     try:
         recorded = _flat(tomllib.loads(job.dir.resolved.read_text(encoding="utf-8")))
     except (OSError, tomllib.TOMLDecodeError):
         return "no readable resolved_config.toml"
     now = job_config(spec, job).flat()
-    defaults = make_config({"method": now.get("method", "lora")}).flat()
+    defaults = method_defaults(now.get("method", "lora"))
     diffs = []
     for key in sorted(now):
         then = recorded.get(key, defaults.get(key))

@@ -47,6 +47,12 @@ def _hints(cls: type) -> dict[str, Any]:
     return get_type_hints(cls)
 
 
+def method_defaults(method: str) -> dict[str, Any]:
+    """Every key of a ``method`` run at its default (flat, shared and the method's own): what a setting absent from
+    an older run's resolved config stood for."""
+    return make_config({"method": method}).flat()
+
+
 def make_config(values: dict[str, Any] | None = None, *, source: str = "config", foreign: str = "error",
                 **keys: Any) -> TrainConfig:
     """Flat keys (already typed) → a ``TrainConfig`` holding the method's settings; not validated.

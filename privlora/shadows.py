@@ -148,9 +148,11 @@ def shadow_key(settings: dict, steps: int, pool: list[dict], k: int, seed: int, 
     ``legacy`` is the key of families cached before that rule (every setting in), still looked up."""
     shaping = {key: value for key, value in sorted(settings.items()) if key not in UNSHAPING}
     if not legacy:
-        defaults = _defaults(str(method or settings.get("method") or "lora"))
+        from privlora.config import method_defaults
+
+        defaults = method_defaults(str(method or settings.get("method") or "lora"))
         shaping = {key: value for key, value in shaping.items()
-                   if key == "method" or key not in defaults or value != defaults[key]}
+                   if key == "method" or defaults.get(key) is None or value != defaults[key]}
     text = json.dumps({"settings": shaping, "steps": steps, "pool": [e["sha256"] for e in pool], "k": k,
                        "seed": seed, "method": method}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -162,12 +164,6 @@ def family_folder(shadow_dir: Path, settings: dict, steps: int, pool: list[dict]
     folder = shadow_dir / shadow_key(settings, steps, pool, k, seed, method)
     legacy = shadow_dir / shadow_key(settings, steps, pool, k, seed, method, legacy=True)
     return legacy if legacy.is_dir() and not folder.is_dir() else folder
-
-
-def _defaults(method: str) -> dict:
-    from privlora.config import make_config
-
-    return {key: value for key, value in make_config({"method": method}).flat().items() if value is not None}
 
 
 @dataclass
