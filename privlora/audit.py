@@ -137,7 +137,7 @@ def run_audit(cfg: AuditConfig, log: Callable[[str], None] = print) -> dict[str,
             + " (loss, ref_loss and mlp share theirs; ref_loss's base half is run once per audit)")
         runs = run_attacks(todo, targets, names, cfg, batches) if todo else AttackRuns()
         canary = canary_audits(base, todo, canaries, targets, cfg, resolution, device, log) if cfg.canaries else {}
-        distinct = {id(t): t for x in targets.values() for t in (x, x.reference)}
+        distinct = {id(t): t for x in targets.values() for t in _paid_for(x)}
         queries_run = sum(t.unet_queries for t in distinct.values())
 
     results = {m.name: {a: _metrics(runs, cfg, m.name, a) for a in runs.scores[m.name]} for m in todo}
@@ -410,14 +410,13 @@ def run_attacks(models: list[_Model], targets: dict[str, Target], names: list[st
                 table[model.name] = {}
             for attack in plans[model.name][0]:
                 bar.set_description(f"{model.name}: {attack.name}")
-                before, ref_before, t0 = target.unet_queries, target.reference.unet_queries, time.time()
+                paid = {id(t): t for t in _paid_for(target)}
+                before, t0 = {key: t.unet_queries for key, t in paid.items()}, time.time()
                 runs.fits[model.name][attack.name] = _fit(attack, target, batches, bar, n_aux)
                 runs.scores[model.name][attack.name] = {role: _score(attack, target, batches[role], bar)
                                                         for role in TEST_ROLES}
                 runs.details[model.name][attack.name] = attack.details()
-                ran = target.unet_queries - before
-                if target.reference is not target:
-                    ran += target.reference.unet_queries - ref_before
+                ran = sum(t.unet_queries - before[key] for key, t in paid.items())
                 runs.timing[model.name][attack.name] = {"seconds": round(time.time() - t0, 2), "unet_queries_run": ran}
             if target.reference is not target:
                 target.clear_cache()  # the base target's cache is kept: every LoRA's ref_loss reuses it
@@ -632,6 +631,13 @@ def attach_shadows(base, models: list[_Model], targets: dict[str, Target], shado
                                    reference=own.reference)
             shadow_targets.append(made[key])
         own.shadows = dataclasses.replace(shadow_set, targets=shadow_targets)  # type: ignore[attr-defined]
+
+
+def _paid_for(target: Target) -> list[Target]:
+    """Every UNet a model's queries run on: its own, its base reference and its shadows (a shadow attack asks each
+    shadow the model's queries; shadows shared between models answer each query once)."""
+    shadows = getattr(target, "shadows", None)
+    return [target, target.reference, *(getattr(shadows, "targets", None) or [])]
 
 
 def shadow_set_of(model: _Model, shadow_sets: dict[Path, Any]):

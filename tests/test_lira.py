@@ -163,6 +163,14 @@ def test_audit_with_lira_trains_shadows_once_and_a_second_audit_reuses_them(tmp_
     assert {"loss", "lira", "lira_offline"} <= set(result) and 0 <= result["lira"]["auc"] <= 1
     assert result["lira"]["fit"]["shadows"] == 2
     assert report["shadows"]["trained_now"] == 2 and report["models"][0]["most_exposed"]["lira"]
+    # the shadows' queries are paid for: lira runs (at least) each shadow on every test image, on top of what the
+    # loss attack already ran on the model itself, and the audit's total counts every query an attack ran
+    n_test = sum(len(report["models"][0]["scores"]["loss"][role]) for role in ("member_test", "nonmember_test"))
+    per_sample = report["unet_queries"]["per_sample"]["lira"]
+    assert result["lira"]["unet_queries_run"] >= 2 * n_test * per_sample
+    ran = [report["models"][m]["results"][a]["unet_queries_run"] for m in range(len(report["models"]))
+           for a in report["models"][m]["results"]]
+    assert report["unet_queries"]["total_run"] == sum(ran)
     masks = json.loads(next(shadow_dir.glob("*/masks.json")).read_text())
     assert np.array(masks["masks"]).sum(0).tolist() == [1] * len(masks["pool"])  # K = 2: each IN exactly one
     # another audit of the same LoRA (the same settings and steps): the shadows are reused
