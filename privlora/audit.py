@@ -169,17 +169,36 @@ def parts_for(cfg: AuditConfig, files: list[Path]) -> list[list[Path]] | None:
     """LoRA files per part (round-robin, so parts get similar work), or None where the audit must run whole.
 
     The split is used only where it cannot change a name or a setting: distinct LoRA file names (the serial audit
-    renames duplicates by position), and the base model in the part of the first LoRA, which derives the base
-    row's text encoding exactly as the whole audit would."""
+    renames duplicates by position), the base model in the part of the first LoRA, which derives the base
+    row's text encoding exactly as the whole audit would, and with ``--canaries auto`` the same canaries.json for
+    every model that borrows one (``canary_files``: the first found among the models audited together)."""
     n = min(cfg.jobs, len(files))
     stems = [p.stem for p in files]
     if n < 2 or len(set(stems)) < len(stems) or "base" in stems:
         return None
     parts = [files[k::n] for k in range(n)]
+    if cfg.canaries == AUTO and not _same_borrowed_canaries(files, parts, cfg.include_base):
+        return None
     encodings = [lora_encoding(cfg, p, lora_metadata(p)) for p in files]
     if cfg.include_base and base_encoding(encodings, cfg) != base_encoding(encodings[::n], cfg):
         return None
     return parts
+
+
+def _same_borrowed_canaries(files: list[Path], parts: list[list[Path]], include_base: bool) -> bool:
+    """Whether each part lends its canary-less models (and part 0 its base row) the canaries.json the whole audit
+    would: the first one found beside any audited LoRA."""
+    from privlora.data.canaries import CANARY_NAME
+
+    def first(group: list[Path]) -> Path | None:
+        return next((f for f in (p.parent / CANARY_NAME for p in group) if f.is_file()), None)
+
+    whole = first(files)
+    for k, part in enumerate(parts):
+        borrows = (include_base and k == 0) or any(not (p.parent / CANARY_NAME).is_file() for p in part)
+        if borrows and first(part) != whole:
+            return False
+    return True
 
 
 def _audit_part(cfg: AuditConfig) -> dict:

@@ -416,6 +416,29 @@ def test_parts_keep_names_and_the_base_rows_encoding(env, tmp_path):
     assert parts_for(config(env, tmp_path / "o", jobs=2), [a]) is None
 
 
+def test_parts_lend_the_same_canaries_as_the_whole_audit(env, tmp_path):
+    """--canaries auto: a LoRA without a canaries.json (and the base row) borrows the first one found among the
+    audited models; a split that would lend a different one, or none, runs whole."""
+    from privlora.audit import AUTO, parts_for
+    from privlora.data.canaries import CANARY_NAME
+
+    runs = {}
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        runs[name] = make_lora(env["model"], tmp_path / name / f"{name}.safetensors")
+    a, b, c = runs["a"], runs["b"], runs["c"]
+    (tmp_path / "a" / CANARY_NAME).write_text("{}")
+    auto = config(env, tmp_path / "o", include_base=False, jobs=2, canaries=AUTO)
+    # parts [a, c] and [b]: b borrows a's file in the whole audit, but its part has none to lend
+    assert parts_for(auto, [a, b, c]) is None
+    assert parts_for(config(env, tmp_path / "o", include_base=False, jobs=2), [a, b, c]) == [[a, c], [b]]
+    (tmp_path / "b" / CANARY_NAME).write_text("{}")
+    # c borrows a's in the whole audit and in its part [a, c]; b has its own
+    assert parts_for(auto, [a, b, c]) == [[a, c], [b]]
+    # [b, a] and [c]: c would borrow nothing in its part, a's (the first found) in the whole audit
+    assert parts_for(auto, [b, c, a]) is None
+
+
 def test_jobs_below_one_is_a_one_line_error(env, tmp_path, capsys):
     code = main(["audit", "--splits", str(env["manifest"]), "--out", str(tmp_path / "o"),
                  "--pretrained_model_name_or_path", env["model"], "--lora", str(env["loras"]["zero"]), "--jobs", "0"])
