@@ -72,8 +72,7 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict:
     wall.done("selection")
     chosen = selections[baseline.name]
     picks = {j.name: pick_for(j, selections[j.name]) for j in jobs if j.run != base}
-    pick = chosen["choice"].get("path")
-    extra_pick = [Path(pick)] if pick and Path(pick) not in [baseline.dir.lora(), *budgets] else []
+    extra_pick = recommended_checkpoint(baseline, chosen, budgets)
     loras = audited_models(main_jobs, budgets + extra_pick, picks)
     board.enter("audit")
     log(f"auditing {len(loras)} LoRAs and the base model with {', '.join(spec.attacks)}")
@@ -135,6 +134,14 @@ def prepare_dataset(spec: BenchSpec, log: Callable[[str], None]) -> Path:
     folder = spec.out / f"{spec.dataset}_{cfg.resolution}"
     build_openmoji(folder, cfg.resolution, n_images=n_images, log=log)
     return folder
+
+
+def recommended_checkpoint(baseline: Job, chosen: dict, budgets: list[Path]) -> list[Path]:
+    """Plain LoRA's aux-chosen checkpoint as an extra audited model, unless it is already a row (the final LoRA, a
+    budget). Its file is named from this bench folder, never from the path phases.json recorded, so a copied or
+    moved bench folder audits its own checkpoint."""
+    pick = pick_for(baseline, chosen)
+    return [pick.path] if pick.outcome == "chosen" and pick.path not in [baseline.dir.lora(), *budgets] else []
 
 
 def audited_models(group: list[Job], points: list[Path], picks: dict[str, Pick]) -> list[Path]:

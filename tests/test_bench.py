@@ -480,6 +480,26 @@ def test_a_pick_is_the_chosen_checkpoint_or_the_final_lora_with_the_reason(tmp_p
         assert fallback.reason.startswith(says) and fallback.rows() == ["smp_lora-seed4"]
 
 
+def test_the_recommended_checkpoint_is_named_from_this_bench_folder_not_the_recorded_path(tmp_path):
+    """phases.json records select's result with absolute paths; a copied or moved bench folder must audit its own
+    checkpoint, not the old folder's, and a choice that is already a row (the final LoRA, a budget) adds nothing."""
+    from privlora.bench import recommended_checkpoint
+    from privlora.benchspec import Job
+
+    baseline = Job("lora", "lora", 0, {"output_dir": str(tmp_path / "copy")})
+    old = "/elsewhere/original/lora/lora-e0004.safetensors"
+    chosen = {"choice": {"model": "lora-e0004", "path": old, "reason": "the lowest held-out loss"}}
+    assert recommended_checkpoint(baseline, chosen, []) == [tmp_path / "copy" / "lora-e0004.safetensors"]
+    budget = tmp_path / "copy" / "lora-e0004.safetensors"
+    assert recommended_checkpoint(baseline, chosen, [budget]) == []
+    final = {"choice": {"model": "lora", "path": old, "reason": "the lowest held-out loss"}}
+    assert recommended_checkpoint(baseline, final, []) == []
+    for nothing in ({"choice": {"model": None, "reason": "none under the bound"}},
+                    {"choice": {"model": "base", "reason": "the base model"}},
+                    {"choice": {"reason": "too few aux images"}, "refused": "too few aux images"}):
+        assert recommended_checkpoint(baseline, nothing, []) == []
+
+
 def intermediates_only(monkeypatch):
     """select's own rule (the bound, then the lowest held-out loss), among the intermediate checkpoints only: at toy
     size the final LoRA is usually the most useful, and the bench's use of an earlier choice would go untested."""
