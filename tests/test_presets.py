@@ -58,6 +58,23 @@ def test_preset_parses(preset):
     assert values  # every key known (read_toml rejects unknown ones)
 
 
+# The defences of the complete table (configs/demo/complete.toml) that are options of plain LoRA, not methods: each
+# has a tiny preset that trains with the setting the table measured.
+OPTION_DEFENCES = {"cond_rand": "configs/tiny/cond_rand.toml", "lora_t300": "configs/tiny/timestep_shaping.toml",
+                   "loss_floor": "configs/tiny/loss_floor.toml"}
+
+
+@pytest.mark.parametrize("run", sorted(OPTION_DEFENCES))
+def test_each_defence_option_has_a_tiny_preset_with_the_complete_tables_setting(run):
+    from privlora.benchspec import read_bench_file
+
+    measured = read_bench_file("configs/demo/complete.toml")["runs"][run]
+    preset = read_toml(OPTION_DEFENCES[run])
+    assert measured, run
+    for key, value in measured.items():
+        assert preset[key] == value, (OPTION_DEFENCES[run], key)
+
+
 @pytest.mark.parametrize("bench_file", BENCH_FILES, ids=str)
 def test_bench_file_reads_with_its_train_preset(bench_file):
     from privlora.benchspec import read_bench_file
