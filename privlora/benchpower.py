@@ -140,12 +140,15 @@ def power_table(replicates: list[Replicate], defences: list[str], n_boot: int = 
     rng = np.random.default_rng(seed)
     n = max(1, n_boot) + 1
     per_seed = []
+    unlearned: dict[str, list[int]] = {run: [] for run in defences}
     for rep in replicates:
         im, inm = _draws(rep, n, rng)
         stats = {m: _model_stats(a, im, inm, rep.leakage_attacks) for m, a in rep.scores.items() if a}
         for run, model in rep.runs.items():
             if run in defences and model in stats:
                 stats[model]["distance"] = _frontier_distance(stats, rep.frontier, model)
+                if _learned_nothing(stats, rep.frontier, model):
+                    unlearned[run].append(rep.seed)
         per_seed.append({run: stats[model] for run, model in rep.runs.items() if model in stats})
     picks = rng.integers(0, len(per_seed), (n, len(per_seed)))
     picks[0] = np.arange(len(per_seed))  # row 0: every seed once, the data as measured
@@ -168,8 +171,17 @@ def power_table(replicates: list[Replicate], defences: list[str], n_boot: int = 
                           [x - 0.5 for x in leak["ci95"]]}  # |AUC − 0.5|
         if "frontier_distance" in row:
             row["verdict"] = paired_verdict(row["frontier_distance"]["ci95"])
+            row["learned_nothing_on_seeds"] = unlearned.get(run, [])
         out[run] = row
     return out
+
+
+def _learned_nothing(stats: dict[str, dict[str, np.ndarray]], frontier: list[str], model: str) -> bool:
+    """Whether the model is no more useful than the base model (the frontier's first point) on the data as
+    measured: its leakage is then that of a model that did not learn, not a defence's (e.g. a diverged min-max
+    game). False where the base model was not scored."""
+    base = stats.get(frontier[0]) if frontier else None
+    return base is not None and bool(stats[model]["heldout"][0] >= base["heldout"][0])
 
 
 def paired_verdict(ci: list[float] | None) -> str:

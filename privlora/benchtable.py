@@ -244,8 +244,12 @@ def power_rows(power: dict) -> str:
     for run, r in power.items():
         tpr = _interval(r["best_tpr_at_1pct_fpr_two_sided"]) if r["tpr_estimable"] else "n/e (< 100 non-members)"
         distance = _interval(r["frontier_distance"], "+.3f") if "frontier_distance" in r else "(the baseline)"
+        verdict = r.get("verdict", "")
+        if r.get("learned_nothing_on_seeds"):
+            seeds = ", ".join(str(s) for s in r["learned_nothing_on_seeds"])
+            verdict += f"; learned nothing on seed {seeds} (held-out loss no better than the base model's)"
         lines.append(f"| {run} | {_interval(r['best_auc_two_sided'])} | {_interval(r['auc_gap'])} | {tpr} "
-                     f"| {_interval(r['heldout_loss'], '.4f')} | {distance} | {r.get('verdict', '')} |")
+                     f"| {_interval(r['heldout_loss'], '.4f')} | {distance} | {verdict} |")
     return "\n".join(lines)
 
 

@@ -66,6 +66,26 @@ def test_a_defence_that_helps_on_one_seed_only_is_not_called_above():
     assert pooled["frontier_distance"]["per_seed"][0] < 0 < pooled["frontier_distance"]["per_seed"][2]
 
 
+def test_a_defence_no_more_useful_than_the_base_model_is_flagged_per_seed():
+    """Its low leakage is that of a model that did not learn (MP-LoRA's diverged min-max game did this): the row
+    names the seeds, and the Markdown verdict says so."""
+    from privlora.benchtable import power_rows
+
+    reps = replicates(3)
+    rng = np.random.default_rng(5)
+    for rep, held_out in zip(reps, [0.95, 1.05, 0.95]):  # seed 1: worse than the base model (1.0)
+        rep.scores["broken"] = scores(rng, held_out, held_out)
+        rep.runs["broken"] = "broken"
+    power = power_table(reps, ["private", "broken"], n_boot=100, seed=1)
+    assert power["broken"]["learned_nothing_on_seeds"] == [1]
+    assert power["private"]["learned_nothing_on_seeds"] == []
+    assert "learned_nothing_on_seeds" not in power["lora"]  # the baseline has no verdict
+    md = power_rows(power)
+    broken = next(line for line in md.splitlines() if line.startswith("| broken "))
+    assert "learned nothing on seed 1 (held-out loss no better than the base model's)" in broken
+    assert "learned nothing" not in next(line for line in md.splitlines() if line.startswith("| private "))
+
+
 def test_point_estimates_need_no_resampling():
     point = power_table(replicates(), ["private"], n_boot=0)["private"]
     assert point["frontier_distance"]["ci95"] is None and point["verdict"] == "no interval (n_bootstrap 0)"
