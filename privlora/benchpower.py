@@ -12,7 +12,9 @@ mean nonmember_test loss). The frontier of a seed runs through the base model an
 seed (``benchtable.frontier_auc``; a model more useful than every point is compared with the most useful one). The
 distance from the frontier is the model's leakage minus the frontier's at the model's held-out loss: negative is
 more private than training less. The verdict is "above" (more private) or "below" only when the 95 % interval of
-the mean distance excludes zero, and "indistinguishable" otherwise.
+the mean distance excludes zero, and "indistinguishable" otherwise. A defence whose model is no more useful than
+the base model on a seed (held-out loss not lower) is named with those seeds: its low leakage there is that of a
+model that did not learn, not a defence's (MP-LoRA's min-max game diverges so, docs/benchmarks.md).
 """
 from __future__ import annotations
 
