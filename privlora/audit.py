@@ -188,14 +188,12 @@ def parts_for(cfg: AuditConfig, files: list[Path]) -> list[list[Path]] | None:
 def _same_borrowed_canaries(files: list[Path], parts: list[list[Path]], include_base: bool) -> bool:
     """Whether each part lends its canary-less models (and part 0 its base row) the canaries.json the whole audit
     would: the first one found beside any audited LoRA."""
-    from privlora.data.canaries import CANARY_NAME
-
     def first(group: list[Path]) -> Path | None:
-        return next((f for f in (p.parent / CANARY_NAME for p in group) if f.is_file()), None)
+        return next((f for f in map(canaries_beside, group) if f.is_file()), None)
 
     whole = first(files)
     for k, part in enumerate(parts):
-        borrows = (include_base and k == 0) or any(not (p.parent / CANARY_NAME).is_file() for p in part)
+        borrows = (include_base and k == 0) or any(not canaries_beside(p).is_file() for p in part)
         if borrows and first(part) != whole:
             return False
     return True
@@ -700,13 +698,18 @@ def _add_shadow_report(report: dict, shadow_sets: dict[Path, Any]) -> None:
 AUTO = "auto"
 
 
+def canaries_beside(lora: Path) -> Path:
+    """Where ``--canaries auto`` looks for a LoRA's canaries.json: beside the LoRA, as training writes it."""
+    from privlora.data.canaries import CANARY_NAME
+
+    return lora.parent / CANARY_NAME
+
+
 def canary_files(models: list[_Model], cfg: AuditConfig) -> dict[str, Path]:
     """Each model's canaries.json: ``cfg.canaries``, or with "auto" the one beside the LoRA; the base model (and a
     LoRA without one) gets the first file found among all the audited models; {} when none is found."""
-    from privlora.data.canaries import CANARY_NAME
-
     own = {m.name: (Path(cfg.canaries) if cfg.canaries != AUTO else  # type: ignore[arg-type]
-                    (m.path.parent / CANARY_NAME if m.path else None)) for m in models}
+                    (canaries_beside(m.path) if m.path else None)) for m in models}
     found = [f for f in own.values() if f is not None and f.is_file()]
     if not found:
         return {}
