@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from collections.abc import Callable
 
-from privlora.benchcache import AUDIT_CACHE, PhaseCache, file_stamp
+from privlora.benchcache import AUDIT_CACHE, PhaseCache, bench_path, file_stamp
 from privlora.benchjobs import check_same_split, train_all
 from privlora.benchselect import Pick, compare_selection, pick_for, select_runs
 from privlora.benchspec import (DATA_KEYS, BenchSpec, Job, baseline_name, budget_files, budget_steps, check_runs,
@@ -181,10 +181,10 @@ def audit(spec: BenchSpec, cfg, splits: Path, loras: list[Path], name: str = "au
     from privlora.audit import AuditConfig, run_audit
 
     folder = spec.out / name
-    inputs = {"loras": [[str(p), file_stamp(p)] for p in loras], "attacks": list(spec.attacks), "seed": cfg.seed,
-              "n_bootstrap": spec.n_bootstrap, "model": cfg.pretrained_model_name_or_path,
-              "splits": str(splits), "canaries": "auto" if cfg.canaries else None, "shadows": spec.shadows,
-              **({"shadow_seed": shadow_seed} if spec.shadows else {})}
+    inputs = {"loras": [[bench_path(p, spec.out), file_stamp(p)] for p in loras], "attacks": list(spec.attacks),
+              "seed": cfg.seed, "n_bootstrap": spec.n_bootstrap, "model": cfg.pretrained_model_name_or_path,
+              "splits": bench_path(splits, spec.out), "canaries": "auto" if cfg.canaries else None,
+              "shadows": spec.shadows, **({"shadow_seed": shadow_seed} if spec.shadows else {})}
     cache = PhaseCache(spec.out)
     if cache.get(name, inputs) is not None and (folder / "report.json").is_file():
         return json.loads((folder / "report.json").read_text())

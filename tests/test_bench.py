@@ -335,6 +335,18 @@ def test_bench_on_a_kohya_folder_reuses_finished_pieces(toy, tmp_path, capsys):
     assert report.stat().st_mtime_ns == stamp and "privacy-aware selection" not in printed
     phases = json.loads((out / "phases.json").read_text())
     assert {"audit", "select/lora", "quality/base", f"quality/{mp}"} <= set(phases)
+    # a copy of the bench folder elsewhere, by a copy that does not keep modification times, reuses every piece too
+    copy = tmp_path / "elsewhere" / "bench"
+    shutil.copytree(out, copy, copy_function=shutil.copy)
+    report, samples = copy / "audit" / "report.json", copy / "samples_base.png"
+    stamps = report.stat().st_mtime_ns, samples.stat().st_mtime_ns
+    assert main([str(copy) if a == str(out) else a for a in args]) == 0
+    printed = capsys.readouterr().out
+    assert "lora: finished earlier, reused" in printed and f"{mp}: finished earlier, reused" in printed
+    assert "training lora" not in printed and f"training {mp}" not in printed
+    assert "privacy-aware selection" not in printed
+    assert (report.stat().st_mtime_ns, samples.stat().st_mtime_ns) == stamps
+    assert json.loads((copy / "table.json").read_text())["rows"] == again["rows"]
 
 
 @pytest.mark.slow
